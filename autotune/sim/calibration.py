@@ -1,0 +1,88 @@
+"""Achieved-efficiency factors: the one place the simulator's fudge lives, replaceable by a calibration file."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields, replace, asdict
+from pathlib import Path
+
+import yaml
+
+from autotune.errors import UserError
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    hbm: float = 0.80                   # achieved/peak HBM bandwidth in decode (GEMV + paged attention)
+    flops: float = 0.55                 # achieved/peak tensor FLOP/s in prefill GEMMs
+    link: float = 0.75                  # achieved/peak NVLink or network bandwidth in collectives
+    allreduce_latency_s: float = 12e-6  # one all-reduce within a node (vLLM custom all-reduce)
+    internode_latency_s: float = 35e-6  # one collective across nodes (NCCL over InfiniBand)
+    p2p_latency_s: float = 20e-6        # one PP stage hand-off
+    alltoall_latency_s: float = 30e-6   # one EP dispatch or combine
+    moe_routing_s: float = 25e-6        # top-k, permute and align kernels of one MoE layer
+    expert_imbalance: float = 1.25      # busiest EP rank's tokens over the mean
+    step_overhead_s: float = 1.5e-3     # scheduler, sampler and input preparation of one engine step
+    seq_overhead_s: float = 4e-6        # the same, per running sequence
+    multiproc_overhead_s: float = 0.6e-3  # MultiprocExecutor broadcast to tp x pp workers, per step
+    tp_kernel_loss: float = 0.06        # efficiency lost per TP doubling (smaller GEMMs, fewer heads per GPU)
+    fixed_memory_gib: float = 1.5       # CUDA context, CUDA graphs, allocator slack
+    comm_buffer_gib: float = 0.5        # NCCL and custom all-reduce buffers when world > 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def with_overrides(self, overrides: dict, where: str) -> "Efficiency":
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise UserError(f"{where}: unknown efficiency factor(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        try:
+            values = {k: float(v) for k, v in overrides.items()}
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"{where}: efficiency factors are numbers ({exc})") from None
+        bad = [k for k, v in values.items() if v < 0 or (k in ("hbm", "flops", "link") and not 0 < v <= 1)]
+        if bad:
+            raise UserError(f"{where}: out of range: {', '.join(bad)} (hbm, flops, link in (0, 1]; others >= 0)")
+        return replace(self, **values)
+
+
+DEFAULT = Efficiency()
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Global factors plus per-GPU overrides, as written by `autotune calibrate` or bench/gpu_probe.py."""
+
+    base: Efficiency = DEFAULT
+    per_gpu: tuple[tuple[str, Efficiency], ...] = ()
+    source: str = "built-in defaults"
+
+    def for_gpu(self, gpu_name: str) -> Efficiency:
+        return dict(self.per_gpu).get(gpu_name, self.base)
+
+    @classmethod
+    def load(cls, path: str | Path | None) -> "Calibration":
+        if path is None:
+            return cls()
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"calibration file {p} does not exist")
+        try:
+            data = json.loads(p.read_text()) if p.suffix == ".json" else yaml.safe_load(p.read_text())
+        except (json.JSONDecodeError, yaml.YAMLError) as exc:
+            raise UserError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'} ({str(exc).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{p}: expected a mapping with 'efficiency' and optional 'gpus'")
+        base = DEFAULT.with_overrides(data.get("efficiency") or {}, f"{p}: efficiency")
+        per_gpu = tuple((name, base.with_overrides(over or {}, f"{p}: gpus.{name}"))
+                        for name, over in (data.get("gpus") or {}).items())
+        return cls(base, per_gpu, str(p))
+
+    def save(self, path: str | Path, extra: dict | None = None) -> None:
+        defaults = DEFAULT.to_dict()
+        doc = {"efficiency": {k: v for k, v in self.base.to_dict().items() if v != defaults[k]},
+               "gpus": {n: {k: v for k, v in e.to_dict().items() if v != self.base.to_dict()[k]}
+                        for n, e in self.per_gpu}}
+        doc.update(extra or {})
+        Path(path).write_text(yaml.safe_dump(doc, sort_keys=False))

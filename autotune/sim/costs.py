@@ -1,0 +1,215 @@
+"""Step time of one engine step (one token for every running sequence): a roofline per pipeline stage plus
+communication and CPU overhead. Pure arithmetic, each term named with its source."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from autotune.sim.calibration import Efficiency
+from autotune.sim.memory import StageShape
+from autotune.spec.hardware import Cluster
+from autotune.spec.layout import Layout
+from autotune.spec.models import ModelSpec
+
+BF16 = 2  # activations travel in bf16
+
+
+@dataclass(frozen=True)
+class StepLines:
+    """One step as lines in the context C it reads: time = overhead + pp * (max(compute, memory) + comm),
+    compute = c0 + c1*C and memory = m0 + m1*C (seconds per microbatch and stage)."""
+
+    c0: float
+    c1: float
+    m0: float
+    m1: float
+    weights: float      # the part of m0 that reads weights (the rest of the memory time reads the KV cache)
+    comm: float
+    overhead: float
+    microbatches: int
+
+
+def ring_allreduce_s(nbytes: float, ranks: int, bw: float, latency: float) -> float:
+    # Ring all-reduce moves 2(p-1)/p of the buffer per rank (Patarasuk & Yuan 2009).
+    return latency + 2 * (ranks - 1) / ranks * nbytes / bw
+
+
+def touched_fraction(tokens: float, experts: int, top_k: int) -> float:
+    # Each token picks top_k of E experts: P(an expert is untouched) = (1 - k/E)^tokens under uniform routing.
+    return 1.0 - (1.0 - top_k / experts) ** tokens
+
+
+class StepCost:
+    """Precomputed per-layout coefficients so one step, or a run of decode steps, costs O(1)."""
+
+    def __init__(self, model: ModelSpec, cluster: Cluster, layout: Layout, shape: StageShape, eff: Efficiency):
+        gpu = cluster.gpu
+        self.model, self.layout, self.shape, self.eff = model, layout, shape, eff
+        self.pp, self.tp, self.dp, self.ep = layout.pp, layout.tp, layout.dp, layout.ep
+        # Smaller per-GPU GEMMs and fewer heads per GPU lose kernel efficiency as TP grows (sub-linear TP scaling).
+        tp_eff = max(0.5, 1.0 - eff.tp_kernel_loss * math.log2(self.tp))
+        dtype = "fp8" if model.weight_dtype == "fp8" else "bf16"
+        self.peak_flops = gpu.tflops(dtype) * 1e12
+        self.peak_bw = gpu.hbm_tb_s * 1e12
+        self.flops = self.peak_flops * eff.flops * tp_eff
+        self.bw = self.peak_bw * eff.hbm * tp_eff
+        self.flop_scale, self.bw_scale = self.flops / self.peak_flops, self.bw / self.peak_bw
+        frac = shape.layers / model.num_layers
+        # 2 FLOPs per parameter per token (Kaplan et al. 2020), on this GPU's share of the stage.
+        self.dense_flops_per_token = 2 * (model.compute_params_per_token - model.num_moe_layers
+                                          * model.experts_per_token * model.expert_params) * frac / self.tp
+        expert_flops = 2 * model.experts_per_token * model.expert_params * shape.moe_layers / self.tp
+        self.expert_flops_per_token = expert_flops * (eff.expert_imbalance if self.ep > 1 else 1.0)
+        heads = model.num_heads / self.tp
+        if model.is_mla:
+            # Absorbed MLA decode: q.[c;k_rope] and p.c per head per cached token (DeepSeek-V2, appendix C).
+            self.attn_flops_per_ctx = 2 * shape.layers * heads * (2 * model.kv_lora_rank + model.qk_rope_head_dim)
+        else:
+            # QK^T and PV: 2 x 2 x head_dim FLOPs per head per cached token.
+            self.attn_flops_per_ctx = 4 * shape.full_attention_layers * heads * model.head_dim
+        self.kv_read_per_ctx = shape.kv_bytes_per_token
+        per_node = cluster.gpus_per_node
+        intra = gpu.intra_node_gb_s * 1e9 * eff.link
+        inter = gpu.inter_node_gb_s * 1e9 * eff.link
+        self.tp_bw, self.tp_lat = (intra, eff.allreduce_latency_s) if self.tp <= per_node else (inter, eff.internode_latency_s)
+        self.ep_bw = intra if self.ep <= per_node else inter
+        self.pp_bw = intra if self.tp * self.pp <= per_node else inter
+        self.overhead_base = eff.step_overhead_s + (eff.multiproc_overhead_s if self.tp * self.pp > 1 else 0.0)
+        self._cache: dict[tuple[int, int], StepLines] = {}
+
+    # ---- per-microbatch terms ------------------------------------------------------------
+    def _comm(self, tokens: float) -> float:
+        m, s, e = self.model, self.shape, self.eff
+        t = 0.0
+        if self.tp > 1:
+            # Two all-reduces per layer: after attention and after the MLP (Megatron-LM, Shoeybi et al. 2019).
+            t += 2 * s.layers * ring_allreduce_s(tokens * m.hidden_size * BF16, self.tp, self.tp_bw, self.tp_lat)
+        if self.ep > 1:
+            # Dispatch and combine all-to-all per MoE layer; DP ranks step in lockstep, so tokens come from all.
+            moved = tokens * m.experts_per_token * m.hidden_size * BF16 * (self.ep - 1) / self.ep / self.tp
+            t += 2 * s.moe_layers * (e.alltoall_latency_s + moved / self.ep_bw)
+        if m.is_moe:
+            t += s.moe_layers * e.moe_routing_s
+        if self.pp > 1:
+            # Hand the hidden states to the next stage.
+            t += e.p2p_latency_s + tokens * m.hidden_size * BF16 / self.pp_bw
+        return t
+
+    def _coeffs(self, num_seqs: np.ndarray, prefill_tokens: np.ndarray | int = 0) -> StepLines:
+        """The step's lines for arrays of running-sequence counts (the one place the step formula lives)."""
+        s = self.shape
+        mb = np.clip(num_seqs, 1, self.pp)
+        tokens = (num_seqs + prefill_tokens) / mb
+        if self.model.is_moe:
+            expert_tokens = tokens * (self.dp if self.ep > 1 else 1)
+            touched = touched_fraction(expert_tokens, self.model.num_experts, self.model.experts_per_token)
+        else:
+            touched = 0.0
+        weights = (s.non_expert_bytes + s.expert_bytes * touched) / self.bw + np.zeros_like(tokens)
+        c0 = (self.dense_flops_per_token + self.expert_flops_per_token) * tokens / self.flops
+        c1 = self.attn_flops_per_ctx / mb / self.flops
+        m1 = self.kv_read_per_ctx / mb / self.bw
+        overhead = self.overhead_base + self.eff.seq_overhead_s * num_seqs
+        return StepLines(c0, c1, weights, m1, weights, self._comm(tokens), overhead, mb)
+
+    def lines(self, num_seqs: int, prefill_tokens: int = 0) -> StepLines:
+        """Coefficients of a step with num_seqs decoding sequences and prefill_tokens new prompt tokens."""
+        key = (num_seqs, prefill_tokens)
+        cached = self._cache.get(key)
+        if cached is None:
+            arr = self._coeffs(np.array([num_seqs]), prefill_tokens)
+            vals = [float(np.asarray(getattr(arr, f.name)).reshape(-1)[0]) for f in fields(StepLines)]
+            cached = StepLines(*vals[:-1], int(vals[-1]))
+            if len(self._cache) < 65536:
+                self._cache[key] = cached
+        return cached
+
+    def lines_array(self, num_seqs: np.ndarray) -> StepLines:
+        return self._coeffs(num_seqs)
+
+    def step_time(self, num_seqs: int, context: float, prefill_tokens: int = 0, prefill_context: float = 0.0) -> float:
+        """One step: decodes read `context` cached tokens; the prefill chunk attends over `prefill_context`."""
+        ln = self.lines(num_seqs, prefill_tokens)
+        # A prefill chunk's attention is compute-bound: it reads its context once but multiplies by every new token.
+        compute = ln.c0 + ln.c1 * context + self.attn_flops_per_ctx * prefill_context / self.flops
+        memory = ln.m0 + ln.m1 * context
+        return ln.overhead + self.pp * (max(compute, memory) + ln.comm)
+
+    def ideal_step_time(self, num_seqs: int, context: float, prefill_tokens: int = 0) -> float:
+        """The roofline bound at peak FLOP/s and bandwidth, no overhead nor communication, pipeline full."""
+        ln = self.lines(num_seqs, prefill_tokens)
+        return ln.microbatches * max((ln.c0 + ln.c1 * context) * self.flop_scale,
+                                     (ln.m0 + ln.m1 * context) * self.bw_scale)
+
+
+# Where the time of a run of steps went: indexes into the tuples decode_phase returns.
+TOTAL, COMPUTE, WEIGHTS, KV, COMM, OVERHEAD, BUBBLE, IDEAL = range(8)
+PHASE_FIELDS = ("total", "compute", "weights", "kv", "comm", "overhead", "bubble", "ideal")
+
+
+def _arith(a, s, k0, k1):
+    """sum_{k=k0}^{k1-1} (a + s*k), zero when k1 = k0; scalars or arrays."""
+    return (k1 - k0) * a + s * (k1 * (k1 - 1) - k0 * (k0 - 1)) / 2
+
+
+def _split(d0: float, ds: float, steps: int) -> tuple[int, int, int, int]:
+    """A step k is compute-bound while d0 + ds*k >= 0: the compute-bound and memory-bound ranges of 0..steps-1."""
+    if ds == 0:
+        k = steps if d0 >= 0 else 0
+        return 0, k, k, steps
+    if ds > 0:
+        k = min(max(math.ceil(-d0 / ds), 0), steps)
+        return k, steps, 0, k
+    k = min(max(math.floor(-d0 / ds) + 1, 0), steps)
+    return 0, k, k, steps
+
+
+def _split_array(d0: np.ndarray, ds: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, ...]:
+    """_split for arrays of runs."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        k_up = np.clip(np.ceil(-d0 / ds), 0, steps)
+        k_down = np.clip(np.floor(-d0 / ds) + 1, 0, steps)
+    k_flat = np.where(d0 >= 0, steps, 0)
+    k = np.where(ds > 0, k_up, np.where(ds < 0, k_down, k_flat))
+    rising = ds > 0
+    return np.where(rising, k, 0), np.where(rising, steps, k), np.where(rising, 0, k), np.where(rising, k, steps)
+
+
+def decode_phase(cost: StepCost, n, context0, steps, ln: StepLines | None = None) -> tuple:
+    """`steps` decode steps of n sequences whose total context grows by n tokens a step, in closed form.
+    Scalars, or arrays of runs with `ln` from cost.lines_array. Returns the time split as PHASE_FIELDS."""
+    if ln is None:
+        ln = cost.lines(n)
+        split = _split
+    else:
+        split = _split_array
+    pp = cost.pp
+    a_c, s_c = ln.c0 + ln.c1 * context0, ln.c1 * n
+    a_m, s_m = ln.m0 + ln.m1 * context0, ln.m1 * n
+    c_lo, c_hi, m_lo, m_hi = split(a_c - a_m, s_c - s_m, steps)
+    comp = _arith(a_c, s_c, c_lo, c_hi)
+    mem = _arith(a_m, s_m, m_lo, m_hi)
+    weights = ln.weights * (m_hi - m_lo)
+    gpu = pp * (comp + mem)
+    comm = pp * ln.comm * steps
+    overhead = ln.overhead * steps
+    mbs = ln.microbatches
+    return (gpu + comm + overhead, pp * comp, pp * weights, pp * (mem - weights), comm, overhead,
+            (gpu + comm) * (pp - mbs) / pp, mbs * (comp * cost.flop_scale + mem * cost.bw_scale))
+
+
+def steps_within(cost: StepCost, n: int, context0: float, budget_s: float, max_steps: int) -> int:
+    """The fewest decode steps whose time reaches budget_s (at most max_steps): the step an arrival lands in."""
+    lo, hi = 1, max_steps
+    if decode_phase(cost, n, context0, hi)[TOTAL] < budget_s:
+        return hi
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if decode_phase(cost, n, context0, mid)[TOTAL] >= budget_s:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo

@@ -1,0 +1,186 @@
+"""One prediction: a model on a cluster with a layout, knobs and a workload, as vLLM would measure it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from autotune.sim.calibration import Calibration
+from autotune.sim.costs import PHASE_FIELDS, StepCost
+from autotune.sim.engine import EngineLimits, Replica, RequestTable, drive
+from autotune.sim.memory import MemoryPlan, plan_memory, stage_shape
+from autotune.spec.hardware import Cluster
+from autotune.spec.layout import EngineKnobs, Layout, structural_problem
+from autotune.spec.models import ModelSpec
+from autotune.spec.workload import Requests, Workload
+
+ROUTERS = ("least-loaded", "round-robin")
+SERIES_POINTS = 60
+
+
+@dataclass(frozen=True)
+class Scenario:
+    model: ModelSpec
+    cluster: Cluster
+    workload: Workload
+    calibration: Calibration = Calibration()
+    router: str = "least-loaded"
+    allow_cross_node_tp: bool = False
+
+
+@dataclass
+class Prediction:
+    layout: Layout
+    knobs: EngineKnobs
+    feasible: bool
+    reason: str
+    memory: MemoryPlan | None = None
+    metrics: dict = field(default_factory=dict)
+    series: list[dict] = field(default_factory=list)
+    engine_series: list[list[tuple]] = field(default_factory=list)
+
+    def get(self, key: str, default=None):
+        return self.metrics.get(key, default)
+
+    def to_json(self, with_series: bool = False) -> dict:
+        out = {"layout": self.layout.to_dict(), "label": self.layout.label(), "knobs": self.knobs.to_dict(),
+               "feasible": self.feasible, "reason": self.reason}
+        keys = ("makespan_s", "output_tok_s", "output_tok_s_per_gpu", "total_tok_s", "total_tok_s_per_gpu",
+                "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "tpot_p50_s", "tpot_p90_s", "tpot_p99_s",
+                "itl_p50_s", "itl_p90_s", "itl_p99_s", "e2e_p50_s", "e2e_p90_s", "e2e_p99_s", "preemptions",
+                "kv_capacity_tokens", "kv_peak_frac", "kv_mean_frac", "bottleneck", "roofline_frac",
+                "time_share", "num_requests", "gpus")
+        out.update({k: self.metrics.get(k) for k in keys})
+        if self.memory is not None:
+            out["memory_per_gpu"] = {k: self.memory.to_dict()[k] for k in
+                                     ("gpu_bytes", "weight_bytes", "activation_bytes", "overhead_bytes",
+                                      "kv_cache_bytes", "kv_bytes_per_token")}
+        if with_series:
+            out["timeseries"] = self.series
+        return out
+
+
+def _pct(values: np.ndarray, q: float) -> float | None:
+    return float(np.percentile(values, q)) if len(values) else None
+
+
+def _weighted_pct(pairs: list[tuple[float, int]], qs: tuple[float, ...]) -> list[float | None]:
+    if not pairs:
+        return [None] * len(qs)
+    arr = np.array(pairs, dtype=float)
+    order = np.argsort(arr[:, 0])
+    vals, cum = arr[order, 0], np.cumsum(arr[order, 1])
+    return [float(vals[min(np.searchsorted(cum, q / 100 * cum[-1]), len(vals) - 1)]) for q in qs]
+
+
+def _bottleneck(cost: dict[str, float], preemptions: int, kv_limited_share: float) -> str:
+    if preemptions > 0 or kv_limited_share > 0.2:
+        return "KV capacity"
+    if cost["total"] and cost["bubble"] / cost["total"] > 0.25:
+        return "pipeline bubbles"
+    shares = {"compute": cost["compute"], "HBM bandwidth": cost["weights"] + cost["kv"],
+              "communication": cost["comm"], "scheduler overhead": cost["overhead"]}
+    return max(shares, key=shares.get)
+
+
+def _aggregate_series(replicas: list[Replica], end: float) -> list[dict]:
+    """KV use (mean over engines), running, waiting and preemptions (sums) on an even time grid."""
+    grid = np.linspace(0.0, end, SERIES_POINTS)
+    kv = np.zeros_like(grid)
+    running = np.zeros_like(grid)
+    waiting = np.zeros_like(grid)
+    preempted = np.zeros_like(grid)
+    for r in replicas:
+        if not r.series:
+            continue
+        s = np.array(r.series)
+        idx = np.searchsorted(s[:, 0], grid, side="right") - 1
+        ok = idx >= 0
+        kv[ok] += s[idx[ok], 1]
+        running[ok] += s[idx[ok], 2]
+        waiting[ok] += s[idx[ok], 3]
+        preempted[ok] += s[idx[ok], 4]
+    kv /= max(len(replicas), 1)
+    return [{"t": float(t), "kv_frac": float(k), "running": int(r), "waiting": int(w), "preemptions": int(p)}
+            for t, k, r, w, p in zip(grid, kv, running, waiting, preempted)]
+
+
+def _downsample(series: list[tuple], points: int = SERIES_POINTS * 4) -> list[tuple]:
+    step = max(1, len(series) // points)
+    return series[::step] + ([series[-1]] if series and (len(series) - 1) % step else [])
+
+
+def infeasibility(scenario: Scenario, layout: Layout, knobs: EngineKnobs) -> tuple[str | None, MemoryPlan | None]:
+    problem = structural_problem(scenario.model, scenario.cluster, layout, scenario.allow_cross_node_tp)
+    if problem:
+        return problem, None
+    eff = scenario.calibration.for_gpu(scenario.cluster.gpu.name)
+    plan = plan_memory(scenario.model, scenario.cluster.gpu, layout, knobs, eff)
+    return plan.problem, plan
+
+
+def predict(scenario: Scenario, layout: Layout, knobs: EngineKnobs = EngineKnobs(),
+            requests: Requests | None = None) -> Prediction:
+    """Simulate the workload on `layout`; an infeasible layout comes back with its reason and no metrics."""
+    model, cluster, workload = scenario.model, scenario.cluster, scenario.workload
+    knobs = knobs.resolved(cluster.gpu, min(workload.max_model_len, model.max_position_embeddings))
+    problem, plan = infeasibility(scenario, layout, knobs)
+    if problem:
+        return Prediction(layout, knobs, False, problem, plan)
+    assert plan is not None
+    eff = scenario.calibration.for_gpu(cluster.gpu.name)
+    shape = stage_shape(model, layout, knobs.kv_dtype_for(model))
+    cost = StepCost(model, cluster, layout, shape, eff)
+    limits = EngineLimits(knobs.max_num_seqs, knobs.max_num_batched_tokens, plan.kv_capacity_tokens,
+                          knobs.block_size, shape.kv_bytes_per_seq / max(shape.kv_bytes_per_token, 1.0))
+    reqs_in = requests if requests is not None else workload.sample()
+    prompt, output, arrival = reqs_in.prompt.tolist(), reqs_in.output.tolist(), reqs_in.arrival.tolist()
+    table = RequestTable(prompt, output, arrival)
+    replicas = [Replica(i, cost, limits, table) for i in range(layout.dp)]
+    drive(replicas, table, workload.mode, workload.concurrency, scenario.router)
+    return Prediction(layout, knobs, True, "", plan, *_summarise(table, replicas, layout, plan))
+
+
+def _summarise(table: RequestTable, replicas: list[Replica], layout: Layout,
+               plan: MemoryPlan) -> tuple[dict, list[dict], list[list[tuple]]]:
+    first = np.array(table.first_token)
+    finish = np.array(table.finish)
+    arrival = np.array(table.arrival)
+    prompt = np.array(table.prompt)
+    output = np.array(table.output)
+    start = float(arrival.min())
+    makespan = float(finish.max() - start)
+    out_tokens = float(output.sum())
+    gpus = layout.world_size
+    ttft = first - arrival
+    e2e = finish - arrival
+    multi = output > 1
+    tpot = (finish[multi] - first[multi]) / (output[multi] - 1)
+    itl = _weighted_pct([p for r in replicas for p in r.itl], (50, 90, 99))
+    cost = {name: sum(r.time_split[i] for r in replicas) for i, name in enumerate(PHASE_FIELDS)}
+    preemptions = sum(r.preemptions for r in replicas)
+    busy = sum(r.clock for r in replicas) or 1.0
+    kv_limited = sum(r.kv_limited_s for r in replicas) / busy
+    cap = plan.kv_capacity_tokens
+    metrics = {
+        "num_requests": len(output), "gpus": gpus,
+        "makespan_s": makespan,
+        "output_tok_s": out_tokens / makespan,
+        "output_tok_s_per_gpu": out_tokens / makespan / gpus,
+        "total_tok_s": (out_tokens + float(prompt.sum())) / makespan,
+        "total_tok_s_per_gpu": (out_tokens + float(prompt.sum())) / makespan / gpus,
+        "ttft_p50_s": _pct(ttft, 50), "ttft_p90_s": _pct(ttft, 90), "ttft_p99_s": _pct(ttft, 99),
+        "tpot_p50_s": _pct(tpot, 50), "tpot_p90_s": _pct(tpot, 90), "tpot_p99_s": _pct(tpot, 99),
+        "itl_p50_s": itl[0], "itl_p90_s": itl[1], "itl_p99_s": itl[2],
+        "e2e_p50_s": _pct(e2e, 50), "e2e_p90_s": _pct(e2e, 90), "e2e_p99_s": _pct(e2e, 99),
+        "preemptions": preemptions,
+        "kv_capacity_tokens": cap,
+        "kv_peak_frac": max(r.kv_peak for r in replicas),
+        "kv_mean_frac": sum(r.kv_area for r in replicas) / (cap * busy),
+        "bottleneck": _bottleneck(cost, preemptions, kv_limited),
+        "roofline_frac": cost["ideal"] / cost["total"] if cost["total"] else None,
+        "time_share": {k: (cost[k] / cost["total"] if cost["total"] else 0.0)
+                       for k in ("compute", "weights", "kv", "comm", "overhead", "bubble")},
+    }
+    return metrics, _aggregate_series(replicas, makespan + start), [_downsample(r.series) for r in replicas]

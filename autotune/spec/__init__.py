@@ -1,0 +1,1 @@
+"""The domain, pure and typed: models, hardware, layouts and workloads."""

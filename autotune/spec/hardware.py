@@ -1,0 +1,91 @@
+"""GPU specs and clusters. Peak figures are vendor datasheet numbers (dense, no sparsity)."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, asdict
+
+from autotune.errors import UserError
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    name: str
+    memory_gib: float          # as the driver reports it (nvidia-smi / rocm-smi total)
+    hbm_tb_s: float            # peak HBM bandwidth, TB/s
+    bf16_tflops: float         # dense peak
+    fp8_tflops: float          # dense peak; 0 when there is no FP8 tensor core (weights upcast to bf16)
+    intra_node_gb_s: float     # per-GPU unidirectional NVLink / Infinity Fabric / PCIe bandwidth, GB/s
+    inter_node_gb_s: float     # per-GPU network bandwidth (one NIC per GPU), GB/s
+    gpus_per_node: int = 8
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def memory_bytes(self) -> float:
+        return self.memory_gib * GIB
+
+    def tflops(self, dtype: str) -> float:
+        return self.fp8_tflops if dtype == "fp8" and self.fp8_tflops else self.bf16_tflops
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("aliases")
+        return d
+
+
+# NVIDIA H100/H200/B200, A100, L40S and AMD MI300X datasheets; NVLink 4 = 900 GB/s bidirectional per GPU,
+# NVLink 5 = 1.8 TB/s; NDR InfiniBand 400 Gb/s = 50 GB/s per GPU; L40S has no NVLink (PCIe Gen4 x16).
+GPUS: dict[str, GpuSpec] = {g.name: g for g in (
+    GpuSpec("H100-SXM", 79.6, 3.35, 989, 1979, 450, 50, aliases=("H100", "H100-80GB", "H100 SXM")),
+    GpuSpec("H200", 140.4, 4.8, 989, 1979, 450, 50, aliases=("H200-SXM", "H200 SXM")),
+    GpuSpec("A100-80GB", 79.2, 2.039, 312, 0, 300, 25, aliases=("A100", "A100-SXM-80GB", "A100 SXM 80GB")),
+    GpuSpec("B200", 179.1, 8.0, 2250, 4500, 900, 50, aliases=("B200-SXM",)),
+    GpuSpec("MI300X", 192.0, 5.3, 1307, 2615, 448, 50, aliases=("MI300",)),
+    GpuSpec("L40S", 44.5, 0.864, 362, 733, 25, 25, aliases=()),
+)}
+
+
+def _key(name: str) -> str:
+    return name.lower().replace("_", "-").replace(" ", "-")
+
+
+def load_gpu(name: str) -> GpuSpec:
+    index = {}
+    for gpu in GPUS.values():
+        for n in (gpu.name, *gpu.aliases):
+            index[_key(n)] = gpu
+    gpu = index.get(_key(name))
+    if gpu is None:
+        close = difflib.get_close_matches(_key(name), list(index), n=3, cutoff=0.4)
+        names = sorted({index[c].name for c in close})
+        hint = f"; did you mean {', '.join(names)}?" if names else f"; known: {', '.join(GPUS)}"
+        raise UserError(f"unknown GPU '{name}'{hint}")
+    return gpu
+
+
+@dataclass(frozen=True)
+class Cluster:
+    gpu: GpuSpec
+    num_nodes: int
+    gpus_per_node: int
+
+    @property
+    def num_gpus(self) -> int:
+        return self.num_nodes * self.gpus_per_node
+
+    @classmethod
+    def of(cls, gpu: GpuSpec, num_gpus: int, gpus_per_node: int | None = None) -> "Cluster":
+        """`num_gpus` GPUs packed onto nodes of `gpus_per_node` (default: the GPU's usual node size)."""
+        per_node = gpus_per_node or gpu.gpus_per_node
+        if num_gpus < 1:
+            raise UserError(f"the number of GPUs must be at least 1, got {num_gpus}")
+        if num_gpus <= per_node:
+            return cls(gpu, 1, num_gpus)
+        if num_gpus % per_node:
+            raise UserError(f"{num_gpus} GPUs do not fill whole nodes of {per_node} {gpu.name}")
+        return cls(gpu, num_gpus // per_node, per_node)
+
+    def describe(self) -> str:
+        return f"{self.num_nodes} x {self.gpus_per_node} {self.gpu.name}"

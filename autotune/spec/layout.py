@@ -1,0 +1,142 @@
+"""Parallel layouts and vLLM engine knobs, with vLLM's semantics, and their structural validity."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, asdict, replace
+
+from autotune.errors import UserError
+from autotune.spec.hardware import Cluster, GpuSpec
+from autotune.spec.models import ModelSpec
+
+
+@dataclass(frozen=True, order=True)
+class Layout:
+    """dp replicas, each of tp x pp GPUs; ep > 1 means --enable-expert-parallel, whose group is dp x tp."""
+
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.tp * self.pp
+
+    @property
+    def gpus_per_replica(self) -> int:
+        return self.tp * self.pp
+
+    @property
+    def expert_parallel(self) -> bool:
+        return self.ep > 1
+
+    def label(self) -> str:
+        parts = [f"{k.upper()}{v}" for k, v in (("dp", self.dp), ("tp", self.tp), ("pp", self.pp)) if v > 1]
+        if self.ep > 1:
+            parts.append(f"EP{self.ep}")
+        return "x".join(parts) or "TP1"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def parse(cls, text: str) -> "Layout":
+        """'dp=4,tp=2', 'tp=8,pp=2', 'dp=8,ep' (EP over dp x tp) or 'dp=8,ep=8'."""
+        values: dict[str, int] = {}
+        ep_on = False
+        for part in filter(None, (p.strip() for p in text.lower().split(","))):
+            m = re.fullmatch(r"(dp|tp|pp|ep)\s*(?:=\s*(\w+))?", part)
+            if not m:
+                raise UserError(f"cannot parse layout '{text}': expected e.g. dp=4,tp=2 (keys dp, tp, pp, ep)")
+            key, raw = m.group(1), m.group(2)
+            if key == "ep" and raw in (None, "on", "true", "yes"):
+                ep_on = True
+                continue
+            if raw is None or not raw.isdigit() or int(raw) < 1:
+                raise UserError(f"cannot parse layout '{text}': {key} needs a positive integer")
+            values[key] = int(raw)
+        if not values and not ep_on:
+            raise UserError(f"cannot parse layout '{text}': expected e.g. dp=4,tp=2")
+        layout = cls(**{k: v for k, v in values.items() if k != "ep"})
+        ep = values.get("ep", 1)
+        if ep_on:
+            ep = layout.dp * layout.tp
+        if ep > 1 and ep != layout.dp * layout.tp:
+            raise UserError(f"layout '{text}': vLLM's expert parallelism spans dp x tp = {layout.dp * layout.tp}, "
+                            f"not {ep}")
+        return replace(layout, ep=ep)
+
+
+@dataclass(frozen=True)
+class EngineKnobs:
+    """The vLLM scheduler and cache knobs we search; None means vLLM's own default for the GPU."""
+
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    gpu_memory_utilization: float = 0.9
+    block_size: int = 16
+    kv_cache_dtype: str = "auto"
+    enable_chunked_prefill: bool = True
+    max_model_len: int | None = None
+    num_gpu_blocks_override: int | None = None
+
+    def resolved(self, gpu: GpuSpec, default_max_model_len: int) -> "EngineKnobs":
+        """Fill vLLM v1's defaults (vllm/engine/arg_utils.py: larger ones on >= 70 GiB GPUs but A100)."""
+        big = gpu.memory_gib >= 70 and not gpu.name.startswith("A100")
+        seqs = self.max_num_seqs or (1024 if big else 256)
+        tokens = self.max_num_batched_tokens or (8192 if big else 2048)
+        if not self.enable_chunked_prefill:
+            tokens = max(tokens, self.max_model_len or default_max_model_len)
+        return replace(self, max_num_seqs=seqs, max_num_batched_tokens=max(tokens, seqs),
+                       max_model_len=self.max_model_len or default_max_model_len)
+
+    def kv_dtype_for(self, model: ModelSpec) -> str:
+        return model.kv_dtype if self.kv_cache_dtype == "auto" else "fp8" if "fp8" in self.kv_cache_dtype else "bf16"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def structural_problem(model: ModelSpec, cluster: Cluster, layout: Layout,
+                       allow_cross_node_tp: bool = False) -> str | None:
+    """The first reason vLLM would refuse this layout before loading weights, or None."""
+    if layout.world_size > cluster.num_gpus:
+        return f"needs {layout.world_size} GPUs, the cluster has {cluster.num_gpus}"
+    if model.num_heads % layout.tp:
+        return f"TP{layout.tp} does not divide the {model.num_heads} attention heads"
+    kv = model.num_kv_heads
+    if not model.is_mla and (kv % layout.tp if layout.tp <= kv else layout.tp % kv):
+        return f"TP{layout.tp} and the {kv} KV heads neither divide nor replicate evenly"
+    if layout.pp > model.num_layers:
+        return f"PP{layout.pp} exceeds the {model.num_layers} layers"
+    if layout.ep > 1 and not model.is_moe:
+        return "expert parallelism needs a mixture-of-experts model"
+    if layout.ep > model.num_experts > 0:
+        return f"EP{layout.ep} exceeds the {model.num_experts} experts"
+    if layout.tp > cluster.gpus_per_node and not allow_cross_node_tp:
+        return f"TP{layout.tp} would cross nodes of {cluster.gpus_per_node} GPUs (NVLink ends at the node)"
+    if layout.gpus_per_replica > cluster.gpus_per_node and (layout.gpus_per_replica % cluster.gpus_per_node
+                                                             and cluster.gpus_per_node % layout.tp):
+        return f"a TP{layout.tp} x PP{layout.pp} replica does not tile nodes of {cluster.gpus_per_node} GPUs"
+    return None
+
+
+def enumerate_layouts(model: ModelSpec, cluster: Cluster, num_gpus: int | None = None,
+                      allow_cross_node_tp: bool = False) -> list[Layout]:
+    """Every structurally valid layout using exactly num_gpus (default: the whole cluster)."""
+    total = num_gpus or cluster.num_gpus
+    out = []
+    for tp in _divisors(total):
+        for pp in _divisors(total // tp):
+            dp = total // (tp * pp)
+            eps = [1] + ([dp * tp] if model.is_moe and dp * tp > 1 else [])
+            for ep in eps:
+                layout = Layout(dp=dp, tp=tp, pp=pp, ep=ep)
+                if structural_problem(model, cluster, layout, allow_cross_node_tp) is None:
+                    out.append(layout)
+    return out
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
