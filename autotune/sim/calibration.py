@@ -16,16 +16,17 @@ class Efficiency:
     hbm: float = 0.80                   # achieved/peak HBM bandwidth in decode (GEMV + paged attention)
     flops: float = 0.55                 # achieved/peak tensor FLOP/s in prefill GEMMs
     link: float = 0.75                  # achieved/peak NVLink or network bandwidth in collectives
-    allreduce_latency_s: float = 12e-6  # one all-reduce within a node (vLLM custom all-reduce)
+    allreduce_latency_s: float = 20e-6  # one all-reduce within a node (vLLM custom all-reduce)
     internode_latency_s: float = 35e-6  # one collective across nodes (NCCL over InfiniBand)
     p2p_latency_s: float = 20e-6        # one PP stage hand-off
     alltoall_latency_s: float = 30e-6   # one EP dispatch or combine
     moe_routing_s: float = 25e-6        # top-k, permute and align kernels of one MoE layer
     expert_imbalance: float = 1.25      # busiest EP rank's tokens over the mean
+    pp_imbalance: float = 1.15          # PP microbatches differ in size and context: stages wait for the slowest
     step_overhead_s: float = 1.5e-3     # scheduler, sampler and input preparation of one engine step
     seq_overhead_s: float = 4e-6        # the same, per running sequence
-    multiproc_overhead_s: float = 0.6e-3  # MultiprocExecutor broadcast to tp x pp workers, per step
-    tp_kernel_loss: float = 0.06        # efficiency lost per TP doubling (smaller GEMMs, fewer heads per GPU)
+    multiproc_overhead_s: float = 1.0e-3  # MultiprocExecutor broadcast to tp x pp workers, per step
+    tp_kernel_loss: float = 0.12        # efficiency lost per TP doubling (smaller GEMMs, fewer heads per GPU)
     fixed_memory_gib: float = 1.5       # CUDA context, CUDA graphs, allocator slack
     comm_buffer_gib: float = 0.5        # NCCL and custom all-reduce buffers when world > 1
 

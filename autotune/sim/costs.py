@@ -4,7 +4,7 @@ communication and CPU overhead. Pure arithmetic, each term named with its source
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -57,6 +57,7 @@ class StepCost:
         self.flops = self.peak_flops * eff.flops * tp_eff
         self.bw = self.peak_bw * eff.hbm * tp_eff
         self.flop_scale, self.bw_scale = self.flops / self.peak_flops, self.bw / self.peak_bw
+        self.stage_slowdown = eff.pp_imbalance if self.pp > 1 else 1.0
         frac = shape.layers / model.num_layers
         # 2 FLOPs per parameter per token (Kaplan et al. 2020), on this GPU's share of the stage.
         self.dense_flops_per_token = 2 * (model.compute_params_per_token - model.num_moe_layers
@@ -78,7 +79,7 @@ class StepCost:
         self.ep_bw = intra if self.ep <= per_node else inter
         self.pp_bw = intra if self.tp * self.pp <= per_node else inter
         self.overhead_base = eff.step_overhead_s + (eff.multiproc_overhead_s if self.tp * self.pp > 1 else 0.0)
-        self._cache: dict[tuple[int, int], StepLines] = {}
+        self._cache: dict[int, StepLines] = {}
 
     # ---- per-microbatch terms ------------------------------------------------------------
     def _comm(self, tokens: float) -> float:
@@ -98,37 +99,35 @@ class StepCost:
             t += e.p2p_latency_s + tokens * m.hidden_size * BF16 / self.pp_bw
         return t
 
-    def _coeffs(self, num_seqs: np.ndarray, prefill_tokens: np.ndarray | int = 0) -> StepLines:
-        """The step's lines for arrays of running-sequence counts (the one place the step formula lives)."""
+    def _coeffs(self, num_seqs, prefill_tokens, microbatches) -> StepLines:
+        """The step's lines for a running-sequence count, or an array of them (the one place the formula lives)."""
         s = self.shape
-        mb = np.clip(num_seqs, 1, self.pp)
-        tokens = (num_seqs + prefill_tokens) / mb
+        tokens = (num_seqs + prefill_tokens) / microbatches
+        touched = 0.0
         if self.model.is_moe:
             expert_tokens = tokens * (self.dp if self.ep > 1 else 1)
             touched = touched_fraction(expert_tokens, self.model.num_experts, self.model.experts_per_token)
-        else:
-            touched = 0.0
-        weights = (s.non_expert_bytes + s.expert_bytes * touched) / self.bw + np.zeros_like(tokens)
-        c0 = (self.dense_flops_per_token + self.expert_flops_per_token) * tokens / self.flops
-        c1 = self.attn_flops_per_ctx / mb / self.flops
-        m1 = self.kv_read_per_ctx / mb / self.bw
+        slow = self.stage_slowdown
+        weights = (s.non_expert_bytes + s.expert_bytes * touched) / self.bw * slow
+        c0 = (self.dense_flops_per_token + self.expert_flops_per_token) * tokens / self.flops * slow
+        c1 = self.attn_flops_per_ctx / microbatches / self.flops * slow
+        m1 = self.kv_read_per_ctx / microbatches / self.bw * slow
         overhead = self.overhead_base + self.eff.seq_overhead_s * num_seqs
-        return StepLines(c0, c1, weights, m1, weights, self._comm(tokens), overhead, mb)
+        return StepLines(c0, c1, weights, m1, weights, self._comm(tokens), overhead, microbatches)
 
     def lines(self, num_seqs: int, prefill_tokens: int = 0) -> StepLines:
         """Coefficients of a step with num_seqs decoding sequences and prefill_tokens new prompt tokens."""
-        key = (num_seqs, prefill_tokens)
-        cached = self._cache.get(key)
+        if prefill_tokens:
+            return self._coeffs(num_seqs, prefill_tokens, max(1, min(self.pp, num_seqs)))
+        cached = self._cache.get(num_seqs)
         if cached is None:
-            arr = self._coeffs(np.array([num_seqs]), prefill_tokens)
-            vals = [float(np.asarray(getattr(arr, f.name)).reshape(-1)[0]) for f in fields(StepLines)]
-            cached = StepLines(*vals[:-1], int(vals[-1]))
-            if len(self._cache) < 65536:
-                self._cache[key] = cached
+            cached = self._cache[num_seqs] = self._coeffs(num_seqs, 0, max(1, min(self.pp, num_seqs)))
         return cached
 
     def lines_array(self, num_seqs: np.ndarray) -> StepLines:
-        return self._coeffs(num_seqs)
+        ln = self._coeffs(num_seqs, 0, np.clip(num_seqs, 1, self.pp))
+        weights = np.broadcast_to(ln.weights, num_seqs.shape)
+        return StepLines(ln.c0, ln.c1, weights, ln.m1, weights, ln.comm, ln.overhead, ln.microbatches)
 
     def step_time(self, num_seqs: int, context: float, prefill_tokens: int = 0, prefill_context: float = 0.0) -> float:
         """One step: decodes read `context` cached tokens; the prefill chunk attends over `prefill_context`."""

@@ -204,15 +204,16 @@ class Replica:
         while self.waiting and len(self.running) < lim.max_num_seqs and self.prefill_left < budget:
             rid = self.waiting[0]
             need = reqs.prompt[rid] + reqs.generated[rid]
-            # Its blocks, and one more token for every decoding request in the same step.
-            if used + need + self.per_seq + self.n_dec > lim.kv_capacity_tokens:
+            # Chunked prefill allocates blocks chunk by chunk: admission needs room for the first chunk only,
+            # plus one token for every decoding request in the same step.
+            first_chunk = min(need, budget - self.prefill_left)
+            if used + first_chunk + self.per_seq + self.n_dec > lim.kv_capacity_tokens:
                 break
             self.waiting.popleft()
             self.running[rid] = None
-            self.prefill.append([rid, need, 0, need])
-            self.prefill_alloc += need
+            self.prefill.append([rid, need, 0, 0])
             self.prefill_left += need
-            used += need + self.per_seq
+            used += first_chunk + self.per_seq
 
     def _mixed_step(self) -> list[float]:
         """One step that decodes every running request and prefills chunks up to the token budget."""
@@ -222,19 +223,26 @@ class Replica:
         if not self.prefill:
             return []
         budget = self.lim.max_num_batched_tokens - self.n_dec
+        free = cap - self.used() - self.n_dec
         chunk_tokens, attn_context = 0, 0.0
         finished = []
         for item in self.prefill:
-            if budget <= 0:
+            take = min(item[1], budget, int(free))
+            if take <= 0:
                 break
-            take = min(item[1], budget)
             attn_context += take * (item[2] + take / 2)
             item[1] -= take
             item[2] += take
+            item[3] += take
             budget -= take
+            free -= take
             chunk_tokens += take
             if item[1] == 0:
                 finished.append(item)
+        if not chunk_tokens and not self.n_dec:
+            self._preempt()      # partial prefills hold the whole cache: free the newest, as vLLM would
+            return []
+        self.prefill_alloc += chunk_tokens
         n = self.n_dec
         context = self.A + n * self.G
         dt = self.cost.step_time(n, context, chunk_tokens, attn_context)
@@ -277,6 +285,7 @@ class Replica:
         self.kv_peak = max(self.kv_peak, self.used() / cap)
         self._record()
         return done
+
 
     def _complete(self) -> list[float]:
         done = []

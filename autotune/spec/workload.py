@@ -131,12 +131,12 @@ class Requests:
 
 
 # The study's reasoning data set: ~77% of prompts in 50-150 tokens with a tail to ~1k; outputs heavy-tailed,
-# ~45% over 5,000 tokens (lognormal median 4,500, sigma 1: P(>5000) = 0.46), capped at 32k.
+# about half over 5,000 tokens (lognormal median 4,800, sigma 0.75: P(>5000) = 0.48), capped at 32k.
 PRESETS: dict[str, Workload] = {
     "natural-reasoning": Workload(
         "natural-reasoning",
         prompt=LengthDist("bins", bins=((0.08, 16, 49), (0.77, 50, 150), (0.12, 151, 400), (0.03, 401, 1024))),
-        output=LengthDist("lognormal", median=4500, sigma=1.0, low=64, high=32768),
+        output=LengthDist("lognormal", median=4800, sigma=0.75, low=64, high=32768),
     ),
     "chat": Workload(
         "chat",

@@ -1,0 +1,55 @@
+"""The vLLM command line that deploys a layout: what `recommend` prints and what the vLLM backend runs."""
+
+from __future__ import annotations
+
+import shlex
+
+from autotune.spec.hardware import Cluster
+from autotune.spec.layout import EngineKnobs, Layout
+from autotune.spec.models import ModelSpec
+
+
+def engine_args(layout: Layout, knobs: EngineKnobs) -> list[str]:
+    """vLLM engine flags for the layout and (resolved) knobs, vLLM defaults left out."""
+    args = ["--tensor-parallel-size", str(layout.tp)]
+    if layout.pp > 1:
+        args += ["--pipeline-parallel-size", str(layout.pp)]
+    if layout.dp > 1:
+        args += ["--data-parallel-size", str(layout.dp)]
+    if layout.ep > 1:
+        args.append("--enable-expert-parallel")
+    if knobs.max_num_seqs:
+        args += ["--max-num-seqs", str(knobs.max_num_seqs)]
+    if knobs.max_num_batched_tokens:
+        args += ["--max-num-batched-tokens", str(knobs.max_num_batched_tokens)]
+    if knobs.max_model_len:
+        args += ["--max-model-len", str(knobs.max_model_len)]
+    args += ["--gpu-memory-utilization", f"{knobs.gpu_memory_utilization:g}"]
+    if knobs.block_size != 16:
+        args += ["--block-size", str(knobs.block_size)]
+    if knobs.kv_cache_dtype != "auto":
+        args += ["--kv-cache-dtype", knobs.kv_cache_dtype]
+    if not knobs.enable_chunked_prefill:
+        args.append("--no-enable-chunked-prefill")
+    if knobs.num_gpu_blocks_override:
+        args += ["--num-gpu-blocks-override", str(knobs.num_gpu_blocks_override)]
+    return args
+
+
+def serve_commands(model: ModelSpec, cluster: Cluster, layout: Layout, knobs: EngineKnobs) -> list[str]:
+    """`vllm serve` for one node; across nodes, the head's command then each other node's (vLLM's multi-node docs)."""
+    target = model.hf_id or model.name
+    base = ["vllm", "serve", target, *engine_args(layout, knobs)]
+    per_node = cluster.gpus_per_node
+    if layout.world_size <= per_node:
+        return [shlex.join(base)]
+    if layout.gpus_per_replica > per_node:
+        # A replica spans nodes: vLLM's Ray executor over a Ray cluster started on every node.
+        return ["ray start --head   # then `ray start --address HEAD_IP:6379` on the other nodes",
+                shlex.join(base + ["--distributed-executor-backend", "ray"])]
+    local = per_node // layout.gpus_per_replica
+    head = base + ["--data-parallel-size-local", str(local), "--data-parallel-address", "HEAD_IP",
+                   "--data-parallel-rpc-port", "13345"]
+    worker = base + ["--data-parallel-size-local", str(local), "--data-parallel-start-rank", "NODE_INDEX*" + str(local),
+                     "--data-parallel-address", "HEAD_IP", "--data-parallel-rpc-port", "13345", "--headless"]
+    return [shlex.join(head) + "   # head node", shlex.join(worker).replace("'", "") + "   # every other node"]
