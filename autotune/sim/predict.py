@@ -28,6 +28,10 @@ class Scenario:
     router: str = "least-loaded"
     allow_cross_node_tp: bool = False
 
+    def resolve(self, knobs: EngineKnobs) -> EngineKnobs:
+        """vLLM's defaults filled in; max_model_len fits the workload's longest request and the model."""
+        return knobs.resolved(self.cluster.gpu, min(self.workload.max_model_len, self.model.max_position_embeddings))
+
 
 @dataclass
 class Prediction:
@@ -124,7 +128,7 @@ def predict(scenario: Scenario, layout: Layout, knobs: EngineKnobs = EngineKnobs
             requests: Requests | None = None) -> Prediction:
     """Simulate the workload on `layout`; an infeasible layout comes back with its reason and no metrics."""
     model, cluster, workload = scenario.model, scenario.cluster, scenario.workload
-    knobs = knobs.resolved(cluster.gpu, min(workload.max_model_len, model.max_position_embeddings))
+    knobs = scenario.resolve(knobs)
     problem, plan = infeasibility(scenario, layout, knobs)
     if problem:
         return Prediction(layout, knobs, False, problem, plan)

@@ -12,6 +12,9 @@ from autotune.spec.layout import EngineKnobs, Layout, enumerate_layouts
 
 LATENCY_METRICS = ("tpot_p99_s", "ttft_p99_s", "e2e_p99_s", "tpot_p50_s", "ttft_p50_s", "e2e_p50_s", "itl_p99_s")
 SEQ_GRID = (32, 64, 128, 256, 512, 1024, 2048)
+# Past this many times the KV-safe concurrency a layout is deep in the capacity trap: preemption storms that
+# lose and are the slowest to simulate, so the search does not spend time there.
+TRAP_FACTOR = 2
 
 
 @dataclass(frozen=True)
@@ -53,19 +56,22 @@ def _score(p: Prediction, slo: Slo) -> tuple[int, float]:
     return (0 if slo.violation(p) else 1, p.get("output_tok_s") or 0.0)
 
 
-def kv_safe_seqs(p: Prediction, scenario: Scenario) -> int:
-    """How many sequences fit the KV cache at the workload's mean running context: a long request stays in the
-    batch in proportion to its length, so the running set's mean context is E[L^2] / (2 E[L]) (size-biased)."""
-    lengths = scenario.workload.sample()
-    total = (lengths.prompt + lengths.output).astype(float)
-    mean_ctx = float(np.mean(total**2) / (2 * np.mean(total)))
-    return max(1, int(p.memory.kv_capacity_tokens / mean_ctx)) if p.memory else 1
+def mean_running_ctx(requests) -> float:
+    """A request stays in the batch in proportion to its length, so the running set's mean context is the
+    size-biased mean E[L^2] / (2 E[L]) of the total lengths L (renewal theory's mean age)."""
+    total = (requests.prompt + requests.output).astype(float)
+    return float(np.mean(total**2) / (2 * np.mean(total)))
 
 
-def _seq_options(default: int, safe: int) -> list[int]:
-    below = [s for s in SEQ_GRID if s <= safe]
-    picks = {default, below[-1] if below else SEQ_GRID[0]}
-    return sorted(s for s in picks if s <= max(default, SEQ_GRID[0]))
+def kv_safe_seqs(kv_capacity_tokens: int, mean_context: float) -> int:
+    """How many sequences the KV cache holds at the mean running context."""
+    return max(1, int(kv_capacity_tokens / mean_context))
+
+
+def _seq_grid(safe: int, default: int) -> list[int]:
+    """max_num_seqs values worth simulating: up to vLLM's default, not deep in the capacity trap."""
+    grid = [s for s in SEQ_GRID if s <= min(default, TRAP_FACTOR * safe)]
+    return grid or [SEQ_GRID[0]]
 
 
 def recommend(scenario: Scenario, slo: Slo = Slo(), latency_metric: str = "tpot_p99_s", base: EngineKnobs = EngineKnobs(),
@@ -75,6 +81,7 @@ def recommend(scenario: Scenario, slo: Slo = Slo(), latency_metric: str = "tpot_
     rec = Recommendation(scenario, slo, latency_metric)
     requests = scenario.workload.sample()
     layouts = enumerate_layouts(scenario.model, scenario.cluster, allow_cross_node_tp=scenario.allow_cross_node_tp)
+    mean_running_context = mean_running_ctx(requests)
     tried: set[tuple[Layout, int]] = set()
 
     def run(layout: Layout, seqs: int | None) -> Prediction:
@@ -84,19 +91,23 @@ def recommend(scenario: Scenario, slo: Slo = Slo(), latency_metric: str = "tpot_
         (rec.evaluated if p.feasible else rec.infeasible).append(p)
         return p
 
+    safe_seqs: dict[Layout, int] = {}
     for layout in layouts:
-        first = run(layout, base.max_num_seqs)
-        if not first.feasible or base.max_num_seqs:
+        problem, plan = infeasibility(scenario, layout, scenario.resolve(base))
+        if problem or base.max_num_seqs:
+            run(layout, base.max_num_seqs)
             continue
-        for seqs in _seq_options(first.knobs.max_num_seqs, kv_safe_seqs(first, scenario)):
-            if (layout, seqs) not in tried:
-                run(layout, seqs)
-    if base.max_num_seqs is None:
-        leaders = sorted(rec.best_per_layout().values(), key=lambda p: _score(p, slo), reverse=True)[:refine_top]
-        for p in leaders:
-            for seqs in SEQ_GRID:
-                if (p.layout, seqs) not in tried:
-                    run(p.layout, seqs)
+        default = scenario.resolve(base).max_num_seqs
+        safe_seqs[layout] = kv_safe_seqs(plan.kv_capacity_tokens, mean_running_context)
+        grid = _seq_grid(safe_seqs[layout], default)
+        # Stage 1: the largest value the KV cache holds at the mean running context, and vLLM's default.
+        for seqs in {max([s for s in grid if s <= safe_seqs[layout]] or grid[:1]), grid[-1]}:
+            run(layout, seqs)
+    leaders = sorted(rec.best_per_layout().values(), key=lambda p: _score(p, slo), reverse=True)[:refine_top]
+    for p in leaders if not base.max_num_seqs else []:
+        for seqs in _seq_grid(safe_seqs[p.layout], max(scenario.resolve(base).max_num_seqs, 1024)):
+            if (p.layout, seqs) not in tried:
+                run(p.layout, seqs)
     ok = [p for p in rec.evaluated if not slo.violation(p)]
     rec.ranked = sorted(ok, key=lambda p: p.get("output_tok_s"), reverse=True)
     rec.pareto = pareto_front(rec.evaluated, latency_metric)

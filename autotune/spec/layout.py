@@ -101,8 +101,6 @@ class EngineKnobs:
 def structural_problem(model: ModelSpec, cluster: Cluster, layout: Layout,
                        allow_cross_node_tp: bool = False) -> str | None:
     """The first reason vLLM would refuse this layout before loading weights, or None."""
-    if layout.world_size > cluster.num_gpus:
-        return f"needs {layout.world_size} GPUs, the cluster has {cluster.num_gpus}"
     if model.num_heads % layout.tp:
         return f"TP{layout.tp} does not divide the {model.num_heads} attention heads"
     kv = model.num_kv_heads
@@ -114,6 +112,8 @@ def structural_problem(model: ModelSpec, cluster: Cluster, layout: Layout,
         return "expert parallelism needs a mixture-of-experts model"
     if layout.ep > model.num_experts > 0:
         return f"EP{layout.ep} exceeds the {model.num_experts} experts"
+    if layout.world_size > cluster.num_gpus:
+        return f"needs {layout.world_size} GPUs, the cluster has {cluster.num_gpus}"
     if layout.tp > cluster.gpus_per_node and not allow_cross_node_tp:
         return f"TP{layout.tp} would cross nodes of {cluster.gpus_per_node} GPUs (NVLink ends at the node)"
     if layout.gpus_per_replica > cluster.gpus_per_node and (layout.gpus_per_replica % cluster.gpus_per_node

@@ -1,0 +1,181 @@
+"""`autotune`: thin commands over the layers. Bad input ends with one line and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from autotune.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:   # one line, not argparse's usage block
+        raise UserError(message)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="catalog name, a model directory or a config.json")
+    p.add_argument("--gpu", required=True, help="GPU type: H100-SXM, H200, A100-80GB, B200, MI300X, L40S")
+    p.add_argument("--gpus", type=int, required=True, help="number of GPUs")
+    p.add_argument("--gpus-per-node", type=int, default=None, help="default: the GPU's usual node (8)")
+    p.add_argument("--workload", default="natural-reasoning", help="preset (natural-reasoning, chat, long-context) "
+                                                                   "or a workload YAML")
+    p.add_argument("--requests", type=int, default=None, help="number of requests (default: the workload's)")
+    p.add_argument("--mode", choices=("batch", "concurrency", "poisson"), default=None)
+    p.add_argument("--concurrency", type=int, default=None)
+    p.add_argument("--rate", type=float, default=None, help="requests/s for --mode poisson")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--router", choices=("least-loaded", "round-robin"), default="least-loaded")
+    p.add_argument("--calibration", default=None, help="calibration file from `autotune calibrate` or gpu_probe")
+    p.add_argument("--max-num-seqs", type=int, default=None)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto")
+    p.add_argument("--allow-cross-node-tp", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="autotune", description="Find the best parallel layout for serving reasoning workloads "
+                                                  "with vLLM.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = sub.add_parser("predict", help="simulate one or more layouts")
+    _common(p)
+    p.add_argument("--layout", action="append", required=True, help="e.g. dp=4,tp=2 (repeatable)")
+    p.add_argument("--series", action="store_true", help="include the KV/queue time series in --json")
+    p = sub.add_parser("recommend", help="rank every valid layout and explain the winner")
+    _common(p)
+    p.add_argument("--slo-tpot-ms", type=float, default=None, help="p99 TPOT limit")
+    p.add_argument("--slo-ttft-ms", type=float, default=None, help="p99 TTFT limit")
+    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--latency-metric", default="tpot_p99_s",
+                   choices=("tpot_p99_s", "ttft_p99_s", "e2e_p99_s", "tpot_p50_s", "ttft_p50_s", "e2e_p50_s"))
+    p = sub.add_parser("models", help="the model catalog, or one model's derived sizes")
+    p.add_argument("action", nargs="?", choices=("list", "show"), default="list")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def _scenario(args):
+    from autotune.sim.calibration import Calibration
+    from autotune.sim.predict import Scenario
+    from autotune.spec.hardware import Cluster, load_gpu
+    from autotune.spec.models import load_model
+    from autotune.spec.workload import load_workload
+
+    if args.gpus < 1:
+        raise UserError("--gpus must be at least 1")
+    workload = load_workload(args.workload).with_(num_requests=args.requests, mode=args.mode,
+                                                  concurrency=args.concurrency, rate=args.rate, seed=args.seed)
+    return Scenario(load_model(args.model), Cluster.of(load_gpu(args.gpu), args.gpus, args.gpus_per_node), workload,
+                    Calibration.load(args.calibration), args.router, args.allow_cross_node_tp)
+
+
+def _knobs(args):
+    from autotune.spec.layout import EngineKnobs
+
+    if not 0 < args.gpu_memory_utilization <= 1:
+        raise UserError("--gpu-memory-utilization must be in (0, 1]")
+    for name in ("max_num_seqs", "max_num_batched_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    return EngineKnobs(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                       gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_dtype=args.kv_cache_dtype)
+
+
+def cmd_predict(args, console) -> int:
+    from autotune.report import predictions_table
+    from autotune.sim.predict import predict
+    from autotune.spec.layout import Layout, structural_problem
+
+    scenario = _scenario(args)
+    layouts = [Layout.parse(text) for text in args.layout]
+    for text, layout in zip(args.layout, layouts):
+        problem = structural_problem(scenario.model, scenario.cluster, layout, scenario.allow_cross_node_tp)
+        if problem:
+            raise UserError(f"layout {text} is impossible for {scenario.model.name} on {scenario.cluster.describe()}: "
+                            f"{problem}")
+    knobs = _knobs(args)
+    requests = scenario.workload.sample()
+    preds = [predict(scenario, layout, knobs, requests) for layout in layouts]
+    if not args.json and not any(p.feasible for p in preds):
+        raise UserError("; ".join(f"layout {p.layout.label()} {p.reason}" for p in preds))
+    if args.json:
+        print(json.dumps([p.to_json(with_series=args.series) for p in preds], indent=2))
+    else:
+        console.print(predictions_table(preds, f"{scenario.model.name} on {scenario.cluster.describe()}, "
+                                               f"{scenario.workload.name} ({scenario.workload.num_requests:,} requests)"))
+    return 0
+
+
+def cmd_recommend(args, console) -> int:
+    from autotune.deploy import serve_commands
+    from autotune.report import print_recommendation
+    from autotune.sim.recommend import Slo, recommend
+
+    scenario = _scenario(args)
+    slo = Slo(args.slo_tpot_ms / 1e3 if args.slo_tpot_ms else None, args.slo_ttft_ms / 1e3 if args.slo_ttft_ms else None)
+    rec = recommend(scenario, slo, args.latency_metric, _knobs(args))
+    if args.json:
+        w = rec.winner
+        print(json.dumps({
+            "model": scenario.model.name, "cluster": scenario.cluster.describe(), "workload": scenario.workload.to_dict(),
+            "slo": {"tpot_p99_s": slo.tpot_p99_s, "ttft_p99_s": slo.ttft_p99_s},
+            "winner": w.to_json() if w else None,
+            "serve_command": serve_commands(scenario.model, scenario.cluster, w.layout, w.knobs) if w else None,
+            "ranked": [p.to_json() for p in rec.ranked[:args.top]],
+            "pareto": [p.to_json() for p in rec.pareto],
+            "infeasible": [{"layout": p.layout.to_dict(), "label": p.layout.label(), "reason": p.reason}
+                           for p in rec.infeasible],
+            "explanation": rec.explanation,
+            "evaluated": len(rec.evaluated),
+        }, indent=2))
+    else:
+        print_recommendation(console, rec, args.top)
+    return 0 if rec.winner else 1
+
+
+def cmd_models(args, console) -> int:
+    from autotune.report import model_detail, models_table
+    from autotune.spec.models import catalog, load_model
+
+    if args.action == "show":
+        if not args.name:
+            raise UserError("usage: autotune models show MODEL")
+        m = load_model(args.name)
+        if args.json:
+            print(json.dumps(m.to_dict(), indent=2))
+        else:
+            console.print(model_detail(m))
+        return 0
+    models = list(catalog().values())
+    if args.json:
+        print(json.dumps([m.to_dict() for m in models], indent=2))
+    else:
+        console.print(models_table(models))
+    return 0
+
+
+COMMANDS = {"predict": cmd_predict, "recommend": cmd_recommend, "models": cmd_models}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
+
+    # Wide enough for the tables when piped to a file or a batch log (rich would wrap at 80 columns).
+    console = Console() if sys.stdout.isatty() else Console(width=160)
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args, console)
+    except UserError as exc:
+        print(f"autotune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("autotune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Human-readable rendering (rich) of models, predictions and recommendations; --json bypasses all of it."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from autotune.deploy import serve_commands
+from autotune.sim.predict import Prediction
+from autotune.sim.recommend import Recommendation
+from autotune.spec.models import ModelSpec, human_bytes, human_count
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v * 1e3:,.1f}"
+
+
+def _s(v: float | None) -> str:
+    return "-" if v is None else f"{v:,.1f}"
+
+
+def models_table(models: list[ModelSpec]) -> Table:
+    t = Table(title="Model catalog")
+    for col in ("model", "params", "active", "weights", "KV/token", "attention", "layers", "Hugging Face id"):
+        t.add_column(col, justify="left" if col in ("model", "attention", "Hugging Face id") else "right")
+    for m in models:
+        d = m.derived()
+        t.add_row(m.name, human_count(d["total_params"]), human_count(d["active_params"]), human_bytes(d["weight_bytes"]),
+                  f"{d['kv_bytes_per_token']:,.0f} B", d["attention"] + (" MoE" if d["moe"] else ""), str(m.num_layers),
+                  m.hf_id)
+    return t
+
+
+def model_detail(m: ModelSpec) -> Table:
+    t = Table(title=m.name, show_header=False)
+    t.add_column("field")
+    t.add_column("value", justify="right")
+    for k, v in m.to_dict().items():
+        if k == "derived":
+            continue
+        t.add_row(k, str(v))
+    d = m.derived()
+    t.add_row("[b]total parameters", f"{d['total_params']:,} ({human_count(d['total_params'])})")
+    t.add_row("[b]active parameters", f"{d['active_params']:,} ({human_count(d['active_params'])})")
+    t.add_row("[b]weight bytes", f"{d['weight_bytes']:,.0f} ({human_bytes(d['weight_bytes'])})")
+    t.add_row("[b]KV bytes per token", f"{d['kv_bytes_per_token']:,.0f}")
+    return t
+
+
+def predictions_table(preds: list[Prediction], title: str) -> Table:
+    t = Table(title=title)
+    for col in ("layout", "seqs", "tok/s", "/GPU", "TTFT50 s", "TTFT99 s", "TPOT50 ms", "TPOT99 ms", "E2E50 s",
+                "E2E99 s", "preempt", "KV peak", "bound by"):
+        t.add_column(col, justify="left" if col in ("layout", "bound by") else "right")
+    for p in preds:
+        if not p.feasible:
+            t.add_row(p.layout.label(), str(p.knobs.max_num_seqs), *["-"] * 10, f"[red]infeasible: {p.reason}")
+            continue
+        g = p.get
+        t.add_row(p.layout.label(), str(p.knobs.max_num_seqs), f"{g('output_tok_s'):,.0f}",
+                  f"{g('output_tok_s_per_gpu'):,.0f}", _s(g("ttft_p50_s")), _s(g("ttft_p99_s")), _ms(g("tpot_p50_s")),
+                  _ms(g("tpot_p99_s")), _s(g("e2e_p50_s")), _s(g("e2e_p99_s")), f"{g('preemptions'):,}",
+                  f"{g('kv_peak_frac'):.0%}", g("bottleneck"))
+    return t
+
+
+def print_recommendation(console: Console, rec: Recommendation, top: int) -> None:
+    sc = rec.scenario
+    console.print(predictions_table(rec.ranked[:top], f"{sc.model.name} on {sc.cluster.describe()}, "
+                                                      f"{sc.workload.name} ({sc.workload.num_requests:,} requests): "
+                                                      f"best {min(top, len(rec.ranked))} of {len(rec.evaluated)} "
+                                                      "feasible configurations"))
+    front = Table(title=f"Pareto front: output tok/s per GPU against {rec.latency_metric}")
+    for col in ("layout", "seqs", "per GPU", rec.latency_metric):
+        front.add_column(col, justify="left" if col == "layout" else "right")
+    for p in rec.pareto:
+        front.add_row(p.layout.label(), str(p.knobs.max_num_seqs), f"{p.get('output_tok_s_per_gpu'):,.0f}",
+                      f"{p.get(rec.latency_metric):,.3f} s")
+    console.print(front)
+    console.print("[b]Why[/b]")
+    for line in rec.explanation:
+        console.print(f"  - {line}", highlight=False)
+    if rec.winner:
+        console.print("[b]Deploy the winner[/b]")
+        for cmd in serve_commands(sc.model, sc.cluster, rec.winner.layout, rec.winner.knobs):
+            console.print(f"  {cmd}", highlight=False, soft_wrap=True)

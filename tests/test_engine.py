@@ -1,0 +1,111 @@
+"""The event-driven engine against first principles: closed forms, conservation, vLLM's scheduling rules."""
+
+import numpy as np
+import pytest
+
+from autotune.sim.calibration import DEFAULT
+from autotune.sim.costs import TOTAL, StepCost, decode_phase, steps_within
+from autotune.sim.memory import stage_shape
+from autotune.sim.predict import predict
+from autotune.spec.hardware import Cluster, load_gpu
+from autotune.spec.layout import EngineKnobs, Layout
+from autotune.spec.models import load_model
+
+
+def _cost(model="Llama-3.1-8B", layout=Layout(), gpus=1):
+    m = load_model(model)
+    return StepCost(m, Cluster.of(load_gpu("H200"), gpus), layout, stage_shape(m, layout, "bf16"), DEFAULT)
+
+
+@pytest.mark.parametrize("model,layout,n,ctx0,steps", [
+    ("Llama-3.1-8B", Layout(), 64, 10_000, 500),          # memory-bound throughout
+    ("Llama-3.1-8B", Layout(), 4096, 0, 50),              # compute-bound at first
+    ("DeepSeek-R1", Layout(tp=8), 200, 1e6, 300),         # MLA attention crosses from memory to compute
+    ("Llama-3.1-70B", Layout(tp=2, pp=4), 3, 5_000, 200),  # fewer sequences than stages: bubbles
+])
+def test_closed_form_equals_step_by_step_sum(model, layout, n, ctx0, steps):
+    cost = _cost(model, layout, layout.world_size)
+    naive = sum(cost.step_time(n, ctx0 + n * k) for k in range(steps))
+    assert decode_phase(cost, n, ctx0, steps)[TOTAL] == pytest.approx(naive, rel=1e-9)
+
+
+def test_vectorised_phases_equal_scalar_phases():
+    cost = _cost("DeepSeek-R1", Layout(tp=8), 8)
+    n = np.array([1, 17, 200, 900])
+    ctx = np.array([100.0, 5e4, 1e6, 3e6])
+    steps = np.array([10, 0, 300, 7])
+    vec = decode_phase(cost, n, ctx, steps, cost.lines_array(n))
+    for i in range(len(n)):
+        scalar = decode_phase(cost, int(n[i]), float(ctx[i]), int(steps[i]))
+        assert [v[i] for v in vec] == pytest.approx(list(scalar), rel=1e-9, abs=1e-15)
+
+
+def test_steps_within_finds_the_first_step_past_the_budget():
+    cost = _cost()
+    k = steps_within(cost, 32, 1000, 0.5, 10_000)
+    assert decode_phase(cost, 32, 1000, k)[TOTAL] >= 0.5 > decode_phase(cost, 32, 1000, k - 1)[TOTAL]
+
+
+def test_more_sequences_cost_more_per_step_but_less_per_token():
+    cost = _cost()
+    t1, t256 = cost.step_time(1, 1000), cost.step_time(256, 256 * 1000)
+    assert t256 > t1 and t256 / 256 < t1
+
+
+def test_every_request_completes_and_times_are_ordered(make_scenario):
+    sc = make_scenario("Llama-3.1-8B", gpus=1, num_requests=300)
+    p = predict(sc, Layout(), EngineKnobs(max_num_seqs=128))
+    m = p.metrics
+    assert p.feasible and m["num_requests"] == 300
+    assert 0 < m["ttft_p50_s"] <= m["ttft_p99_s"] <= m["e2e_p99_s"] <= m["makespan_s"]
+    assert m["tpot_p50_s"] <= m["tpot_p99_s"]
+    requests = sc.workload.sample()
+    assert m["output_tok_s"] == pytest.approx(requests.output.sum() / m["makespan_s"])
+    assert p.series[-1]["running"] == 0 and p.series[-1]["waiting"] == 0
+
+
+def test_results_repeat_for_a_seed_and_change_with_it(make_scenario):
+    a = predict(make_scenario("Llama-3.1-8B", gpus=2, num_requests=200), Layout(dp=2)).metrics
+    b = predict(make_scenario("Llama-3.1-8B", gpus=2, num_requests=200), Layout(dp=2)).metrics
+    c = predict(make_scenario("Llama-3.1-8B", gpus=2, num_requests=200, seed=7), Layout(dp=2)).metrics
+    assert a == b and a["makespan_s"] != c["makespan_s"]
+
+
+def test_a_small_kv_cache_preempts_and_a_large_one_does_not(make_scenario):
+    sc = make_scenario("Llama-3.1-8B", gpus=1, num_requests=200)
+    roomy = predict(sc, Layout(), EngineKnobs(max_num_seqs=32))
+    tight = predict(sc, Layout(), EngineKnobs(max_num_seqs=200, num_gpu_blocks_override=2400))
+    assert roomy.get("preemptions") == 0 and roomy.get("kv_peak_frac") < 1
+    assert tight.get("preemptions") > 0 and tight.get("kv_peak_frac") > 0.95
+    assert tight.get("bottleneck") == "KV capacity"
+    assert tight.get("kv_capacity_tokens") == 2400 * 16
+
+
+def test_max_num_seqs_caps_the_running_batch(make_scenario):
+    p = predict(make_scenario("Llama-3.1-8B", gpus=1, num_requests=300), Layout(), EngineKnobs(max_num_seqs=48))
+    assert max(s[2] for s in p.engine_series[0]) <= 48
+
+
+@pytest.mark.parametrize("mode,extra", [("concurrency", {"concurrency": 64}), ("poisson", {"rate": 2.0})])
+def test_online_modes(make_scenario, mode, extra):
+    sc = make_scenario("Llama-3.1-8B", gpus=2, workload="chat", num_requests=400, mode=mode, **extra)
+    p = predict(sc, Layout(dp=2))
+    assert p.feasible and p.get("num_requests") == 400
+    if mode == "concurrency":
+        assert max(x["running"] + x["waiting"] for x in p.series) <= 64
+    else:
+        # Poisson at 2 req/s: the run lasts about as long as the arrivals (~200 s), the queue stays short.
+        assert 150 < p.get("makespan_s") < 300 and p.get("ttft_p50_s") < 1.0
+
+
+def test_least_loaded_router_balances_better_than_round_robin(make_scenario):
+    from dataclasses import replace
+    sc = make_scenario("Llama-3.1-8B", gpus=4, workload="chat", num_requests=1500, mode="poisson", rate=60.0)
+    ll = predict(sc, Layout(dp=4))
+    rr = predict(replace(sc, router="round-robin"), Layout(dp=4))
+    assert ll.get("e2e_p99_s") <= rr.get("e2e_p99_s") * 1.05
+
+
+def test_two_thousand_request_batch_with_32k_outputs_predicts(make_scenario):
+    p = predict(make_scenario("Llama-3.1-8B"), Layout(dp=8))
+    assert p.feasible and p.get("num_requests") == 2000 and p.get("makespan_s") > 0

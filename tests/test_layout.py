@@ -1,0 +1,91 @@
+import re
+
+import pytest
+
+from autotune.errors import UserError
+from autotune.sim.calibration import DEFAULT
+from autotune.sim.memory import plan_memory, stage_shape
+from autotune.spec.hardware import Cluster, load_gpu
+from autotune.spec.layout import EngineKnobs, Layout, enumerate_layouts, structural_problem
+from autotune.spec.models import load_model
+
+H200x8 = Cluster.of(load_gpu("H200"), 8)
+
+
+def test_parse_layouts():
+    assert Layout.parse("dp=4,tp=2") == Layout(dp=4, tp=2)
+    assert Layout.parse("tp=2, pp=4") == Layout(tp=2, pp=4)
+    assert Layout.parse("dp=8,ep") == Layout(dp=8, ep=8)
+    assert Layout.parse("dp=4,tp=2,ep=8").ep == 8
+
+
+@pytest.mark.parametrize("text,msg", [("tp=x", "positive integer"), ("foo=2", "expected e.g."),
+                                      ("", "expected e.g."), ("dp=4,ep=3", "spans dp x tp = 4")])
+def test_bad_layouts_say_what_is_wrong(text, msg):
+    with pytest.raises(UserError, match=msg):
+        Layout.parse(text)
+
+
+@pytest.mark.parametrize("model,layout,msg", [
+    ("Llama-3.1-8B", Layout(tp=3), "does not divide the 32 attention heads"),
+    ("Llama-3.1-8B", Layout(pp=64), "exceeds the 32 layers"),
+    ("Llama-3.1-8B", Layout(dp=8, ep=8), "mixture-of-experts"),
+    ("Llama-3.1-8B", Layout(dp=16), "needs 16 GPUs"),
+])
+def test_structural_checks(model, layout, msg):
+    assert re.search(msg, structural_problem(load_model(model), H200x8, layout) or "")
+
+
+def test_tp_stays_inside_a_node_unless_asked():
+    cluster = Cluster.of(load_gpu("H100"), 16)
+    model = load_model("Llama-3.1-405B")
+    assert "cross nodes" in structural_problem(model, cluster, Layout(tp=16))
+    assert structural_problem(model, cluster, Layout(tp=16), allow_cross_node_tp=True) is None
+
+
+def test_enumerate_uses_all_gpus_and_adds_ep_for_moe():
+    dense = enumerate_layouts(load_model("Llama-3.1-8B"), H200x8)
+    assert all(l.world_size == 8 and l.ep == 1 for l in dense)
+    assert Layout(dp=8) in dense and Layout(tp=8) in dense and Layout(pp=8) in dense
+    moe = enumerate_layouts(load_model("DeepSeek-R1"), H200x8)
+    assert Layout(dp=8, ep=8) in moe and Layout(tp=8, ep=8) in moe
+
+
+def _plan(model, layout, **knobs):
+    m = load_model(model)
+    return plan_memory(m, H200x8.gpu, layout, EngineKnobs(**knobs).resolved(H200x8.gpu, 33792), DEFAULT)
+
+
+def test_weights_that_do_not_fit_are_refused():
+    assert "does not fit" in _plan("Llama-3.1-405B", Layout(dp=2, tp=4)).problem
+    assert _plan("Llama-3.1-405B", Layout(tp=8)).problem is None
+
+
+def test_kv_cache_smaller_than_one_sequence_is_refused():
+    plan = _plan("Llama-3.1-8B", Layout(), num_gpu_blocks_override=100)
+    assert plan.kv_capacity_tokens == 1600 and "less than one max_model_len" in plan.problem
+
+
+def test_kv_capacity_by_hand():
+    # Llama-3.1-8B on one H200 at 0.9: usable - weights - activations - overhead, in 16-token blocks of 128 KiB/token.
+    plan = _plan("Llama-3.1-8B", Layout())
+    free = plan.usable_bytes - plan.weight_bytes - plan.activation_bytes - plan.overhead_bytes
+    assert plan.kv_capacity_tokens == int(free // (131072 * 16)) * 16
+    assert 800_000 < plan.kv_capacity_tokens < 950_000
+
+
+def test_tp_shards_gqa_kv_but_replicates_mla_and_excess_kv_heads():
+    llama = load_model("Llama-3.1-8B")
+    assert stage_shape(llama, Layout(tp=2), "bf16").kv_bytes_per_token == 131072 / 2
+    qwen_moe = load_model("Qwen3-30B-A3B")   # 4 KV heads: TP8 keeps one head per GPU
+    assert stage_shape(qwen_moe, Layout(tp=8), "bf16").kv_bytes_per_token == qwen_moe.kv_bytes_per_token() / 4
+    ds = load_model("DeepSeek-R1")
+    assert stage_shape(ds, Layout(tp=8), "bf16").kv_bytes_per_token == 70272
+    assert stage_shape(ds, Layout(pp=8), "bf16").kv_bytes_per_token == pytest.approx(70272 * 8 / 61, rel=0.01)
+
+
+def test_expert_parallel_splits_whole_experts_over_dp_x_tp():
+    ds = load_model("DeepSeek-R1")
+    ep = stage_shape(ds, Layout(dp=8, ep=8), "bf16")
+    assert ep.expert_bytes == pytest.approx(ds.routed_expert_bytes / 8)
+    assert ep.non_expert_bytes == pytest.approx(ds.non_expert_layer_bytes + ds.embedding_bytes)

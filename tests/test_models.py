@@ -1,0 +1,87 @@
+import json
+
+import pytest
+
+from autotune.errors import UserError
+from autotune.spec.models import catalog, load_model, model_from_hf_config
+
+REQUIRED_CATALOG = ["Llama-3.1-8B", "Llama-3.1-70B", "Llama-3.1-405B", "Llama-3.1-8B-FP8", "Llama-3.1-70B-FP8",
+                    "Llama-3.1-405B-FP8", "DeepSeek-R1-Distill-Llama-8B", "DeepSeek-R1-Distill-Qwen-14B",
+                    "DeepSeek-R1-Distill-Qwen-32B", "DeepSeek-R1-Distill-Llama-70B", "DeepSeek-R1", "DeepSeek-V3",
+                    "Qwen3-8B", "Qwen3-32B", "Qwen3-30B-A3B", "Qwen3-235B-A22B", "Mixtral-8x7B", "gpt-oss-120b"]
+
+
+def test_catalog_has_the_required_models():
+    assert set(REQUIRED_CATALOG) <= set(catalog())
+
+
+def test_kv_bytes_per_token_hand_computed():
+    # GQA: 2 (K and V) x 32 layers x 8 KV heads x 128 head dim x 2 bytes.
+    assert load_model("Llama-3.1-8B").kv_bytes_per_token() == 2 * 32 * 8 * 128 * 2 == 131_072
+    # MLA: (512 latent + 64 RoPE) x 61 layers x 2 bytes, whatever the number of heads.
+    assert load_model("DeepSeek-V3").kv_bytes_per_token() == (512 + 64) * 61 * 2 == 70_272
+    assert load_model("DeepSeek-V3").kv_bytes_per_token("fp8") == 35_136
+
+
+@pytest.mark.parametrize("name,total,active", [
+    ("Llama-3.1-8B", 8.03e9, 8.03e9),
+    ("Llama-3.1-70B", 70.6e9, 70.6e9),
+    ("Llama-3.1-405B", 405.9e9, 405.9e9),
+    ("DeepSeek-R1-Distill-Qwen-32B", 32.8e9, 32.8e9),
+    ("DeepSeek-R1", 671e9, 37.5e9),
+    ("Qwen3-30B-A3B", 30.5e9, 3.35e9),
+    ("Qwen3-235B-A22B", 235e9, 22.2e9),
+    ("Mixtral-8x7B", 46.7e9, 12.9e9),
+])
+def test_parameter_counts_match_published_sizes(name, total, active):
+    m = load_model(name)
+    assert m.total_params == pytest.approx(total, rel=0.02)
+    assert m.active_params == pytest.approx(active, rel=0.03)
+
+
+def test_fp8_checkpoint_halves_the_linear_weights():
+    bf16, fp8 = load_model("Llama-3.1-70B"), load_model("Llama-3.1-70B-FP8")
+    assert bf16.weight_bytes == pytest.approx(2 * bf16.total_params)
+    # Linear layers in one byte, embeddings and LM head kept in bf16.
+    assert fp8.weight_bytes == pytest.approx(fp8.total_params + fp8.embedding_params, rel=1e-9)
+
+
+def test_gpt_oss_sliding_layers_do_not_grow_the_cache():
+    m = load_model("gpt-oss-120b")
+    assert m.num_sliding_layers == 18 and m.sliding_window == 128
+    assert m.kv_bytes_per_token() == 18 * 2 * 8 * 64 * 2
+    assert m.routed_expert_bytes == pytest.approx(m.routed_expert_params * 4.25 / 8)
+
+
+def test_lookup_is_forgiving_and_suggests_close_names():
+    assert load_model("meta-llama/llama-3.1-8b").name == "Llama-3.1-8B"
+    with pytest.raises(UserError, match="did you mean .*Llama-3.1-8B"):
+        load_model("Lama-3.1-8B")
+
+
+def test_reads_a_local_config_json(tmp_path):
+    cfg = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "intermediate_size": 128, "vocab_size": 1000, "torch_dtype": "bfloat16"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    m = load_model(str(tmp_path))
+    assert (m.num_layers, m.head_dim, m.num_kv_heads) == (2, 16, 2)
+    assert m.kv_bytes_per_token() == 2 * 2 * 2 * 16 * 2
+
+
+def test_config_missing_fields_is_one_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 64}))
+    with pytest.raises(UserError, match="missing required field.*num_hidden_layers"):
+        load_model(str(tmp_path))
+
+
+def test_config_that_is_not_json(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        load_model(str(tmp_path))
+
+
+def test_moe_keys_of_each_family():
+    mixtral = model_from_hf_config({"num_hidden_layers": 1, "hidden_size": 8, "num_attention_heads": 2,
+                                    "vocab_size": 10, "intermediate_size": 16, "num_local_experts": 8,
+                                    "num_experts_per_tok": 2}, "m")
+    assert (mixtral.num_experts, mixtral.experts_per_token, mixtral.moe_intermediate_size) == (8, 2, 16)

@@ -1,0 +1,1 @@
+"""Placeholder package: built by the study-engine and TUI issues."""
