@@ -13,7 +13,8 @@ from autotune.errors import UserError
 
 @dataclass(frozen=True)
 class Efficiency:
-    hbm: float = 0.80                   # achieved/peak HBM bandwidth in decode (GEMV + paged attention)
+    hbm: float = 0.80                   # achieved/peak HBM bandwidth of the weight GEMVs in decode
+    kv_read: float = 0.90               # paged-attention KV reads relative to `hbm` (gathers over scattered blocks)
     flops: float = 0.55                 # achieved/peak tensor FLOP/s in prefill GEMMs
     link: float = 0.75                  # achieved/peak NVLink or network bandwidth in collectives
     allreduce_latency_s: float = 20e-6  # one all-reduce within a node (vLLM custom all-reduce)
@@ -23,7 +24,7 @@ class Efficiency:
     moe_routing_s: float = 25e-6        # top-k, permute and align kernels of one MoE layer
     expert_imbalance: float = 1.25      # busiest EP rank's tokens over the mean
     pp_imbalance: float = 1.15          # PP microbatches differ in size and context: stages wait for the slowest
-    step_overhead_s: float = 1.5e-3     # scheduler, sampler and input preparation of one engine step
+    step_overhead_s: float = 0.6e-3     # scheduler, sampler and input preparation of one engine step
     seq_overhead_s: float = 4e-6        # the same, per running sequence
     multiproc_overhead_s: float = 1.0e-3  # MultiprocExecutor broadcast to tp x pp workers, per step
     tp_kernel_loss: float = 0.12        # efficiency lost per TP doubling (smaller GEMMs, fewer heads per GPU)
@@ -42,13 +43,17 @@ class Efficiency:
             values = {k: float(v) for k, v in overrides.items()}
         except (TypeError, ValueError) as exc:
             raise UserError(f"{where}: efficiency factors are numbers ({exc})") from None
-        bad = [k for k, v in values.items() if v < 0 or (k in ("hbm", "flops", "link") and not 0 < v <= 1)]
+        bad = [k for k, v in values.items() if v < 0 or (k in ("hbm", "kv_read", "flops", "link") and not 0 < v <= 1)]
         if bad:
-            raise UserError(f"{where}: out of range: {', '.join(bad)} (hbm, flops, link in (0, 1]; others >= 0)")
+            raise UserError(f"{where}: out of range: {', '.join(bad)} (hbm, kv_read, flops, link in (0, 1]; others >= 0)")
         return replace(self, **values)
 
 
 DEFAULT = Efficiency()
+
+# Per-GPU factors fitted by `bench/accuracy.py --fit` on the comparable rows of shared/ground_truth.csv:
+# vLLM 0.10 on ROCm reaches far less of the MI300X's peak bandwidth than vLLM on CUDA does on NVIDIA parts.
+BUILTIN_PER_GPU = (("MI300X", DEFAULT.with_overrides({"hbm": 0.30, "kv_read": 0.3}, "built-in MI300X")),)
 
 
 @dataclass(frozen=True)
@@ -56,7 +61,7 @@ class Calibration:
     """Global factors plus per-GPU overrides, as written by `autotune calibrate` or bench/gpu_probe.py."""
 
     base: Efficiency = DEFAULT
-    per_gpu: tuple[tuple[str, Efficiency], ...] = ()
+    per_gpu: tuple[tuple[str, Efficiency], ...] = BUILTIN_PER_GPU
     source: str = "built-in defaults"
 
     def for_gpu(self, gpu_name: str) -> Efficiency:
@@ -76,8 +81,15 @@ class Calibration:
         if not isinstance(data, dict):
             raise UserError(f"{p}: expected a mapping with 'efficiency' and optional 'gpus'")
         base = DEFAULT.with_overrides(data.get("efficiency") or {}, f"{p}: efficiency")
-        per_gpu = tuple((name, base.with_overrides(over or {}, f"{p}: gpus.{name}"))
-                        for name, over in (data.get("gpus") or {}).items())
+        builtin = {name: eff.to_dict() for name, eff in BUILTIN_PER_GPU}
+        given = data.get("gpus") or {}
+        if not isinstance(given, dict):
+            raise UserError(f"{p}: 'gpus' maps GPU names to factors")
+        names = sorted(set(builtin) | set(given))
+        # A file's factors apply over the built-in per-GPU ones, which apply over the file's global ones.
+        per_gpu = tuple((name, base.with_overrides({**{k: v for k, v in builtin.get(name, {}).items()
+                                                       if v != DEFAULT.to_dict()[k]}, **(given.get(name) or {})},
+                                                   f"{p}: gpus.{name}")) for name in names)
         return cls(base, per_gpu, str(p))
 
     def save(self, path: str | Path, extra: dict | None = None) -> None:

@@ -56,7 +56,9 @@ class StepCost:
         self.peak_bw = gpu.hbm_tb_s * 1e12
         self.flops = self.peak_flops * eff.flops * tp_eff
         self.bw = self.peak_bw * eff.hbm * tp_eff
+        # Achieved over peak rates: an ideal (roofline) time is an achieved time times these.
         self.flop_scale, self.bw_scale = self.flops / self.peak_flops, self.bw / self.peak_bw
+        self.kv_scale = self.bw_scale * eff.kv_read
         self.stage_slowdown = eff.pp_imbalance if self.pp > 1 else 1.0
         frac = shape.layers / model.num_layers
         # 2 FLOPs per parameter per token (Kaplan et al. 2020), on this GPU's share of the stage.
@@ -111,7 +113,7 @@ class StepCost:
         weights = (s.non_expert_bytes + s.expert_bytes * touched) / self.bw * slow
         c0 = (self.dense_flops_per_token + self.expert_flops_per_token) * tokens / self.flops * slow
         c1 = self.attn_flops_per_ctx / microbatches / self.flops * slow
-        m1 = self.kv_read_per_ctx / microbatches / self.bw * slow
+        m1 = self.kv_read_per_ctx / microbatches / (self.bw * self.eff.kv_read) * slow
         overhead = self.overhead_base + self.eff.seq_overhead_s * num_seqs
         return StepLines(c0, c1, weights, m1, weights, self._comm(tokens), overhead, microbatches)
 
@@ -129,19 +131,17 @@ class StepCost:
         weights = np.broadcast_to(ln.weights, num_seqs.shape)
         return StepLines(ln.c0, ln.c1, weights, ln.m1, weights, ln.comm, ln.overhead, ln.microbatches)
 
-    def step_time(self, num_seqs: int, context: float, prefill_tokens: int = 0, prefill_context: float = 0.0) -> float:
-        """One step: decodes read `context` cached tokens; the prefill chunk attends over `prefill_context`."""
+    def step_time(self, num_seqs: int, context: float, prefill_tokens: int = 0,
+                  prefill_context: float = 0.0) -> tuple[float, float, float]:
+        """One step: decodes read `context` cached tokens; the prefill chunk attends over `prefill_context`.
+        Returns (time, its CPU overhead, the roofline-ideal time)."""
         ln = self.lines(num_seqs, prefill_tokens)
         # A prefill chunk's attention is compute-bound: it reads its context once but multiplies by every new token.
         compute = ln.c0 + ln.c1 * context + self.attn_flops_per_ctx * prefill_context / self.flops
         memory = ln.m0 + ln.m1 * context
-        return ln.overhead + self.pp * (max(compute, memory) + ln.comm)
-
-    def ideal_step_time(self, num_seqs: int, context: float, prefill_tokens: int = 0) -> float:
-        """The roofline bound at peak FLOP/s and bandwidth, no overhead nor communication, pipeline full."""
-        ln = self.lines(num_seqs, prefill_tokens)
-        return ln.microbatches * max((ln.c0 + ln.c1 * context) * self.flop_scale,
-                                     (ln.m0 + ln.m1 * context) * self.bw_scale)
+        ideal = ln.microbatches / self.stage_slowdown * max(compute * self.flop_scale,
+                                                            ln.m0 * self.bw_scale + ln.m1 * context * self.kv_scale)
+        return ln.overhead + self.pp * (max(compute, memory) + ln.comm), ln.overhead, ideal
 
 
 # Where the time of a run of steps went: indexes into the tuples decode_phase returns.
@@ -197,7 +197,8 @@ def decode_phase(cost: StepCost, n, context0, steps, ln: StepLines | None = None
     overhead = ln.overhead * steps
     mbs = ln.microbatches
     return (gpu + comm + overhead, pp * comp, pp * weights, pp * (mem - weights), comm, overhead,
-            (gpu + comm) * (pp - mbs) / pp, mbs * (comp * cost.flop_scale + mem * cost.bw_scale))
+            (gpu + comm) * (pp - mbs) / pp,
+            mbs / cost.stage_slowdown * (comp * cost.flop_scale + weights * cost.bw_scale + (mem - weights) * cost.kv_scale))
 
 
 def steps_within(cost: StepCost, n: int, context0: float, budget_s: float, max_steps: int) -> int:

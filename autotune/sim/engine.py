@@ -17,7 +17,7 @@ from collections import deque
 import numpy as np
 from dataclasses import dataclass, field
 
-from autotune.sim.costs import COMPUTE, TOTAL, StepCost, decode_phase, steps_within
+from autotune.sim.costs import COMPUTE, IDEAL, OVERHEAD, TOTAL, StepCost, decode_phase, steps_within
 
 INF = math.inf
 
@@ -245,13 +245,13 @@ class Replica:
         self.prefill_alloc += chunk_tokens
         n = self.n_dec
         context = self.A + n * self.G
-        dt = self.cost.step_time(n, context, chunk_tokens, attn_context)
-        ideal = self.cost.ideal_step_time(n, context, chunk_tokens)
+        dt, overhead, ideal = self.cost.step_time(n, context, chunk_tokens, attn_context)
         waiting_blocked = bool(self.waiting) and len(self.running) < self.lim.max_num_seqs
         split = self.time_split
         split[TOTAL] += dt
-        split[COMPUTE] += dt - self.cost.lines(n, chunk_tokens).overhead   # prefill chunks are compute-bound
-        split[-1] += ideal
+        split[COMPUTE] += dt - overhead    # prefill chunks are compute-bound
+        split[OVERHEAD] += overhead
+        split[IDEAL] += ideal
         self.clock += dt
         self.kv_area += self.used() * dt
         if waiting_blocked:
@@ -263,8 +263,8 @@ class Replica:
         self.G += 1
         done = self._complete()
         reqs = self.reqs
-        if finished:
-            self.prefill = deque(item for item in self.prefill if item[1])
+        for _ in finished:       # chunks are taken in queue order, so the finished ones are at the front
+            self.prefill.popleft()
         for item in finished:
             rid = item[0]
             self.prefill_alloc -= item[3]
