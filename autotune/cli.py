@@ -51,6 +51,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--latency-metric", default="tpot_p99_s",
                    choices=("tpot_p99_s", "ttft_p99_s", "e2e_p99_s", "tpot_p50_s", "ttft_p50_s", "e2e_p50_s"))
+    p = sub.add_parser("run", help="tune: a study over a search space, headless")
+    p.add_argument("space", help="a search space YAML (see search_spaces/)")
+    p.add_argument("--trials", type=int, default=None, help="budget (default: the space's)")
+    p.add_argument("--backend", choices=("sim", "vllm"), default=None, help="default: the space's")
+    p.add_argument("--study-dir", default=None, help="default: studies/<space name>")
+    p.add_argument("--resume", action="store_true", help="continue the study in --study-dir")
+    p.add_argument("--parallel", type=int, default=None, help="trials at once (default: the space's)")
+    p.add_argument("--pace", type=float, default=0.0,
+                   help="sim: replay simulated time at this many times real time, to watch a study unfold")
+    p.add_argument("--ray-address", default=None, help="`auto` to join this node's Ray cluster; default: local")
+    for name, helptext in (("best", "the best trial of a study"), ("pareto", "the Pareto front of a study")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("study_dir")
+        p.add_argument("--json", action="store_true")
+        if name == "pareto":
+            p.add_argument("--latency", default="tpot_p99_s",
+                           choices=("tpot_p99_s", "ttft_p99_s", "e2e_p99_s", "tpot_p50_s", "ttft_p50_s", "e2e_p50_s"))
+    p = sub.add_parser("export", help="a study's tables as parquet, csv or json")
+    p.add_argument("study_dir")
+    p.add_argument("--format", choices=("parquet", "csv", "json"), default="parquet")
+    p.add_argument("--out", default=None, help="default: STUDY_DIR/export")
+    p = sub.add_parser("studies", help="the studies under a folder")
+    p.add_argument("--root", default="studies")
+    p.add_argument("--json", action="store_true")
     p = sub.add_parser("models", help="the model catalog, or one model's derived sizes")
     p.add_argument("action", nargs="?", choices=("list", "show"), default="list")
     p.add_argument("name", nargs="?")
@@ -158,7 +182,125 @@ def cmd_models(args, console) -> int:
     return 0
 
 
-COMMANDS = {"predict": cmd_predict, "recommend": cmd_recommend, "models": cmd_models}
+def cmd_run(args, console) -> int:
+    from pathlib import Path
+
+    from autotune.search.space import load_space
+    from autotune.study import Options, run_study
+
+    space = load_space(args.space)
+    for name in ("trials", "parallel"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1")
+    if args.pace < 0:
+        raise UserError("--pace must be >= 0")
+    study_dir = Path(args.study_dir or Path("studies") / space.name)
+    return run_study(space, Options(study_dir, args.trials, args.backend, args.resume, args.pace, args.ray_address,
+                                    args.parallel))
+
+
+def _trial_summary(t: dict) -> dict:
+    keys = ("number", "state", "label", "dp", "tp", "pp", "ep", "max_num_seqs", "max_num_batched_tokens",
+            "gpu_memory_utilization", "kv_cache_dtype", "enable_chunked_prefill", "output_tok_s",
+            "output_tok_s_per_gpu", "tpot_p50_s", "tpot_p99_s", "ttft_p99_s", "e2e_p99_s", "preemptions",
+            "kv_peak_frac", "bottleneck", "feasible_slo", "reason", "serve_command")
+    return {k: t.get(k) for k in keys}
+
+
+def _trials_table(rows: list[dict], title: str):
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in ("#", "layout", "seqs", "tokens", "tok/s", "/GPU", "TPOT99 ms", "TTFT99 s", "preempt", "SLO"):
+        t.add_column(col, justify="left" if col == "layout" else "right")
+    for r in rows:
+        t.add_row(str(r["number"]), r["label"], str(r["max_num_seqs"]), str(r["max_num_batched_tokens"]),
+                  f"{r['output_tok_s']:,.0f}", f"{r['output_tok_s_per_gpu']:,.0f}", f"{r['tpot_p99_s'] * 1e3:,.1f}",
+                  f"{r['ttft_p99_s']:,.1f}", f"{r['preemptions']:,}", "ok" if r["feasible_slo"] else "violated")
+    return t
+
+
+def cmd_best(args, console) -> int:
+    from store.queries import best
+    from store.reader import StudyReader
+
+    reader = StudyReader(args.study_dir)
+    header = reader.header()
+    metric = header["objectives"][0]["metric"]
+    row = best(reader, metric if metric.startswith(("output", "total")) else "output_tok_s_per_gpu")
+    if row is None:
+        raise UserError(f"{args.study_dir} has no completed trial yet")
+    if args.json:
+        print(json.dumps(_trial_summary(row), indent=2, default=str))
+    else:
+        console.print(_trials_table([row], f"best of {header['name']} ({header['model']} on {header['cluster']})"))
+        if row.get("serve_command"):
+            console.print(f"deploy: {row['serve_command']}", highlight=False, soft_wrap=True)
+    return 0
+
+
+def cmd_pareto(args, console) -> int:
+    from store.queries import pareto
+    from store.reader import StudyReader
+
+    reader = StudyReader(args.study_dir)
+    front = pareto(reader, args.latency)
+    if args.json:
+        print(json.dumps([_trial_summary(t) for t in front], indent=2, default=str))
+    else:
+        console.print(_trials_table(front, f"Pareto front of {reader.header()['name']}: output tok/s per GPU "
+                                           f"against {args.latency}"))
+    return 0
+
+
+def cmd_export(args, console) -> int:
+    from pathlib import Path
+
+    from store.queries import export
+    from store.reader import StudyReader
+
+    reader = StudyReader(args.study_dir)
+    out = Path(args.out or Path(args.study_dir) / "export")
+    for path in export(reader, args.format, out):
+        console.print(str(path), highlight=False)
+    return 0
+
+
+def cmd_studies(args, console) -> int:
+    from pathlib import Path
+
+    from rich.table import Table
+
+    from store.queries import best
+    from store.reader import StudyReader
+
+    root = Path(args.root)
+    rows = []
+    for d in sorted(p for p in root.glob("*") if (p / "study.json").is_file()) if root.is_dir() else []:
+        reader = StudyReader(d)
+        h = reader.header()
+        trials = reader.trials()
+        top = best(reader)
+        rows.append({"dir": str(d), "name": h.get("name"), "status": h.get("status"), "backend": h.get("backend"),
+                     "model": h.get("model"), "cluster": h.get("cluster"), "trials": len(trials),
+                     "complete": sum(t["state"] == "COMPLETE" for t in trials),
+                     "best": top["label"] if top else None,
+                     "best_tok_s_per_gpu": top["output_tok_s_per_gpu"] if top else None})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    t = Table(title=f"studies under {root}")
+    for col in ("dir", "status", "backend", "model", "cluster", "trials", "complete", "best", "tok/s/GPU"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["dir"], r["status"], r["backend"], r["model"], r["cluster"], str(r["trials"]), str(r["complete"]),
+                  r["best"] or "-", f"{r['best_tok_s_per_gpu']:,.0f}" if r["best_tok_s_per_gpu"] else "-")
+    console.print(t)
+    return 0
+
+
+COMMANDS = {"predict": cmd_predict, "recommend": cmd_recommend, "models": cmd_models, "run": cmd_run,
+            "best": cmd_best, "pareto": cmd_pareto, "export": cmd_export, "studies": cmd_studies}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,285 @@
+"""Search spaces: a YAML file names the cluster, model, workload, dimensions, objectives, SLOs, budget and backend.
+Validated with pydantic; every error names the file, the line and the key."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from autotune.errors import UserError
+from autotune.sim.calibration import Calibration
+from autotune.sim.predict import Scenario, infeasibility
+from autotune.spec.hardware import Cluster, load_gpu
+from autotune.spec.layout import EngineKnobs, Layout, enumerate_layouts, structural_problem
+from autotune.spec.models import load_model
+from autotune.spec.workload import PRESETS, workload_from_dict
+
+OBJECTIVE_METRICS = {
+    "output_tok_s_per_gpu": "maximize", "output_tok_s": "maximize", "total_tok_s": "maximize",
+    "tpot_p50_s": "minimize", "tpot_p99_s": "minimize", "ttft_p50_s": "minimize", "ttft_p99_s": "minimize",
+    "e2e_p50_s": "minimize", "e2e_p99_s": "minimize", "itl_p99_s": "minimize", "preemptions": "minimize",
+}
+CONSTRAINT_METRICS = {"tpot_p99_ms": "tpot_p99_s", "ttft_p99_ms": "ttft_p99_s", "e2e_p99_ms": "e2e_p99_s",
+                      "tpot_p50_ms": "tpot_p50_s", "ttft_p50_ms": "ttft_p50_s"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ClusterCfg(_Strict):
+    gpu: str
+    nodes: int = Field(1, ge=1)
+    gpus_per_node: int = Field(8, ge=1)
+
+
+class LayoutCfg(_Strict):
+    dp: list[int] | Literal["auto"] = "auto"
+    tp: list[int] | Literal["auto"] = "auto"
+    pp: list[int] | Literal["auto"] = "auto"
+    ep: list[bool] | Literal["auto"] = "auto"
+    gpus_per_trial: list[int] | Literal["all"] = "all"
+
+
+class DimensionsCfg(_Strict):
+    layout: LayoutCfg | Literal["auto"] = "auto"
+    max_num_seqs: list[int] = Field(default_factory=lambda: [64, 128, 256, 512, 1024])
+    max_num_batched_tokens: list[int] = Field(default_factory=lambda: [8192])
+    gpu_memory_utilization: list[float] = Field(default_factory=lambda: [0.9])
+    kv_cache_dtype: list[Literal["auto", "fp8"]] = Field(default_factory=lambda: ["auto"])
+    enable_chunked_prefill: list[bool] = Field(default_factory=lambda: [True])
+
+    @field_validator("max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization", "kv_cache_dtype",
+                     "enable_chunked_prefill")
+    @classmethod
+    def _non_empty(cls, v):
+        if not v:
+            raise ValueError("needs at least one value")
+        return v
+
+
+class ObjectiveCfg(_Strict):
+    metric: str
+    direction: Literal["maximize", "minimize"] | None = None
+
+    @field_validator("metric")
+    @classmethod
+    def _known(cls, v):
+        if v not in OBJECTIVE_METRICS:
+            raise ValueError(f"unknown objective '{v}'; known: {', '.join(OBJECTIVE_METRICS)}")
+        return v
+
+
+class BudgetCfg(_Strict):
+    trials: int = Field(40, ge=1)
+    wall_time_s: float | None = Field(None, gt=0)
+    parallel: int = Field(4, ge=1)
+
+
+class SpaceCfg(_Strict):
+    name: str
+    cluster: ClusterCfg
+    model: str
+    workload: str | dict = "natural-reasoning"
+    dimensions: DimensionsCfg = Field(default_factory=DimensionsCfg)
+    objectives: list[ObjectiveCfg] = Field(default_factory=lambda: [ObjectiveCfg(metric="output_tok_s_per_gpu"),
+                                                                    ObjectiveCfg(metric="tpot_p99_s")])
+    constraints: dict[str, float] = Field(default_factory=dict)
+    budget: BudgetCfg = Field(default_factory=BudgetCfg)
+    backend: Literal["sim", "vllm"] = "sim"
+    calibration: str | None = None
+    seed: int = 0
+
+    @field_validator("constraints")
+    @classmethod
+    def _known_constraints(cls, v):
+        for key, limit in v.items():
+            if key not in CONSTRAINT_METRICS:
+                raise ValueError(f"unknown constraint '{key}'; known: {', '.join(CONSTRAINT_METRICS)}")
+            if limit <= 0:
+                raise ValueError(f"constraint '{key}' must be positive")
+        return v
+
+    @field_validator("objectives")
+    @classmethod
+    def _some_objective(cls, v):
+        if not v:
+            raise ValueError("needs at least one objective")
+        return v
+
+
+@dataclass(frozen=True)
+class Objective:
+    metric: str
+    direction: str
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """A validated space: the scenario it tunes, the valid layouts and the knob grid."""
+
+    name: str
+    source: str
+    text: str
+    scenario: Scenario
+    layouts: tuple[Layout, ...]
+    knob_grid: dict[str, tuple]
+    objectives: tuple[Objective, ...]
+    constraints: dict[str, float]     # metric (seconds) -> limit
+    trials: int
+    wall_time_s: float | None
+    parallel: int
+    backend: str
+    seed: int
+    calibration_path: str | None
+
+    def knobs(self, values: dict) -> EngineKnobs:
+        return EngineKnobs(**values)
+
+    def size(self) -> int:
+        n = len(self.layouts)
+        for v in self.knob_grid.values():
+            n *= len(v)
+        return n
+
+    def candidates(self):
+        """Every (layout, knobs) point of the grid."""
+        names = list(self.knob_grid)
+        for layout in self.layouts:
+            for combo in itertools.product(*(self.knob_grid[n] for n in names)):
+                yield layout, EngineKnobs(**dict(zip(names, combo)))
+
+    def slo_violation(self, metrics: dict) -> dict[str, float]:
+        """Per constraint, how far over its limit the trial is (<= 0 is within)."""
+        return {m: (metrics.get(m) if metrics.get(m) is not None else float("inf")) - limit
+                for m, limit in self.constraints.items()}
+
+
+def _line_index(text: str) -> dict[tuple, int]:
+    """Line number (1-based) of every key path in the YAML document."""
+    lines: dict[tuple, int] = {}
+
+    def walk(node, path):
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                p = path + (key.value,)
+                lines[p] = key.start_mark.line + 1
+                walk(value, p)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                lines[path + (i,)] = item.start_mark.line + 1
+                walk(item, path + (i,))
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _line_of(lines: dict[tuple, int], loc: tuple) -> int | None:
+    for cut in range(len(loc), 0, -1):
+        if loc[:cut] in lines:
+            return lines[loc[:cut]]
+    return None
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"search space {p} does not exist")
+    text = p.read_text()
+    try:
+        data = yaml.safe_load(text)
+        lines = _line_index(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark else str(p)
+        raise UserError(f"{where}: invalid YAML ({getattr(exc, 'problem', None) or exc})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{p}:1: a search space is a mapping (name, cluster, model, ...)")
+    try:
+        cfg = SpaceCfg.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(x for x in err["loc"] if not (isinstance(x, str) and x in ("literal['auto']", "list[int]")))
+        key = ".".join(str(x) for x in loc) or "(top level)"
+        line = _line_of(lines, loc)
+        msg = err["msg"].removeprefix("Value error, ")
+        raise UserError(f"{p}:{line or 1}: {key}: {msg}") from None
+    return _build(cfg, p, text, lines)
+
+
+def _build(cfg: SpaceCfg, path: Path, text: str, lines: dict) -> SearchSpace:
+    def fail(key: tuple, msg: str):
+        raise UserError(f"{path}:{_line_of(lines, key) or 1}: {'.'.join(map(str, key))}: {msg}")
+
+    try:
+        model = load_model(cfg.model)
+    except UserError as exc:
+        fail(("model",), str(exc))
+    try:
+        gpu = load_gpu(cfg.cluster.gpu)
+    except UserError as exc:
+        fail(("cluster", "gpu"), str(exc))
+    cluster = Cluster(gpu, cfg.cluster.nodes, cfg.cluster.gpus_per_node)
+    try:
+        workload = PRESETS[cfg.workload] if isinstance(cfg.workload, str) and cfg.workload in PRESETS else (
+            workload_from_dict(cfg.workload, f"{path}: workload") if isinstance(cfg.workload, dict)
+            else fail(("workload",), f"unknown preset '{cfg.workload}' ({', '.join(PRESETS)})"))
+        calibration = Calibration.load(cfg.calibration and str((path.parent / cfg.calibration).resolve()))
+    except UserError as exc:
+        fail(("workload",) if "workload" in str(exc) else ("calibration",), str(exc))
+    scenario = Scenario(model, cluster, workload, calibration)
+    dims = cfg.dimensions
+    layouts = _layouts(cfg, model, cluster, fail)
+    # Drop the layouts whose weights cannot fit even with the most generous knobs of the space.
+    generous = EngineKnobs(gpu_memory_utilization=max(dims.gpu_memory_utilization),
+                           max_num_batched_tokens=min(dims.max_num_batched_tokens),
+                           max_num_seqs=min(dims.max_num_seqs),
+                           kv_cache_dtype="fp8" if "fp8" in dims.kv_cache_dtype else "auto")
+    fitting = [l for l in layouts if infeasibility(scenario, l, scenario.resolve(generous))[0] is None]
+    if not fitting:
+        fail(("dimensions", "layout"), "no layout of the space fits in memory: "
+             + infeasibility(scenario, layouts[0], scenario.resolve(generous))[0])
+    layouts = fitting
+    grid = {"max_num_seqs": tuple(dims.max_num_seqs), "max_num_batched_tokens": tuple(dims.max_num_batched_tokens),
+            "gpu_memory_utilization": tuple(dims.gpu_memory_utilization),
+            "kv_cache_dtype": tuple(dims.kv_cache_dtype), "enable_chunked_prefill": tuple(dims.enable_chunked_prefill)}
+    objectives = tuple(Objective(o.metric, o.direction or OBJECTIVE_METRICS[o.metric]) for o in cfg.objectives)
+    constraints = {CONSTRAINT_METRICS[k]: v / 1e3 for k, v in cfg.constraints.items()}
+    return SearchSpace(cfg.name, str(path), text, scenario, tuple(layouts), grid, objectives, constraints,
+                       cfg.budget.trials, cfg.budget.wall_time_s, cfg.budget.parallel, cfg.backend, cfg.seed,
+                       cfg.calibration)
+
+
+def _layouts(cfg: SpaceCfg, model, cluster: Cluster, fail) -> list[Layout]:
+    lay = cfg.dimensions.layout if isinstance(cfg.dimensions.layout, LayoutCfg) else LayoutCfg()
+    sizes = [cluster.num_gpus] if lay.gpus_per_trial == "all" else lay.gpus_per_trial
+    for s in sizes:
+        if not 1 <= s <= cluster.num_gpus:
+            fail(("dimensions", "layout", "gpus_per_trial"), f"{s} GPUs per trial, the cluster has {cluster.num_gpus}")
+    candidates: list[Layout] = []
+    for size in sizes:
+        candidates += enumerate_layouts(model, cluster, size)
+    reasons = []
+
+    def allowed(values, v):
+        return values == "auto" or v in values
+    chosen = []
+    for layout in candidates:
+        if (allowed(lay.dp, layout.dp) and allowed(lay.tp, layout.tp) and allowed(lay.pp, layout.pp)
+                and allowed(lay.ep, layout.ep > 1)):
+            chosen.append(layout)
+    if not chosen:
+        # Say why the explicitly listed combinations are impossible.
+        for dp, tp, pp in itertools.product(*(v if v != "auto" else [1] for v in (lay.dp, lay.tp, lay.pp))):
+            problem = structural_problem(model, cluster, Layout(dp, tp, pp))
+            if problem:
+                reasons.append(f"DP{dp}xTP{tp}xPP{pp}: {problem}")
+        fail(("dimensions", "layout"), "no valid layout is left after the validity checks"
+             + (f" ({'; '.join(reasons[:3])})" if reasons else ""))
+    return chosen

@@ -1,0 +1,125 @@
+"""Optuna over a search space: multi-objective, SLOs as constraints, layouts sampled from the valid ones before
+the knobs, a warm start from the simulator, no duplicate trials, failures recorded as FAIL (never scored)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import optuna
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+
+from autotune.search.space import SearchSpace
+from autotune.sim.predict import predict
+from autotune.spec.layout import EngineKnobs, Layout
+from autotune.spec.trial import TrialResult, TrialSpec
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+MAX_DUPLICATES_IN_A_ROW = 200   # the sampler keeps proposing evaluated points: the space is exhausted
+WARM_START_REQUESTS = 500       # a quicker, smaller replay of the workload for ranking the warm start
+
+
+def layout_key(layout: Layout) -> str:
+    return f"dp={layout.dp},tp={layout.tp},pp={layout.pp},ep={layout.ep}"
+
+
+def params_of(layout: Layout, knobs: EngineKnobs, space: SearchSpace) -> dict:
+    return {"layout": layout_key(layout), **{k: getattr(knobs, k) for k in space.knob_grid}}
+
+
+def point_key(params: dict) -> str:
+    return json.dumps(params, sort_keys=True)
+
+
+class Tuner:
+    def __init__(self, space: SearchSpace, journal: Path | None, resume: bool = False, sampler: str = "tpe"):
+        self.space = space
+        storage = JournalStorage(JournalFileBackend(str(journal))) if journal else None
+        if sampler == "random":
+            chosen = optuna.samplers.RandomSampler(seed=space.seed)
+        else:
+            chosen = optuna.samplers.TPESampler(seed=space.seed, multivariate=True, group=True,
+                                                n_startup_trials=max(4, min(10, space.trials // 4)))
+        self.study = optuna.create_study(study_name=space.name, storage=storage, sampler=chosen,
+                                         directions=[o.direction for o in space.objectives], load_if_exists=resume)
+        self._layouts = {layout_key(l): l for l in space.layouts}
+        self.seen: set[str] = set()
+
+    # ---- bookkeeping --------------------------------------------------------------------
+    def fail_stale(self) -> int:
+        """Trials left RUNNING by a runner that died: FAIL, so the sampler stops waiting on them."""
+        stale = [t for t in self.study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
+        for t in stale:
+            self.study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+        return len(stale)
+
+    def remember(self, params: dict) -> None:
+        self.seen.add(point_key(params))
+
+    # ---- warm start -----------------------------------------------------------------------
+    def warm_start(self, count: int) -> list[dict]:
+        """Enqueue the simulator's `count` best grid points by the first objective, on a smaller replay."""
+        space = self.space
+        scenario = space.scenario
+        quick = scenario.workload.with_(num_requests=min(WARM_START_REQUESTS, scenario.workload.num_requests))
+        quick_scenario = replace(scenario, workload=quick)
+        requests = quick.sample()
+        first = space.objectives[0]
+        scored = []
+        base = {k: v[0] for k, v in space.knob_grid.items()}
+        for layout in space.layouts:
+            for seqs in space.knob_grid["max_num_seqs"]:
+                knobs = EngineKnobs(**{**base, "max_num_seqs": seqs})
+                p = predict(quick_scenario, layout, knobs, requests)
+                if not p.feasible or any(v > 0 for v in space.slo_violation(p.metrics).values()):
+                    continue
+                value = p.get(first.metric)
+                scored.append((value if first.direction == "maximize" else -value, params_of(layout, knobs, space)))
+        scored.sort(key=lambda s: s[0], reverse=True)
+        picked = []
+        for _, params in scored[:count]:
+            if point_key(params) not in self.seen:
+                self.study.enqueue_trial(params, user_attrs={"origin": "warm-start"}, skip_if_exists=True)
+                picked.append(params)
+        return picked
+
+    # ---- ask / tell -------------------------------------------------------------------------
+    def ask(self, number: int) -> tuple[optuna.trial.Trial, TrialSpec] | None:
+        """The next new point of the space, or None when the sampler only proposes evaluated ones."""
+        for _ in range(MAX_DUPLICATES_IN_A_ROW):
+            trial = self.study.ask()
+            params = {"layout": trial.suggest_categorical("layout", list(self._layouts))}
+            for name, values in self.space.knob_grid.items():
+                params[name] = trial.suggest_categorical(name, list(values))
+            key = point_key(params)
+            if key in self.seen:
+                # Never run the same point twice; PRUNED keeps it out of the sampler's model.
+                self.study.tell(trial, state=TrialState.PRUNED)
+                continue
+            self.seen.add(key)
+            trial.set_user_attr("number", number)
+            layout = self._layouts[params["layout"]]
+            knobs = EngineKnobs(**{k: params[k] for k in self.space.knob_grid})
+            origin = trial.user_attrs.get("origin", "sampler")
+            return trial, TrialSpec(number, layout, knobs, origin)
+        return None
+
+    def score(self, result: TrialResult) -> tuple[list[float] | None, bool]:
+        """The objective values of a completed trial and whether it meets the SLOs (None, False for a failure)."""
+        if not result.ok:
+            return None, False
+        meets = all(v <= 0 for v in self.space.slo_violation(result.metrics).values())
+        return [float(result.metrics[o.metric]) for o in self.space.objectives], meets
+
+    def tell(self, trial: optuna.trial.Trial, result: TrialResult) -> None:
+        """Record the outcome: a failure is FAIL (never a score), SLOs go in as constraints (<= 0 is met)."""
+        values, _ = self.score(result)
+        if values is None:
+            self.study.tell(trial, state=TrialState.FAIL)
+            return
+        for metric, over in self.space.slo_violation(result.metrics).items():
+            trial.set_constraint(metric, over)
+        self.study.tell(trial, values)

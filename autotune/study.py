@@ -1,0 +1,277 @@
+"""One study end to end: the space, the store, the tuner and the Ray runner, with budgets, packing of trials
+onto free GPUs, resume, and a clean stop on SIGINT/SIGTERM. Knows nothing of Textual."""
+
+from __future__ import annotations
+
+import queue
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from autotune.errors import UserError
+from autotune.search.space import SearchSpace
+from autotune.search.tuner import Tuner
+from autotune.spec.trial import TrialResult, TrialSpec
+from autotune.trials.backend import StudyContext
+from store.reader import StudyReader
+from store.writer import StudyWriter, consolidate
+
+WARM_START_TRIALS = 5
+
+
+@dataclass
+class Options:
+    study_dir: Path
+    trials: int | None = None
+    backend: str | None = None
+    resume: bool = False
+    pace: float = 0.0
+    ray_address: str | None = None
+    parallel: int | None = None
+
+
+class GpuPool:
+    """The cluster's GPUs by global index; a trial takes whole nodes or a run inside one node (TP never spans)."""
+
+    def __init__(self, nodes: int, per_node: int):
+        self.per_node = per_node
+        self.free = [set(range(n * per_node, (n + 1) * per_node)) for n in range(nodes)]
+
+    def take(self, count: int) -> tuple[int, ...] | None:
+        if count <= self.per_node:
+            for node in self.free:
+                if len(node) >= count:
+                    ids = sorted(node)[:count]
+                    node.difference_update(ids)
+                    return tuple(ids)
+            return None
+        whole = [n for n in self.free if len(n) == self.per_node][: -(-count // self.per_node)]
+        if len(whole) * self.per_node < count:
+            return None
+        ids = sorted(i for n in whole for i in n)[:count]
+        for n in whole:
+            n.difference_update(ids)
+        return tuple(ids)
+
+    def give(self, ids: tuple[int, ...]) -> None:
+        for i in ids:
+            self.free[i // self.per_node].add(i)
+
+
+class Stop:
+    """SIGINT/SIGTERM: stop asking, end the running trials, flush, exit 130/143."""
+
+    def __init__(self):
+        self.signum: int | None = None
+
+    def install(self) -> None:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        self.signum = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+
+def _trial_row(spec: TrialSpec, state: str, **extra) -> dict:
+    k = spec.knobs
+    return {"number": spec.number, "state": state, "dp": spec.layout.dp, "tp": spec.layout.tp, "pp": spec.layout.pp,
+            "ep": spec.layout.ep, "label": spec.layout.label(), "max_num_seqs": k.max_num_seqs,
+            "max_num_batched_tokens": k.max_num_batched_tokens, "gpu_memory_utilization": k.gpu_memory_utilization,
+            "kv_cache_dtype": k.kv_cache_dtype, "enable_chunked_prefill": k.enable_chunked_prefill,
+            "gpus": spec.gpus, "origin": spec.origin, **extra}
+
+
+def _metric_row(number: int, source: str, metrics: dict) -> dict:
+    from store.schema import METRIC_COLUMNS
+    return {"number": number, "source": source, **{c: metrics.get(c) for c in METRIC_COLUMNS}}
+
+
+class Progress:
+    """A rich progress bar on a terminal, plain log lines otherwise (batch jobs)."""
+
+    def __init__(self, total: int, done: int, label: str):
+        self.total, self.done, self.label = total, done, label
+        self.best: str = "-"
+        self.started = time.time()
+        self.bar = None
+        if sys.stdout.isatty():
+            from rich.progress import BarColumn, Progress as Bar, TextColumn, TimeRemainingColumn
+            self.bar = Bar(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                           TimeRemainingColumn(), TextColumn("best {task.fields[best]}"))
+            self.task = self.bar.add_task(label, total=total, completed=done, best=self.best)
+            self.bar.start()
+
+    def log(self, line: str) -> None:
+        if self.bar:
+            self.bar.console.print(line, highlight=False)
+        else:
+            print(line, flush=True)
+
+    def advance(self, best: str | None) -> None:
+        self.done += 1
+        self.best = best or self.best
+        if self.bar:
+            self.bar.update(self.task, completed=self.done, best=self.best)
+        else:
+            rate = (time.time() - self.started) / max(self.done, 1)
+            print(f"progress {self.done}/{self.total} best {self.best} eta {rate * (self.total - self.done):.0f}s",
+                  flush=True)
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.stop()
+
+
+def run_study(space: SearchSpace, opts: Options) -> int:
+    study_dir = opts.study_dir
+    backend = opts.backend or space.backend
+    if backend != "sim":
+        raise UserError(f"backend '{backend}' is not available yet; use --backend sim")
+    budget = opts.trials or space.trials
+    parallel = opts.parallel or space.parallel
+    header_path = study_dir / "study.json"
+    if header_path.exists() and not opts.resume:
+        raise UserError(f"{study_dir} already holds a study; use --resume to continue it or another --study-dir")
+    if opts.resume and not header_path.exists():
+        raise UserError(f"{study_dir} is not a study directory (no study.json) to resume")
+    study_dir.mkdir(parents=True, exist_ok=True)
+    writer = StudyWriter(study_dir)
+    previous: list[dict] = StudyReader(study_dir).trials() if opts.resume else []
+    stale = [t for t in previous if t["state"] == "RUNNING"]
+    for t in stale:
+        writer.add("trials", {**{k: t[k] for k in ("number", "dp", "tp", "pp", "ep", "label", "max_num_seqs",
+                                                   "max_num_batched_tokens", "gpu_memory_utilization",
+                                                   "kv_cache_dtype", "enable_chunked_prefill", "gpus", "origin",
+                                                   "started_at")},
+                              "state": "FAIL", "finished_at": time.time(),
+                              "reason": "stale: the runner stopped while the trial ran"})
+    header = {"name": space.name, "space_file": space.source, "space": space.text, "backend": backend,
+              "model": space.scenario.model.name, "cluster": space.scenario.cluster.describe(),
+              "gpu": space.scenario.cluster.gpu.name, "nodes": space.scenario.cluster.num_nodes,
+              "gpus_per_node": space.scenario.cluster.gpus_per_node,
+              "objectives": [o.__dict__ for o in space.objectives], "constraints": space.constraints,
+              "budget_trials": budget, "status": "running", "started_at": time.time(), "pace": opts.pace}
+    if opts.resume:
+        old = StudyReader(study_dir).header()
+        header["started_at"] = old.get("started_at", header["started_at"])
+    writer.write_header(header)
+    writer.flush()
+
+    tuner = Tuner(space, study_dir / "optuna.journal", resume=opts.resume)
+    tuner.fail_stale()
+    for t in previous:
+        tuner.remember({"layout": f"dp={t['dp']},tp={t['tp']},pp={t['pp']},ep={t['ep']}",
+                        **{k: t[k] for k in space.knob_grid}})
+    done = sum(1 for t in previous)
+    next_number = max((t["number"] for t in previous), default=-1) + 1
+    if not previous:
+        tuner.warm_start(min(WARM_START_TRIALS, max(1, budget // 4)))
+
+    from autotune.trials.runner import TrialRunner, start_ray
+    start_ray(opts.ray_address)
+    ctx = StudyContext(space.scenario.model, space.scenario.cluster, space.scenario.workload,
+                       space.scenario.calibration, str(study_dir), opts.pace)
+    runner = TrialRunner(backend, ctx)
+    pool = GpuPool(space.scenario.cluster.num_nodes, space.scenario.cluster.gpus_per_node)
+    stop = Stop()
+    stop.install()
+    progress = Progress(budget, min(done, budget), f"{space.name} [{backend}]")
+    deadline = time.time() + space.wall_time_s if space.wall_time_s else None
+    active: dict[int, tuple[object, TrialSpec]] = {}
+    held: tuple[object, TrialSpec] | None = None
+    started: dict[int, float] = {}
+    cancelled = False
+    exhausted = False
+    best_value: float | None = None
+    first = space.objectives[0]
+    logs_dir = study_dir / "logs"
+    logs_dir.mkdir(exist_ok=True)
+    try:
+        while True:
+            out_of_budget = done + len(active) >= budget or (deadline and time.time() >= deadline)
+            while not (stop.requested or out_of_budget or exhausted) and len(active) < parallel:
+                if held is None:
+                    asked = tuner.ask(next_number)
+                    if asked is None:
+                        exhausted = True
+                        progress.log("the sampler proposes only evaluated points: the space is exhausted")
+                        break
+                    held = asked
+                    next_number += 1
+                trial, spec = held
+                ids = pool.take(spec.gpus)
+                if ids is None:
+                    break    # wait for GPUs to free up
+                held = None
+                spec = TrialSpec(spec.number, spec.layout, spec.knobs, spec.origin, ids)
+                active[spec.number] = (trial, spec)
+                started[spec.number] = time.time()
+                writer.add("trials", _trial_row(spec, "RUNNING", started_at=started[spec.number],
+                                                log_path=str(logs_dir / f"trial-{spec.number}.log")))
+                runner.submit(spec)
+                out_of_budget = done + len(active) >= budget
+            if not active:
+                break
+            if stop.requested and not cancelled:
+                runner.cancel_all()
+                cancelled = True
+            try:
+                number, event = runner.events.get(timeout=0.2)
+            except queue.Empty:
+                writer.maybe_flush()
+                continue
+            trial, spec = active[number]
+            if event.kind == "series":
+                writer.add_many("trial_series", event.payload)
+            elif event.kind == "gpu":
+                writer.add_many("gpu_samples", event.payload)
+            elif event.kind == "log":
+                with open(logs_dir / f"trial-{number}.log", "a") as f:
+                    f.write(f"{time.strftime('%H:%M:%S')} {event.payload}\n")
+            elif event.kind == "result":
+                result: TrialResult = event.payload
+                if result.ok and result.predicted:
+                    writer.add("trial_metrics", _metric_row(number, "simulator", result.predicted))
+                if result.ok:
+                    writer.add("trial_metrics", _metric_row(number, "backend", result.metrics))
+                values, meets = tuner.score(result)
+                state = "COMPLETE" if result.ok else "FAIL"
+                writer.add("trials", _trial_row(spec, state, started_at=started.pop(number), finished_at=time.time(),
+                                                reason=result.reason or None, feasible_slo=meets,
+                                                values_json=None if values is None else str(values),
+                                                log_path=str(logs_dir / f"trial-{number}.log"),
+                                                serve_command=result.serve_command or None))
+                writer.flush()    # a completed trial is on disk before Optuna hears of it: resume never loses it
+                tuner.tell(trial, result)
+                runner.finished(number)
+                pool.give(spec.gpu_ids)
+                del active[number]
+                done += 1
+                if result.ok and meets:
+                    v = result.metrics[first.metric]
+                    if best_value is None or (v > best_value if first.direction == "maximize" else v < best_value):
+                        best_value = v
+                line = (f"trial {number} {spec.layout.label()} seqs {spec.knobs.max_num_seqs}: "
+                        + (f"{result.metrics['output_tok_s']:,.0f} tok/s, TPOT p99 "
+                           f"{result.metrics['tpot_p99_s'] * 1e3:,.0f} ms{'' if meets else ' (violates SLO)'}"
+                           if result.ok else f"FAIL: {result.reason}"))
+                progress.log(line)
+                progress.advance(f"{first.metric} {best_value:,.4g}" if best_value is not None else None)
+            writer.maybe_flush()
+    finally:
+        progress.close()
+        status = "interrupted" if stop.requested else "finished"
+        writer.update_header(status=status, finished_at=time.time())
+        writer.close()
+        consolidate(study_dir)
+    if stop.requested:
+        return 128 + stop.signum
+    return 0
+
+

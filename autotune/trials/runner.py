@@ -1,0 +1,139 @@
+"""Ray hosts the trials: one placement group sized to the trial's layout (GPU bundles on a GPU cluster, CPU
+bundles standing for GPUs on a CPU-only machine), one actor in it running the backend; both removed in finally.
+A thread per trial drains the actor's event stream into one queue that the study loop reads."""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from dataclasses import dataclass, field
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from autotune.errors import UserError
+from autotune.spec.trial import TrialResult, TrialSpec
+from autotune.trials.backend import Event, StudyContext, make_backend
+
+PLACEMENT_TIMEOUT_S = 600
+
+
+@ray.remote
+class TrialActor:
+    """Runs one trial's backend inside the trial's placement group."""
+
+    def __init__(self, backend: str, ctx: StudyContext):
+        self.backend = make_backend(backend)
+        self.ctx = ctx
+
+    def run(self, spec: TrialSpec):
+        yield from self.backend.run(spec, self.ctx)
+
+
+def start_ray(address: str | None) -> None:
+    """A private local Ray instance unless an address is given (`auto` joins the cluster of this node)."""
+    if ray.is_initialized():
+        return
+    try:
+        if address:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False,
+                     log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise UserError(f"cannot start or join Ray at {address or 'local'}: {str(exc).splitlines()[0]}") from None
+
+
+@dataclass
+class _Running:
+    spec: TrialSpec
+    pg: object
+    actor: object
+    thread: threading.Thread | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class TrialRunner:
+    """Submits trials, streams their events into `events` as (trial number, Event), and tears them down."""
+
+    def __init__(self, backend: str, ctx: StudyContext):
+        self.backend = backend
+        self.ctx = ctx
+        self.events: queue.Queue[tuple[int, Event]] = queue.Queue()
+        self._running: dict[int, _Running] = {}
+        resources = ray.cluster_resources()
+        self.gpu_mode = resources.get("GPU", 0) >= 1
+        # On a CPU-only machine the cluster's GPUs are stood for by slices of the CPUs Ray has.
+        self.cpu_per_gpu = 1.0 if self.gpu_mode else min(1.0, resources.get("CPU", 1) / ctx.cluster.num_gpus)
+
+    def bundles(self, spec: TrialSpec) -> list[dict]:
+        if self.gpu_mode:
+            return [{"GPU": 1, "CPU": 1}] * spec.gpus
+        return [{"CPU": self.cpu_per_gpu}] * spec.gpus
+
+    def submit(self, spec: TrialSpec) -> None:
+        pg = placement_group(self.bundles(spec), strategy="PACK", name=f"autotune-trial-{spec.number}")
+        run = _Running(spec, pg, None)
+        self._running[spec.number] = run
+        run.thread = threading.Thread(target=self._drive, args=(run,), daemon=True, name=f"trial-{spec.number}")
+        run.thread.start()
+
+    def _drive(self, run: _Running) -> None:
+        spec = run.spec
+        try:
+            ray.get(run.pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
+            first = self.bundles(spec)[0]
+            run.actor = TrialActor.options(
+                num_cpus=first.get("CPU", 0), num_gpus=first.get("GPU", 0),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(run.pg, placement_group_bundle_index=0),
+            ).remote(self.backend, self.ctx)
+            stream = run.actor.run.options(num_returns="streaming").remote(spec)
+            got_result = False
+            for ref in stream:
+                if run.cancelled.is_set():
+                    break
+                event = ray.get(ref)
+                got_result |= event.kind == "result"
+                self.events.put((spec.number, event))
+            if not got_result:
+                reason = "interrupted" if run.cancelled.is_set() else "the backend ended without a result"
+                self.events.put((spec.number, Event("result", TrialResult(spec.number, False, reason))))
+        except Exception as exc:   # a trial's crash is its own failure, never the study's
+            reason = "interrupted" if run.cancelled.is_set() else f"trial crashed: {type(exc).__name__}: {exc}"
+            self.events.put((spec.number, Event("result", TrialResult(spec.number, False, reason.splitlines()[0]))))
+        finally:
+            self._teardown(run)
+
+    def _teardown(self, run: _Running) -> None:
+        if run.actor is not None:
+            try:
+                ray.kill(run.actor)
+            except Exception:
+                pass
+        try:
+            remove_placement_group(run.pg)
+        except Exception:
+            pass
+
+    def finished(self, number: int) -> None:
+        run = self._running.pop(number, None)
+        if run and run.thread:
+            run.thread.join(timeout=30)
+
+    def cancel_all(self) -> list[int]:
+        """Stop every running trial; their results come through `events` as interrupted failures."""
+        numbers = list(self._running)
+        for run in self._running.values():
+            run.cancelled.set()
+            if run.actor is not None:
+                try:
+                    ray.kill(run.actor)
+                except Exception:
+                    pass
+        return numbers
+
+    @property
+    def running(self) -> int:
+        return len(self._running)

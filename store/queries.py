@@ -1,0 +1,66 @@
+"""Questions asked of a finished or running study: the best trial, the Pareto front, an export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from autotune.errors import UserError
+import duckdb
+
+from store import schema
+from store.reader import StudyReader
+from store.writer import consolidate
+
+LATENCY_METRICS = ("tpot_p99_s", "ttft_p99_s", "e2e_p99_s", "tpot_p50_s", "ttft_p50_s", "e2e_p50_s", "itl_p99_s")
+THROUGHPUT_METRICS = ("output_tok_s_per_gpu", "output_tok_s", "total_tok_s")
+
+
+def completed(reader: StudyReader) -> list[dict]:
+    return [t for t in reader.trials() if t["state"] == "COMPLETE" and t["output_tok_s"] is not None]
+
+
+def best(reader: StudyReader, metric: str = "output_tok_s_per_gpu") -> dict | None:
+    """The completed trial that meets the SLOs with the highest `metric` (SLO-violators only when none meets)."""
+    rows = completed(reader)
+    if not rows:
+        return None
+    ok = [t for t in rows if t["feasible_slo"]] or rows
+    return max(ok, key=lambda t: t[metric])
+
+
+def pareto(reader: StudyReader, latency: str = "tpot_p99_s", throughput: str = "output_tok_s_per_gpu") -> list[dict]:
+    """Completed trials no other beats on both throughput (higher) and latency (lower), by latency."""
+    if latency not in LATENCY_METRICS:
+        raise UserError(f"unknown latency metric '{latency}' ({', '.join(LATENCY_METRICS)})")
+    rows = sorted((t for t in completed(reader) if t[latency] is not None), key=lambda t: (t[latency], -t[throughput]))
+    front, top = [], float("-inf")
+    for t in rows:
+        if t[throughput] > top:
+            front.append(t)
+            top = t[throughput]
+    return front
+
+
+def export(reader: StudyReader, fmt: str, out: Path) -> list[Path]:
+    """Every table (trials as their latest state) as parquet, csv or json files in `out`; also refreshes
+    the study's DuckDB file."""
+    if fmt not in ("parquet", "csv", "json"):
+        raise UserError(f"unknown export format '{fmt}' (parquet, csv, json)")
+    out.mkdir(parents=True, exist_ok=True)
+    consolidate(reader.dir)
+    written = []
+    con = duckdb.connect(str(reader.dir / "study.duckdb"), read_only=True)
+    try:
+        for table in schema.TABLES:
+            source = "trials_latest" if table == "trials" else table
+            path = out / f"{table}.{fmt}"
+            option = {"parquet": "FORMAT parquet", "csv": "FORMAT csv, HEADER", "json": "FORMAT json, ARRAY true"}[fmt]
+            con.execute(f"COPY (SELECT * FROM {source}) TO '{path}' ({option})")
+            written.append(path)
+    finally:
+        con.close()
+    return written
+
+
+def is_study_dir(path: Path) -> bool:
+    return (path / "study.json").is_file()

@@ -1,0 +1,107 @@
+"""Read a study, live or finished, from any process or node: DuckDB in memory over the segment files, never a
+lock on anything the writer holds."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+
+from autotune.errors import UserError
+from store import schema
+from store.segments import list_segments
+
+LATEST_TRIALS = ("SELECT * FROM trials QUALIFY row_number() OVER (PARTITION BY number ORDER BY seq DESC) = 1")
+
+
+@dataclass(frozen=True)
+class StudySnapshot:
+    """An immutable picture of a study at one moment: what the TUI and the commands render."""
+
+    header: dict
+    trials: tuple[dict, ...]                    # latest state of each trial, with its backend metrics
+    series: dict[int, tuple[dict, ...]]         # time series of the running (and most recent) trials
+    gpus: tuple[dict, ...]                      # the latest sample of each node and GPU
+    taken_at: float = field(default_factory=time.time)
+
+    def count(self, state: str) -> int:
+        return sum(1 for t in self.trials if t["state"] == state)
+
+
+class StudyReader:
+    def __init__(self, study_dir: str | Path):
+        self.dir = Path(study_dir)
+        if not (self.dir / "study.json").is_file():
+            raise UserError(f"{self.dir} is not a study directory (no study.json)")
+
+    def header(self) -> dict:
+        try:
+            return json.loads((self.dir / "study.json").read_text())
+        except (json.JSONDecodeError, OSError) as exc:
+            raise UserError(f"{self.dir}/study.json is unreadable: {exc}") from None
+
+    def _connect(self) -> duckdb.DuckDBPyConnection:
+        con = duckdb.connect()
+        for table in schema.TABLES:
+            files = [str(p) for _, _, p in list_segments(self.dir, table)]
+            if files:
+                cols = ", ".join(schema.columns(table))
+                con.execute(f"CREATE VIEW {table} AS SELECT {cols} FROM read_parquet({files!r}, union_by_name=true)")
+            else:
+                con.execute(schema.create_sql(table))
+        return con
+
+    def query(self, sql: str, params: list | None = None) -> list[dict]:
+        """Run SQL over the study's tables; retried once when a compaction swaps files under the reader."""
+        for attempt in range(3):
+            con = self._connect()
+            try:
+                cur = con.execute(sql, params or [])
+                names = [d[0] for d in cur.description]
+                return [dict(zip(names, row)) for row in cur.fetchall()]
+            except duckdb.IOException:
+                if attempt == 2:
+                    raise
+                time.sleep(0.05)
+            except duckdb.Error as exc:
+                raise UserError(f"{self.dir}: the store cannot be read ({str(exc).splitlines()[0]})") from None
+            finally:
+                con.close()
+        return []
+
+    def trials(self) -> list[dict]:
+        metric_cols = ", ".join(f"m.{c}" for c in schema.METRIC_COLUMNS)
+        pred_cols = ", ".join(f"p.{c} AS predicted_{c}" for c in ("output_tok_s", "tpot_p99_s", "ttft_p99_s",
+                                                                    "e2e_p99_s", "preemptions", "kv_peak_frac"))
+        return self.query(f"""
+            WITH latest AS ({LATEST_TRIALS})
+            SELECT latest.*, {metric_cols}, {pred_cols}
+            FROM latest
+            LEFT JOIN trial_metrics m ON m.number = latest.number AND m.source = 'backend'
+            LEFT JOIN trial_metrics p ON p.number = latest.number AND p.source = 'simulator'
+            ORDER BY latest.number""")
+
+    def series(self, numbers: list[int]) -> dict[int, tuple[dict, ...]]:
+        if not numbers:
+            return {}
+        rows = self.query("SELECT * FROM trial_series WHERE number IN (SELECT unnest(?)) ORDER BY number, engine, t",
+                          [numbers])
+        out: dict[int, list[dict]] = {}
+        for r in rows:
+            out.setdefault(r["number"], []).append(r)
+        return {k: tuple(v) for k, v in out.items()}
+
+    def latest_gpu_samples(self) -> list[dict]:
+        return self.query("SELECT * FROM gpu_samples QUALIFY row_number() OVER (PARTITION BY node, gpu "
+                          "ORDER BY wall DESC) = 1 ORDER BY node, gpu")
+
+    def snapshot(self, series_of: list[int] | None = None) -> StudySnapshot:
+        trials = self.trials()
+        if series_of is None:
+            running = [t["number"] for t in trials if t["state"] == "RUNNING"]
+            finished = [t["number"] for t in trials if t["state"] != "RUNNING"]
+            series_of = running or finished[-1:]
+        return StudySnapshot(self.header(), tuple(trials), self.series(series_of), tuple(self.latest_gpu_samples()))

@@ -1,0 +1,46 @@
+"""The versioned schema of a study: one table per record kind, in DuckDB types."""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+
+# Trials are event-sourced: a row per state change; the latest row (by seq) is the trial's current state.
+TABLES: dict[str, tuple[tuple[str, str], ...]] = {
+    "trials": (
+        ("number", "INTEGER"), ("seq", "BIGINT"), ("state", "VARCHAR"), ("updated_at", "DOUBLE"),
+        ("started_at", "DOUBLE"), ("finished_at", "DOUBLE"), ("dp", "INTEGER"), ("tp", "INTEGER"),
+        ("pp", "INTEGER"), ("ep", "INTEGER"), ("label", "VARCHAR"), ("max_num_seqs", "INTEGER"),
+        ("max_num_batched_tokens", "INTEGER"), ("gpu_memory_utilization", "DOUBLE"), ("kv_cache_dtype", "VARCHAR"),
+        ("enable_chunked_prefill", "BOOLEAN"), ("gpus", "INTEGER"), ("origin", "VARCHAR"), ("reason", "VARCHAR"),
+        ("values_json", "VARCHAR"), ("feasible_slo", "BOOLEAN"), ("node", "VARCHAR"), ("log_path", "VARCHAR"),
+        ("serve_command", "VARCHAR"),
+    ),
+    "trial_metrics": (
+        ("number", "INTEGER"), ("source", "VARCHAR"), ("makespan_s", "DOUBLE"), ("output_tok_s", "DOUBLE"),
+        ("output_tok_s_per_gpu", "DOUBLE"), ("total_tok_s", "DOUBLE"), ("ttft_p50_s", "DOUBLE"),
+        ("ttft_p90_s", "DOUBLE"), ("ttft_p99_s", "DOUBLE"), ("tpot_p50_s", "DOUBLE"), ("tpot_p90_s", "DOUBLE"),
+        ("tpot_p99_s", "DOUBLE"), ("itl_p50_s", "DOUBLE"), ("itl_p99_s", "DOUBLE"), ("e2e_p50_s", "DOUBLE"),
+        ("e2e_p90_s", "DOUBLE"), ("e2e_p99_s", "DOUBLE"), ("preemptions", "BIGINT"),
+        ("kv_capacity_tokens", "BIGINT"), ("kv_peak_frac", "DOUBLE"), ("kv_mean_frac", "DOUBLE"),
+        ("bottleneck", "VARCHAR"), ("roofline_frac", "DOUBLE"), ("num_requests", "INTEGER"),
+    ),
+    "trial_series": (
+        ("number", "INTEGER"), ("engine", "INTEGER"), ("t", "DOUBLE"), ("wall", "DOUBLE"), ("kv_frac", "DOUBLE"),
+        ("running", "INTEGER"), ("waiting", "INTEGER"), ("preemptions", "BIGINT"), ("tok_s", "DOUBLE"),
+    ),
+    "gpu_samples": (
+        ("number", "INTEGER"), ("node", "VARCHAR"), ("gpu", "INTEGER"), ("wall", "DOUBLE"),
+        ("mem_used_bytes", "DOUBLE"), ("mem_total_bytes", "DOUBLE"), ("util", "DOUBLE"), ("power_w", "DOUBLE"),
+    ),
+}
+
+METRIC_COLUMNS = tuple(name for name, _ in TABLES["trial_metrics"][2:])
+
+
+def columns(table: str) -> list[str]:
+    return [name for name, _ in TABLES[table]]
+
+
+def create_sql(table: str, name: str | None = None) -> str:
+    cols = ", ".join(f"{c} {t}" for c, t in TABLES[table])
+    return f"CREATE TABLE {name or table} ({cols})"
