@@ -173,7 +173,7 @@ def run_study(space: SearchSpace, opts: Options) -> int:
     if not previous:
         tuner.warm_start(min(WARM_START_TRIALS, max(1, budget // 4)))
 
-    from autotune.trials.runner import TrialRunner, start_ray
+    from autotune.trials.runner import TrialRunner, start_ray, stop_ray
     start_ray(opts.ray_address)
     ctx = StudyContext(space.scenario.model, space.scenario.cluster, space.scenario.workload,
                        space.scenario.calibration, str(study_dir), opts.pace)
@@ -270,6 +270,7 @@ def run_study(space: SearchSpace, opts: Options) -> int:
         writer.update_header(status=status, finished_at=time.time())
         writer.close()
         consolidate(study_dir)
+        stop_ray()
     if stop.requested:
         return 128 + stop.signum
     return 0

@@ -46,6 +46,11 @@ def start_ray(address: str | None) -> None:
         raise UserError(f"cannot start or join Ray at {address or 'local'}: {str(exc).splitlines()[0]}") from None
 
 
+def stop_ray() -> None:
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 @dataclass
 class _Running:
     spec: TrialSpec

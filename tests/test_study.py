@@ -1,0 +1,170 @@
+"""Whole studies as a user runs them: `autotune run` in a subprocess with a real local Ray and a real DuckDB store."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from store.reader import StudyReader
+
+SPACE = """\
+name: test-study
+cluster: {gpu: H200, nodes: 1, gpus_per_node: 8}
+model: DeepSeek-R1-Distill-Qwen-14B
+workload: {preset: natural-reasoning, num_requests: 200}
+dimensions:
+  layout: auto
+  max_num_seqs: [32, 64, 128, 256, 512]
+  max_num_batched_tokens: [4096, 8192]
+objectives:
+  - {metric: output_tok_s_per_gpu}
+  - {metric: tpot_p99_s}
+constraints: {tpot_p99_ms: 60}
+budget: {trials: 40, parallel: 2}
+backend: sim
+"""
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def autotune(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "autotune.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=ENV)
+
+
+def start(*args):
+    return subprocess.Popen([sys.executable, "-m", "autotune.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, env=ENV)
+
+
+@pytest.fixture
+def space(tmp_path):
+    f = tmp_path / "space.yaml"
+    f.write_text(SPACE)
+    return f
+
+
+def wait_for(study: Path, predicate, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (study / "study.json").exists():
+            trials = StudyReader(study).trials()
+            if predicate(trials):
+                return trials
+        time.sleep(0.3)
+    raise AssertionError("the study did not get there in time")
+
+
+def params(t):
+    return (t["dp"], t["tp"], t["pp"], t["ep"], t["max_num_seqs"], t["max_num_batched_tokens"])
+
+
+def test_forty_trial_simulated_study_end_to_end(space, tmp_path):
+    study = tmp_path / "study"
+    out = autotune("run", str(space), "--study-dir", str(study))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "progress 40/40" in out.stdout
+    reader = StudyReader(study)
+    trials = reader.trials()
+    assert len(trials) == 40 and [t["number"] for t in trials] == list(range(40))
+    assert {t["state"] for t in trials} <= {"COMPLETE", "FAIL"}
+    assert all(t["reason"] for t in trials if t["state"] == "FAIL")
+    assert all(t["output_tok_s"] > 0 for t in trials if t["state"] == "COMPLETE")
+    assert len({params(t) for t in trials}) == 40, "a point of the space ran twice"
+    assert any(t["origin"] == "warm-start" for t in trials)
+    assert reader.query("SELECT count(DISTINCT number) AS n FROM trial_series")[0]["n"] >= 30
+    assert reader.query("SELECT count(*) AS n FROM gpu_samples WHERE mem_used_bytes > 0")[0]["n"] > 0
+    assert reader.header()["status"] == "finished" and (study / "study.duckdb").is_file()
+    best = json.loads(autotune("best", str(study), "--json").stdout)
+    assert best["state"] == "COMPLETE" and best["feasible_slo"] and best["tpot_p99_s"] <= 0.06
+    assert best["serve_command"].startswith("vllm serve deepseek-ai/DeepSeek-R1-Distill-Qwen-14B")
+    front = json.loads(autotune("pareto", str(study), "--json", "--latency", "e2e_p99_s").stdout)
+    assert front and all(a["e2e_p99_s"] <= b["e2e_p99_s"] for a, b in zip(front, front[1:]))
+    exported = autotune("export", str(study), "--format", "parquet")
+    assert exported.returncode == 0 and (study / "export" / "trials.parquet").is_file()
+    listing = json.loads(autotune("studies", "--root", str(tmp_path), "--json").stdout)
+    assert listing[0]["trials"] == 40 and listing[0]["status"] == "finished"
+
+
+def test_kill_9_then_resume_loses_no_completed_trial(space, tmp_path):
+    study = tmp_path / "study"
+    run = start("run", str(space), "--study-dir", str(study), "--trials", "14", "--pace", "400")
+    before = wait_for(study, lambda ts: sum(t["state"] == "COMPLETE" for t in ts) >= 4)
+    os.killpg(run.pid, signal.SIGKILL)     # the job and its Ray processes, as a scheduler would kill them
+    run.wait()
+    before = StudyReader(study).trials()
+    completed = {t["number"]: t["output_tok_s"] for t in before if t["state"] == "COMPLETE"}
+    assert StudyReader(study).header()["status"] == "running"
+    out = autotune("run", str(space), "--study-dir", str(study), "--trials", "14", "--resume")
+    assert out.returncode == 0, out.stderr[-2000:]
+    after = {t["number"]: t for t in StudyReader(study).trials()}
+    assert len(after) == 14
+    for number, tok in completed.items():
+        assert after[number]["state"] == "COMPLETE" and after[number]["output_tok_s"] == tok
+    stale = [t for t in after.values() if t["reason"] and t["reason"].startswith("stale")]
+    assert all(t["state"] == "FAIL" for t in stale)
+    assert not any(t["state"] == "RUNNING" for t in after.values())
+    ran = [params(t) for t in after.values() if t["state"] == "COMPLETE"]
+    assert len(ran) == len(set(ran))
+
+
+FOLLOW = """
+import json, sys, time
+from store.reader import StudyReader
+counts, points, errors = [], 0, 0
+deadline = time.time() + float(sys.argv[2])
+while time.time() < deadline:
+    try:
+        snap = StudyReader(sys.argv[1]).snapshot()
+        counts.append(snap.count("COMPLETE"))
+        points = max(points, sum(len(s) for s in snap.series.values()))
+    except Exception as exc:
+        if "not a study directory" not in str(exc):
+            errors += 1
+            print(repr(exc), file=sys.stderr)
+    time.sleep(0.5)
+print(json.dumps({"counts": counts, "points": points, "errors": errors}))
+"""
+
+
+def test_a_second_process_follows_a_live_study_and_sigterm_stops_it_cleanly(space, tmp_path):
+    study = tmp_path / "study"
+    run = start("run", str(space), "--study-dir", str(study), "--trials", "30", "--pace", "300")
+    follower = subprocess.Popen([sys.executable, "-c", FOLLOW, str(study), "25"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=ENV)
+    out, err = follower.communicate(timeout=120)
+    seen = json.loads(out)
+    assert seen["errors"] == 0, err
+    assert seen["counts"][-1] > seen["counts"][0] >= 0 and seen["points"] > 0
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=120) == 143
+    reader = StudyReader(study)
+    assert reader.header()["status"] == "interrupted"
+    trials = reader.trials()
+    assert trials and not any(t["state"] == "RUNNING" for t in trials)
+    assert any(t["reason"] == "interrupted" for t in trials) or all(t["state"] == "COMPLETE" for t in trials)
+
+
+@pytest.mark.parametrize("change,message", [
+    (("name: test-study", "name: [broken"), "invalid YAML"),
+    (("{metric: tpot_p99_s}", "{metric: speed}"), "unknown objective 'speed'"),
+    (("layout: auto", "layout: {tp: [3, 5]}"), "no valid layout"),
+])
+def test_bad_spaces_fail_with_one_line(space, change, message):
+    space.write_text(SPACE.replace(*change))
+    out = autotune("run", str(space), "--study-dir", str(space.parent / "s"))
+    assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in out.stderr
+
+
+def test_commands_refuse_a_directory_that_is_not_a_study(tmp_path, space):
+    for cmd in ("best", "pareto", "export"):
+        out = autotune(cmd, str(tmp_path))
+        assert out.returncode == 2 and "not a study directory" in out.stderr
+    out = autotune("run", str(space), "--study-dir", str(tmp_path), "--resume")
+    assert out.returncode == 2 and "no study.json" in out.stderr
