@@ -11,8 +11,11 @@ $(VENV)/.installed: pyproject.toml
 .PHONY: install demo test bench
 install: $(VENV)/.installed
 
+# The main job on the embedded simulator: a 40-trial study over every layout of a 32B model on 8 H200.
 demo: install
-	$(VENV)/bin/autotune recommend --model DeepSeek-R1-Distill-Qwen-32B --gpu H200 --gpus 8
+	rm -rf studies/demo
+	$(VENV)/bin/autotune run search_spaces/dense.yaml --study-dir studies/demo
+	$(VENV)/bin/autotune best studies/demo
 
 test: install
 	$(PY) -m pytest -q
@@ -20,3 +23,4 @@ test: install
 bench: install
 	$(PY) bench/sim_speed.py
 	$(PY) bench/accuracy.py
+	$(PY) bench/search_efficiency.py

@@ -4,6 +4,7 @@ the knobs, a warm start from the simulator, no duplicate trials, failures record
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from autotune.spec.layout import EngineKnobs, Layout
 from autotune.spec.trial import TrialResult, TrialSpec
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+# `group=True` (conditional spaces) is marked experimental; it is the documented way to sample them.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 MAX_DUPLICATES_IN_A_ROW = 200   # the sampler keeps proposing evaluated points: the space is exhausted
 WARM_START_REQUESTS = 500       # a quicker, smaller replay of the workload for ranking the warm start
 
