@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("studies", help="the studies under a folder")
     p.add_argument("--root", default="studies")
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("tui", help="the dashboard: follow a study live, or this node's GPUs")
+    p.add_argument("study_dir", nargs="?", help="default: pick one of the studies under --root")
+    p.add_argument("--root", default="studies")
+    p.add_argument("--gpus", action="store_true", help="this node's GPUs from NVML")
     p = sub.add_parser("models", help="the model catalog, or one model's derived sizes")
     p.add_argument("action", nargs="?", choices=("list", "show"), default="list")
     p.add_argument("name", nargs="?")
@@ -299,7 +303,13 @@ def cmd_studies(args, console) -> int:
     return 0
 
 
-COMMANDS = {"predict": cmd_predict, "recommend": cmd_recommend, "models": cmd_models, "run": cmd_run,
+def cmd_tui(args, console) -> int:
+    from tui.app import run_tui   # the only command that imports Textual
+
+    return run_tui(args.study_dir, args.root, args.gpus)
+
+
+COMMANDS = {"tui": cmd_tui, "predict": cmd_predict, "recommend": cmd_recommend, "models": cmd_models, "run": cmd_run,
             "best": cmd_best, "pareto": cmd_pareto, "export": cmd_export, "studies": cmd_studies}
 
 

@@ -94,6 +94,18 @@ class StudyReader:
             out.setdefault(r["number"], []).append(r)
         return {k: tuple(v) for k, v in out.items()}
 
+    def log_tail(self, number: int, lines: int = 40) -> list[str]:
+        """The last lines of a trial's log (the store records where each log lives)."""
+        rows = self.query(f"SELECT log_path FROM ({LATEST_TRIALS}) WHERE number = ?", [number])
+        path = Path(rows[0]["log_path"]) if rows and rows[0]["log_path"] else None
+        if path is None or not path.is_file():
+            return []
+        return path.read_text(errors="replace").splitlines()[-lines:]
+
+    def metrics(self, number: int) -> dict[str, dict]:
+        """The trial's metrics by source: 'backend' (measured) and, beside a real trial, 'simulator'."""
+        return {r["source"]: r for r in self.query("SELECT * FROM trial_metrics WHERE number = ?", [number])}
+
     def latest_gpu_samples(self) -> list[dict]:
         return self.query("SELECT * FROM gpu_samples QUALIFY row_number() OVER (PARTITION BY node, gpu "
                           "ORDER BY wall DESC) = 1 ORDER BY node, gpu")

@@ -1,1 +1,1 @@
-"""Placeholder package: built by the study-engine and TUI issues."""
+"""The dashboard: Textual widgets over immutable snapshots of the store. Imports neither Ray nor vLLM."""

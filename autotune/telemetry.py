@@ -1,0 +1,59 @@
+"""GPU telemetry from NVML (nvidia-ml-py): memory, utilisation and power of this node's GPUs. Without the
+library or the driver it reports one clear state instead of raising."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+
+class NvmlUnavailable(Exception):
+    """NVML cannot be used here: no driver, no library, no GPU."""
+
+
+class NvmlSampler:
+    def __init__(self):
+        try:
+            import pynvml
+        except ImportError:
+            raise NvmlUnavailable("no GPU telemetry: nvidia-ml-py is not installed") from None
+        self._nvml = pynvml
+        try:
+            pynvml.nvmlInit()
+            self.count = pynvml.nvmlDeviceGetCount()
+        except pynvml.NVMLError as exc:
+            raise NvmlUnavailable(f"no GPU telemetry: NVML is unavailable ({exc})") from None
+        if not self.count:
+            raise NvmlUnavailable("no GPU telemetry: NVML sees no GPU on this node")
+        self.node = socket.gethostname()
+        self.names = [self._name(i) for i in range(self.count)]
+
+    def _name(self, index: int) -> str:
+        name = self._nvml.nvmlDeviceGetName(self._nvml.nvmlDeviceGetHandleByIndex(index))
+        return name.decode() if isinstance(name, bytes) else str(name)
+
+    def sample(self, number: int | None = None) -> list[dict]:
+        """One row per GPU, in the store's gpu_samples shape."""
+        nv = self._nvml
+        rows = []
+        now = time.time()
+        for i in range(self.count):
+            h = nv.nvmlDeviceGetHandleByIndex(i)
+            mem = nv.nvmlDeviceGetMemoryInfo(h)
+            try:
+                util = nv.nvmlDeviceGetUtilizationRates(h).gpu / 100
+            except nv.NVMLError:
+                util = None
+            try:
+                power = nv.nvmlDeviceGetPowerUsage(h) / 1000
+            except nv.NVMLError:
+                power = None
+            rows.append({"number": number, "node": self.node, "gpu": i, "wall": now, "mem_used_bytes": float(mem.used),
+                         "mem_total_bytes": float(mem.total), "util": util, "power_w": power})
+        return rows
+
+    def close(self) -> None:
+        try:
+            self._nvml.nvmlShutdown()
+        except self._nvml.NVMLError:
+            pass

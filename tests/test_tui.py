@@ -1,0 +1,156 @@
+"""The dashboard under Textual's run_test (Pilot), SVG snapshots, and the import boundaries."""
+
+import subprocess
+import sys
+
+import pytest
+from textual.widgets import DataTable
+
+from autotune.telemetry import NvmlUnavailable
+from tests.fake_study import add_trial, build
+from tui.app import AutotuneApp, Dashboard
+from tui.screens.detail import TrialDetail
+from tui.screens.gpus import LocalGpus
+from tui.screens.help import HelpScreen
+from tui.widgets.gpus import GpuPanel
+from tui.widgets.header import StudyHeader
+from tui.widgets.kv import KvPanel
+from tui.widgets.pareto import ParetoPanel
+
+
+@pytest.fixture
+def study(tmp_path):
+    build(tmp_path).close()
+    return tmp_path
+
+
+async def wait_loaded(pilot, refreshes=1):
+    for _ in range(100):
+        if pilot.app.refreshes >= refreshes:
+            break
+        await pilot.pause(0.05)
+    await pilot.pause()
+
+
+def text_of(widget) -> str:
+    """What a Static panel shows, as plain text."""
+    from rich.console import Console
+    console = Console(width=200, record=True, file=open("/dev/null", "w"))
+    console.print(widget.content)
+    return console.export_text()
+
+
+async def test_dashboard_shows_every_panel(study):
+    app = AutotuneApp(study, interval=0.1)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await wait_loaded(pilot)
+        screen = app.screen
+        assert isinstance(screen, Dashboard)
+        header = text_of(screen.query_one(StudyHeader))
+        assert "fixture-study" in header and "12/20 done" in header
+        assert "1 failed" in header
+        trials = screen.query_one("#trials", DataTable)
+        assert trials.row_count == 12
+        pareto = screen.query_one(ParetoPanel)
+        assert len(pareto.points) == 11 and any(p.on_front for p in pareto.points)
+        assert any(not p.meets_slo for p in pareto.points)
+        assert "capacity trap" in text_of(screen.query_one(KvPanel))
+        assert "node-a/0" in text_of(screen.query_one(GpuPanel))
+
+
+async def test_navigation_detail_help_metric_and_sort(study):
+    app = AutotuneApp(study, interval=0.1)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await wait_loaded(pilot)
+        pareto = app.screen.query_one(ParetoPanel)
+        pareto.focus()
+        await pilot.press("m")
+        assert pareto.metric == "ttft_p99_s"
+        first = pareto.selected.number
+        await pilot.press("right")
+        assert pareto.selected.number != first
+        await pilot.press("enter")
+        await pilot.pause(0.5)
+        assert isinstance(app.screen, TrialDetail) and app.screen.trial["number"] == pareto.selected.number
+        assert "vllm serve" in text_of(app.screen.query_one("#detail-command"))
+        assert "done" in text_of(app.screen.query_one("#detail-log"))
+        await pilot.press("escape")
+        assert isinstance(app.screen, Dashboard)
+        table = app.screen.query_one("#trials", DataTable)
+        table.focus()
+        await pilot.press("s")
+        assert table.sort_key == "state"
+        await pilot.press("down", "enter")
+        await pilot.pause(0.5)
+        assert isinstance(app.screen, TrialDetail)
+        await pilot.press("escape", "question_mark")
+        assert isinstance(app.screen, HelpScreen)
+
+
+async def test_updates_while_the_study_grows(study):
+    writer = build(study / "live", trials=3)
+    app = AutotuneApp(study / "live", interval=0.1)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await wait_loaded(pilot)
+        table = app.screen.query_one("#trials", DataTable)
+        assert table.row_count == 3
+        for n in range(3, 9):
+            add_trial(writer, n, study / "live")
+        writer.flush()
+        await wait_loaded(pilot, app.refreshes + 2)
+        assert table.row_count == 9
+    writer.close()
+
+
+class FakeSampler:
+    """NVML faked: this machine has no GPU."""
+
+    def sample(self):
+        return [{"node": "here", "gpu": i, "wall": 0.0, "mem_used_bytes": 2**34, "mem_total_bytes": 2**36,
+                 "util": 0.25, "power_w": 300.0} for i in range(2)]
+
+    def close(self):
+        pass
+
+
+def no_nvml():
+    raise NvmlUnavailable("no GPU telemetry: NVML is unavailable (NVML Shared Library Not Found)")
+
+
+@pytest.mark.parametrize("factory,expected", [(FakeSampler, "here/1"), (no_nvml, "NVML is unavailable")])
+async def test_local_gpu_view(factory, expected):
+    app = AutotuneApp(gpus_only=True, sampler_factory=factory)
+    async with app.run_test(size=(120, 20)) as pilot:
+        await pilot.pause(0.2)
+        assert isinstance(app.screen, LocalGpus)
+        assert expected in text_of(app.screen.query_one(GpuPanel))
+
+
+def test_snapshot_main_screen(study, snap_compare):
+    async def loaded(pilot):
+        await wait_loaded(pilot)
+    assert snap_compare(AutotuneApp(study, interval=3600), terminal_size=(160, 48), run_before=loaded)
+
+
+def test_snapshot_trial_detail(study, snap_compare):
+    async def detail(pilot):
+        await wait_loaded(pilot)
+        pilot.app.load_detail(4)
+        for _ in range(100):
+            if isinstance(pilot.app.screen, TrialDetail):
+                break
+            await pilot.pause(0.05)
+        await pilot.pause()
+    assert snap_compare(AutotuneApp(study, interval=3600), terminal_size=(160, 48), run_before=detail)
+
+
+def test_the_tui_imports_neither_ray_nor_vllm_and_the_runner_not_textual():
+    tui = subprocess.run([sys.executable, "-c", "import sys, tui.app, autotune.cli; "
+                          "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'vllm')))"],
+                         capture_output=True, text=True, check=True)
+    assert tui.stdout.strip() == "[]"
+    runner = subprocess.run([sys.executable, "-c", "import sys, autotune.cli, autotune.study, autotune.trials.runner, "
+                             "autotune.trials.sim_backend, store.writer; "
+                             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'textual'))"],
+                            capture_output=True, text=True, check=True)
+    assert runner.stdout.strip() == "[]"

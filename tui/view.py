@@ -1,0 +1,113 @@
+"""Pure functions from a store snapshot to what the panels show: testable without a screen, cheap per refresh."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from store.reader import StudySnapshot
+
+LATENCY_CHOICES = ("tpot_p99_s", "ttft_p99_s", "e2e_p99_s")
+LATENCY_LABELS = {"tpot_p99_s": "p99 TPOT (ms)", "ttft_p99_s": "p99 TTFT (s)", "e2e_p99_s": "p99 E2E (s)"}
+LATENCY_SCALE = {"tpot_p99_s": 1e3, "ttft_p99_s": 1.0, "e2e_p99_s": 1.0}
+
+
+@dataclass(frozen=True)
+class HeaderView:
+    name: str
+    backend: str
+    model: str
+    cluster: str
+    status: str
+    done: int
+    running: int
+    failed: int
+    budget: int
+    best: str
+    elapsed_s: float
+    eta_s: float | None
+
+
+@dataclass(frozen=True)
+class ParetoPoint:
+    number: int
+    label: str
+    throughput: float
+    latency: float
+    on_front: bool
+    meets_slo: bool
+
+
+@dataclass(frozen=True)
+class KvRow:
+    number: int
+    label: str
+    engine: int
+    kv_now: float
+    kv_history: tuple[float, ...]
+    running: int
+    waiting: int
+    preemptions: int
+
+    @property
+    def trapped(self) -> bool:
+        return self.preemptions > 0
+
+
+def header_view(snap: StudySnapshot, now: float | None = None) -> HeaderView:
+    h = snap.header
+    trials = snap.trials
+    finished = [t for t in trials if t["state"] in ("COMPLETE", "FAIL")]
+    budget = int(h.get("budget_trials") or len(trials))
+    best = max((t for t in trials if t["state"] == "COMPLETE" and t["feasible_slo"]),
+               key=lambda t: t["output_tok_s_per_gpu"] or 0, default=None)
+    end = h.get("finished_at") if h.get("status") != "running" else None
+    elapsed = (end or now or time.time()) - h.get("started_at", snap.taken_at)
+    eta = None
+    if h.get("status") == "running" and finished:
+        eta = elapsed / len(finished) * max(budget - len(finished), 0)
+    return HeaderView(h.get("name", "?"), h.get("backend", "?"), h.get("model", "?"), h.get("cluster", "?"),
+                      h.get("status", "?"), len(finished), snap.count("RUNNING"), snap.count("FAIL"), budget,
+                      f"{best['label']} s{best['max_num_seqs']}: {best['output_tok_s_per_gpu']:,.0f} tok/s/GPU"
+                      if best else "-", max(elapsed, 0.0), eta)
+
+
+def pareto_points(snap: StudySnapshot, latency: str) -> list[ParetoPoint]:
+    """Completed trials as (throughput per GPU, latency), the non-dominated ones flagged."""
+    done = sorted((t for t in snap.trials if t["state"] == "COMPLETE" and t[latency] is not None),
+                  key=lambda t: (t[latency], -(t["output_tok_s_per_gpu"] or 0)))
+    points, top = [], float("-inf")
+    for t in done:
+        thr = t["output_tok_s_per_gpu"] or 0.0
+        front = thr > top
+        top = max(top, thr)
+        points.append(ParetoPoint(t["number"], t["label"], thr, t[latency] * LATENCY_SCALE[latency], front,
+                                  bool(t["feasible_slo"])))
+    return points
+
+
+def kv_rows(snap: StudySnapshot, history: int = 60) -> list[KvRow]:
+    """Per trial with a series (the running ones, else the latest) and per DP engine."""
+    labels = {t["number"]: t["label"] for t in snap.trials}
+    rows = []
+    for number, series in sorted(snap.series.items()):
+        by_engine: dict[int, list[dict]] = {}
+        for s in series:
+            by_engine.setdefault(s["engine"], []).append(s)
+        for engine, samples in sorted(by_engine.items()):
+            last = samples[-1]
+            rows.append(KvRow(number, labels.get(number, "?"), engine, last["kv_frac"] or 0.0,
+                              tuple((s["kv_frac"] or 0.0) for s in samples[-history:]), last["running"] or 0,
+                              last["waiting"] or 0, last["preemptions"] or 0))
+    return rows
+
+
+def gpu_rows(snap_gpus) -> list[dict]:
+    return sorted(snap_gpus, key=lambda g: (g["node"], g["gpu"]))
+
+
+def fmt_duration(s: float | None) -> str:
+    if s is None:
+        return "-"
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"

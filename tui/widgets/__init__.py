@@ -1,0 +1,1 @@
+"""The dashboard's panels: each renders one part of a StudySnapshot."""

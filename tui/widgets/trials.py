@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+from textual.binding import Binding
+from textual.widgets import DataTable
+
+COLUMNS = (("#", "number"), ("state", "state"), ("layout", "label"), ("seqs", "max_num_seqs"),
+           ("tokens", "max_num_batched_tokens"), ("mem", "gpu_memory_utilization"), ("kv", "kv_cache_dtype"),
+           ("tok/s/GPU", "output_tok_s_per_gpu"), ("TPOT99 ms", "tpot_p99_s"), ("TTFT99 s", "ttft_p99_s"),
+           ("preempt", "preemptions"), ("SLO", "feasible_slo"), ("reason", "reason"))
+
+
+def _cell(key: str, t: dict) -> str:
+    v = t.get(key)
+    if v is None:
+        return "-"
+    if key == "output_tok_s_per_gpu":
+        return f"{v:,.0f}"
+    if key == "tpot_p99_s":
+        return f"{v * 1e3:,.1f}"
+    if key == "ttft_p99_s":
+        return f"{v:,.1f}"
+    if key == "feasible_slo":
+        return "ok" if v else "no"
+    if key == "preemptions":
+        return f"{v:,}"
+    return str(v)
+
+
+def _sort_value(key: str, t: dict):
+    v = t.get(key)
+    return (v is None, v if v is not None else 0) if not isinstance(v, str) else (False, v)
+
+
+class TrialsPanel(DataTable):
+    """Every trial: state, layout, knobs, metrics, failure reason. `s` cycles the sort column."""
+
+    BINDINGS = [Binding("s", "cycle_sort", "sort"), Binding("r", "reverse_sort", "reverse")]
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
+        self.sort_key = "number"
+        self.reverse = False
+        self._signature = None
+        self._trials: list[dict] = []
+
+    def on_mount(self) -> None:
+        for title, key in COLUMNS:
+            self.add_column(title, key=key)
+
+    def show(self, trials: list[dict]) -> None:
+        signature = tuple((t["number"], t["state"], t["seq"]) for t in trials)
+        if signature == self._signature:
+            return
+        self._signature = signature
+        self._trials = trials
+        self._fill()
+
+    def _fill(self) -> None:
+        keep = self.cursor_row
+        self.clear()
+        for t in sorted(self._trials, key=lambda t: _sort_value(self.sort_key, t), reverse=self.reverse):
+            self.add_row(*(_cell(key, t) for _, key in COLUMNS), key=str(t["number"]))
+        if self.row_count:
+            self.move_cursor(row=min(keep, self.row_count - 1))
+
+    def action_cycle_sort(self) -> None:
+        keys = [k for _, k in COLUMNS]
+        self.sort_key = keys[(keys.index(self.sort_key) + 1) % len(keys)]
+        self._fill()
+        self.notify(f"trials sorted by {self.sort_key}")
+
+    def action_reverse_sort(self) -> None:
+        self.reverse = not self.reverse
+        self._fill()
+
+    def on_data_table_header_selected(self, event: DataTable.HeaderSelected) -> None:
+        self.reverse = (not self.reverse) if self.sort_key == event.column_key.value else False
+        self.sort_key = event.column_key.value
+        self._fill()
