@@ -24,3 +24,4 @@ bench: install
 	$(PY) bench/sim_speed.py
 	$(PY) bench/accuracy.py
 	$(PY) bench/search_efficiency.py
+	$(PY) bench/tui_refresh.py

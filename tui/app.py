@@ -15,6 +15,7 @@ from textual.widgets import DataTable, Footer, Static
 from textual.worker import get_current_worker
 
 from autotune.errors import UserError
+from store.follow import StudyFollower
 from store.reader import StudyReader, StudySnapshot
 from tui.poller import PollFailed, SnapshotReady
 from tui.screens.detail import TrialDetail
@@ -32,7 +33,7 @@ CSS = """
 StudyHeader { height: 3; background: $boost; }
 #middle { height: 1fr; }
 #left { width: 1fr; }
-GpuPanel { height: auto; max-height: 12; border: round $primary; border-title-align: left; }
+GpuPanel { height: 10; border: round $primary; border-title-align: left; }
 KvPanel { height: 1fr; border: round $primary; }
 ParetoPanel { width: 1fr; border: round $primary; }
 TrialsPanel { height: 1fr; border: round $primary; }
@@ -66,7 +67,7 @@ class Dashboard(Screen):
 
     def on_mount(self) -> None:
         self.query_one(GpuPanel).border_title = "GPUs"
-        self.query_one(KvPanel).border_title = "KV cache"
+        self.query_one(KvPanel).border_title = "KV cache: use, history, running/waiting, preemptions"
         self.query_one(TrialsPanel).border_title = "trials"
 
 
@@ -107,11 +108,11 @@ class AutotuneApp(App):
     def poll(self, study_dir: Path, wait: bool) -> None:
         """The one worker that reads the store: a snapshot every `interval` seconds, posted as a message."""
         worker = get_current_worker()
-        reader = None
+        follower = None
         while not worker.is_cancelled:
             try:
-                reader = reader or StudyReader(study_dir)
-                self.post_message(SnapshotReady(reader.snapshot()))
+                follower = follower or StudyFollower(study_dir)
+                self.post_message(SnapshotReady(follower.refresh()))
             except UserError as exc:
                 if not wait:
                     self.post_message(PollFailed(str(exc)))

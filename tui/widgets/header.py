@@ -18,4 +18,4 @@ class StudyHeader(Static):
         t.append(f"\n trials {v.done}/{v.budget} done, {v.running} running, ")
         t.append(f"{v.failed} failed", style="red" if v.failed else "")
         t.append(f"   best {v.best}   elapsed {fmt_duration(v.elapsed_s)}   ETA {fmt_duration(v.eta_s)}")
-        self.update(t)
+        self.update(t, layout=False)

@@ -13,16 +13,16 @@ class KvPanel(Static):
 
     def show(self, rows: list[KvRow]) -> None:
         if not rows:
-            self.update("[dim]no trial running[/dim]")
+            self.update("[dim]no trial running[/dim]", layout=False)
             return
         t = Table.grid(padding=(0, 1))
         for _ in range(6):
             t.add_column(no_wrap=True)
         for r in rows[:24]:
-            flag = Text(f"capacity trap ({r.preemptions:,} preempted)", style="bold red") if r.trapped else Text("")
+            flag = Text(f"capacity trap: {r.preemptions:,}", style="bold red") if r.trapped else Text("")
             t.add_row(f"#{r.number} {r.label} e{r.engine}", bar(r.kv_now, 10),
-                      Text(sparkline(r.kv_history, 16), style="cyan"), f"{r.kv_now:4.0%}",
-                      f"run {r.running} wait {r.waiting}", flag)
+                      Text(sparkline(r.kv_history, 14), style="cyan"), f"{r.kv_now:4.0%}",
+                      f"r{r.running} w{r.waiting}", flag)
         if len(rows) > 24:
             t.add_row(f"... {len(rows) - 24} more engines", "", "", "", "", "")
-        self.update(t)
+        self.update(t, layout=False)

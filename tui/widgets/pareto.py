@@ -27,6 +27,8 @@ class ParetoPanel(PlotextPlot):
         self.failed = 0
 
     def show(self, points: list[ParetoPoint], failed: int) -> None:
+        if points == self.points and failed == self.failed:
+            return      # trials finish far less often than the dashboard refreshes
         self.points = points
         self.failed = failed
         self.cursor = min(self.cursor, max(len(points) - 1, 0))
@@ -66,6 +68,7 @@ class ParetoPanel(PlotextPlot):
 
     def action_cycle_metric(self) -> None:
         self.metric = LATENCY_CHOICES[(LATENCY_CHOICES.index(self.metric) + 1) % len(LATENCY_CHOICES)]
+        self.points = []
         self.app.refresh_views()
 
     def action_open(self) -> None:
