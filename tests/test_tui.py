@@ -25,10 +25,12 @@ def study(tmp_path):
 
 
 async def wait_loaded(pilot, refreshes=1):
-    for _ in range(100):
+    for _ in range(400):
         if pilot.app.refreshes >= refreshes:
             break
         await pilot.pause(0.05)
+    assert pilot.app.refreshes >= refreshes, "the dashboard never received a snapshot"
+    await pilot.pause()
     await pilot.pause()
 
 

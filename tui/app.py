@@ -66,6 +66,7 @@ class Dashboard(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
+        self.app.refresh_views()       # a snapshot may have arrived while the screen was being built
         self.query_one(GpuPanel).border_title = "GPUs"
         self.query_one(KvPanel).border_title = "KV cache: use, history, running/waiting, preemptions"
         self.query_one(TrialsPanel).border_title = "trials"
@@ -129,9 +130,9 @@ class AutotuneApp(App):
 
     def refresh_views(self) -> None:
         snap = self.snapshot
-        if snap is None or not isinstance(self.screen, Dashboard):
-            return
         screen = self.screen
+        if snap is None or not isinstance(screen, Dashboard) or not screen.is_mounted:
+            return
         screen.query_one(StudyHeader).show(header_view(snap))
         screen.query_one(GpuPanel).show(gpu_rows(snap.gpus))
         screen.query_one(KvPanel).show(kv_rows(snap))

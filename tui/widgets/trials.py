@@ -3,10 +3,11 @@ from __future__ import annotations
 from textual.binding import Binding
 from textual.widgets import DataTable
 
-COLUMNS = (("#", "number"), ("state", "state"), ("layout", "label"), ("seqs", "max_num_seqs"),
-           ("tokens", "max_num_batched_tokens"), ("mem", "gpu_memory_utilization"), ("kv", "kv_cache_dtype"),
-           ("tok/s/GPU", "output_tok_s_per_gpu"), ("TPOT99 ms", "tpot_p99_s"), ("TTFT99 s", "ttft_p99_s"),
-           ("preempt", "preemptions"), ("SLO", "feasible_slo"), ("reason", "reason"))
+# (title, key, width): fixed widths, so a refresh never re-measures the table.
+COLUMNS = (("#", "number", 4), ("state", "state", 8), ("layout", "label", 16), ("seqs", "max_num_seqs", 5),
+           ("tokens", "max_num_batched_tokens", 6), ("mem", "gpu_memory_utilization", 4), ("kv", "kv_cache_dtype", 4),
+           ("tok/s/GPU", "output_tok_s_per_gpu", 9), ("TPOT99 ms", "tpot_p99_s", 9), ("TTFT99 s", "ttft_p99_s", 9),
+           ("preempt", "preemptions", 8), ("SLO", "feasible_slo", 3), ("reason", "reason", 40))
 
 
 def _cell(key: str, t: dict) -> str:
@@ -44,8 +45,8 @@ class TrialsPanel(DataTable):
         self._trials: list[dict] = []
 
     def on_mount(self) -> None:
-        for title, key in COLUMNS:
-            self.add_column(title, key=key)
+        for title, key, width in COLUMNS:
+            self.add_column(title, key=key, width=width)
 
     def show(self, trials: list[dict]) -> None:
         signature = tuple((t["number"], t["state"], t["seq"]) for t in trials)
@@ -59,12 +60,12 @@ class TrialsPanel(DataTable):
         keep = self.cursor_row
         self.clear()
         for t in sorted(self._trials, key=lambda t: _sort_value(self.sort_key, t), reverse=self.reverse):
-            self.add_row(*(_cell(key, t) for _, key in COLUMNS), key=str(t["number"]))
+            self.add_row(*(_cell(key, t) for _, key, _ in COLUMNS), key=str(t["number"]))
         if self.row_count:
             self.move_cursor(row=min(keep, self.row_count - 1))
 
     def action_cycle_sort(self) -> None:
-        keys = [k for _, k in COLUMNS]
+        keys = [k for _, k, _ in COLUMNS]
         self.sort_key = keys[(keys.index(self.sort_key) + 1) % len(keys)]
         self._fill()
         self.notify(f"trials sorted by {self.sort_key}")

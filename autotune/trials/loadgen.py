@@ -1,0 +1,138 @@
+"""An async streaming client of the OpenAI completions API that drives a workload through a server and records,
+per request, TTFT, inter-token latencies, TPOT, E2E, token counts and the finish reason."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+import numpy as np
+
+from autotune.spec.workload import Requests, Workload
+
+TOKEN_ID_RANGE = (100, 1000)   # prompt token ids: above any special tokens, inside every vocabulary we serve
+
+
+@dataclass
+class RequestRecord:
+    prompt_tokens: int
+    max_tokens: int
+    sent: float = 0.0
+    first_token: float | None = None
+    first_answer: float | None = None      # first non-reasoning token, where the server separates them
+    finish: float | None = None
+    token_times: list[float] = field(default_factory=list)
+    output_tokens: int = 0
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+def prompts_for(requests: Requests, seed: int) -> list[list[int]]:
+    """Token-id prompts of exactly the sampled lengths (the completions API takes token ids)."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(*TOKEN_ID_RANGE, size=int(n)).tolist() for n in requests.prompt]
+
+
+async def _one(session: aiohttp.ClientSession, url: str, model: str, prompt: list[int], max_tokens: int,
+               rec: RequestRecord, timeout_s: float) -> None:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "min_tokens": max_tokens,
+            "ignore_eos": True, "stream": True, "temperature": 0.0,
+            "stream_options": {"include_usage": True}}
+    rec.sent = time.perf_counter()
+    try:
+        async with session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+            if resp.status != 200:
+                rec.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                return
+            async for raw in resp.content:
+                line = raw.decode().strip()
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                now = time.perf_counter()
+                if chunk.get("usage"):
+                    rec.output_tokens = chunk["usage"].get("completion_tokens", rec.output_tokens)
+                for choice in chunk.get("choices", []):
+                    if choice.get("text") or choice.get("reasoning_content") is not None:
+                        rec.token_times.append(now)
+                        if rec.first_token is None:
+                            rec.first_token = now
+                        if choice.get("text") and rec.first_answer is None:
+                            rec.first_answer = now
+                    if choice.get("finish_reason"):
+                        rec.finish_reason = choice["finish_reason"]
+            rec.finish = time.perf_counter()
+            rec.output_tokens = rec.output_tokens or len(rec.token_times)
+    except asyncio.TimeoutError:
+        rec.error = f"client timeout after {timeout_s:.0f} s"
+    except aiohttp.ClientError as exc:
+        rec.error = f"{type(exc).__name__}: {exc}"
+
+
+async def drive(base_url: str, model: str, workload: Workload, timeout_s: float = 600.0,
+                warmup: int = 2) -> list[RequestRecord]:
+    """Warm up, then send the workload: the whole batch at once, a fixed concurrency, or Poisson arrivals."""
+    requests = workload.sample()
+    prompts = prompts_for(requests, workload.seed)
+    url = base_url.rstrip("/") + "/v1/completions"
+    records = [RequestRecord(len(p), int(o)) for p, o in zip(prompts, requests.output)]
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        for _ in range(warmup):
+            await _one(session, url, model, prompts[0][:16], 4, RequestRecord(16, 4), timeout_s)
+        start = time.perf_counter()
+        if workload.mode == "concurrency":
+            queue = iter(range(len(records)))
+
+            async def worker():
+                for i in queue:
+                    await _one(session, url, model, prompts[i], records[i].max_tokens, records[i], timeout_s)
+            await asyncio.gather(*(worker() for _ in range(workload.concurrency)))
+        else:
+            async def at(i: int):
+                delay = requests.arrival[i] - (time.perf_counter() - start)
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                await _one(session, url, model, prompts[i], records[i].max_tokens, records[i], timeout_s)
+            await asyncio.gather(*(at(i) for i in range(len(records))))
+    for r in records:
+        r.sent -= start
+        r.first_token = None if r.first_token is None else r.first_token - start
+        r.first_answer = None if r.first_answer is None else r.first_answer - start
+        r.finish = None if r.finish is None else r.finish - start
+        r.token_times = [t - start for t in r.token_times]
+    return records
+
+
+def summarise(records: list[RequestRecord], gpus: int) -> dict:
+    """The result keys of `autotune predict`, from what the client measured."""
+    ok = [r for r in records if r.error is None and r.finish is not None and r.first_token is not None]
+    if not ok:
+        raise ValueError(records[0].error if records and records[0].error else "no request completed")
+    start = min(r.sent for r in records)
+    makespan = max(r.finish for r in ok) - start
+    out = sum(r.output_tokens for r in ok)
+    total = out + sum(r.prompt_tokens for r in ok)
+    ttft = np.array([r.first_token - r.sent for r in ok])
+    e2e = np.array([r.finish - r.sent for r in ok])
+    tpot = np.array([(r.finish - r.first_token) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1])
+    itl = np.concatenate([np.diff(r.token_times) for r in ok if len(r.token_times) > 1] or [np.zeros(0)])
+    answer = np.array([r.first_answer - r.sent for r in ok if r.first_answer is not None])
+
+    def pct(a, q):
+        return float(np.percentile(a, q)) if len(a) else None
+    return {
+        "num_requests": len(records), "failed_requests": len(records) - len(ok), "gpus": gpus,
+        "makespan_s": makespan, "output_tok_s": out / makespan, "output_tok_s_per_gpu": out / makespan / gpus,
+        "total_tok_s": total / makespan, "total_tok_s_per_gpu": total / makespan / gpus,
+        **{f"{name}_p{q}_s": pct(arr, q) for name, arr in (("ttft", ttft), ("tpot", tpot), ("itl", itl),
+                                                          ("e2e", e2e)) for q in (50, 90, 99)},
+        "first_answer_p50_s": pct(answer, 50),
+        "finish_reasons": {k: sum(1 for r in ok if r.finish_reason == k) for k in {r.finish_reason for r in ok}},
+    }
