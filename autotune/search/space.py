@@ -53,9 +53,11 @@ class DimensionsCfg(_Strict):
     gpu_memory_utilization: list[float] = Field(default_factory=lambda: [0.9])
     kv_cache_dtype: list[Literal["auto", "fp8"]] = Field(default_factory=lambda: ["auto"])
     enable_chunked_prefill: list[bool] = Field(default_factory=lambda: [True])
+    block_size: list[int] = Field(default_factory=lambda: [16])
+    num_gpu_blocks_override: list[int | None] = Field(default_factory=lambda: [None])
 
     @field_validator("max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization", "kv_cache_dtype",
-                     "enable_chunked_prefill")
+                     "enable_chunked_prefill", "block_size", "num_gpu_blocks_override")
     @classmethod
     def _non_empty(cls, v):
         if not v:
@@ -94,6 +96,7 @@ class SpaceCfg(_Strict):
     backend: Literal["sim", "vllm"] = "sim"
     calibration: str | None = None
     seed: int = 0
+    extra_args: list[str] = Field(default_factory=list)   # more `vllm serve` flags for every trial
 
     @field_validator("constraints")
     @classmethod
@@ -137,6 +140,8 @@ class SearchSpace:
     backend: str
     seed: int
     calibration_path: str | None
+    model_ref: str = ""
+    extra_args: tuple[str, ...] = ()
 
     def knobs(self, values: dict) -> EngineKnobs:
         return EngineKnobs(**values)
@@ -187,11 +192,13 @@ def _line_of(lines: dict[tuple, int], loc: tuple) -> int | None:
     return None
 
 
-def load_space(path: str | Path) -> SearchSpace:
+def load_space(path: str | Path, text: str | None = None) -> SearchSpace:
+    """A space file; `text` stands for its content when it comes from elsewhere (a study's header)."""
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"search space {p} does not exist")
-    text = p.read_text()
+    if text is None:
+        if not p.is_file():
+            raise UserError(f"search space {p} does not exist")
+        text = p.read_text()
     try:
         data = yaml.safe_load(text)
         lines = _line_index(text)
@@ -217,10 +224,14 @@ def _build(cfg: SpaceCfg, path: Path, text: str, lines: dict) -> SearchSpace:
     def fail(key: tuple, msg: str):
         raise UserError(f"{path}:{_line_of(lines, key) or 1}: {'.'.join(map(str, key))}: {msg}")
 
+    # A model path may be given relative to the space file; the server loads the same path (or the HF id).
+    local = path.parent / cfg.model
+    model_arg = str(local.resolve()) if local.exists() else cfg.model
     try:
-        model = load_model(cfg.model)
+        model = load_model(model_arg)
     except UserError as exc:
         fail(("model",), str(exc))
+    model_ref = model_arg if Path(model_arg).exists() else (model.hf_id or cfg.model)
     try:
         gpu = load_gpu(cfg.cluster.gpu)
     except UserError as exc:
@@ -239,8 +250,10 @@ def _build(cfg: SpaceCfg, path: Path, text: str, lines: dict) -> SearchSpace:
     # Drop the layouts whose weights cannot fit even with the most generous knobs of the space.
     generous = EngineKnobs(gpu_memory_utilization=max(dims.gpu_memory_utilization),
                            max_num_batched_tokens=min(dims.max_num_batched_tokens),
-                           max_num_seqs=min(dims.max_num_seqs),
-                           kv_cache_dtype="fp8" if "fp8" in dims.kv_cache_dtype else "auto")
+                           max_num_seqs=min(dims.max_num_seqs), block_size=max(dims.block_size),
+                           kv_cache_dtype="fp8" if "fp8" in dims.kv_cache_dtype else "auto",
+                           num_gpu_blocks_override=max((b for b in dims.num_gpu_blocks_override if b), default=None)
+                           if None not in dims.num_gpu_blocks_override else None)
     fitting = [l for l in layouts if infeasibility(scenario, l, scenario.resolve(generous))[0] is None]
     if not fitting:
         fail(("dimensions", "layout"), "no layout of the space fits in memory: "
@@ -248,12 +261,13 @@ def _build(cfg: SpaceCfg, path: Path, text: str, lines: dict) -> SearchSpace:
     layouts = fitting
     grid = {"max_num_seqs": tuple(dims.max_num_seqs), "max_num_batched_tokens": tuple(dims.max_num_batched_tokens),
             "gpu_memory_utilization": tuple(dims.gpu_memory_utilization),
-            "kv_cache_dtype": tuple(dims.kv_cache_dtype), "enable_chunked_prefill": tuple(dims.enable_chunked_prefill)}
+            "kv_cache_dtype": tuple(dims.kv_cache_dtype), "enable_chunked_prefill": tuple(dims.enable_chunked_prefill),
+            "block_size": tuple(dims.block_size), "num_gpu_blocks_override": tuple(dims.num_gpu_blocks_override)}
     objectives = tuple(Objective(o.metric, o.direction or OBJECTIVE_METRICS[o.metric]) for o in cfg.objectives)
     constraints = {CONSTRAINT_METRICS[k]: v / 1e3 for k, v in cfg.constraints.items()}
     return SearchSpace(cfg.name, str(path), text, scenario, tuple(layouts), grid, objectives, constraints,
                        cfg.budget.trials, cfg.budget.wall_time_s, cfg.budget.parallel, cfg.backend, cfg.seed,
-                       cfg.calibration)
+                       cfg.calibration, model_ref, tuple(cfg.extra_args))
 
 
 def _layouts(cfg: SpaceCfg, model, cluster: Cluster, fail) -> list[Layout]:

