@@ -77,12 +77,21 @@ class TrialRunner:
         self.cpu_per_gpu = 1.0 if self.gpu_mode else min(1.0, resources.get("CPU", 1) / ctx.cluster.num_gpus)
 
     def bundles(self, spec: TrialSpec) -> list[dict]:
+        """One bundle per node the trial spans, holding that node's share of its GPUs: the actor takes the first
+        whole, so the server it starts sees all of that node's GPUs (CUDA_VISIBLE_DEVICES)."""
+        per_node = self.ctx.cluster.gpus_per_node
+        counts = [min(per_node, spec.gpus - i) for i in range(0, spec.gpus, per_node)]
         if self.gpu_mode:
-            return [{"GPU": 1, "CPU": 1}] * spec.gpus
-        return [{"CPU": self.cpu_per_gpu}] * spec.gpus
+            return [{"GPU": c, "CPU": c} for c in counts]
+        return [{"CPU": self.cpu_per_gpu * c} for c in counts]
 
     def submit(self, spec: TrialSpec) -> None:
-        pg = placement_group(self.bundles(spec), strategy="PACK", name=f"autotune-trial-{spec.number}")
+        bundles = self.bundles(spec)
+        # One node's bundle must stay on one node; bundles of several nodes go on different nodes.
+        strategy = "STRICT_PACK" if len(bundles) == 1 else "STRICT_SPREAD"
+        if not self.gpu_mode:
+            strategy = "PACK"     # CPU slices standing for GPUs all live on this machine
+        pg = placement_group(bundles, strategy=strategy, name=f"autotune-trial-{spec.number}")
         run = _Running(spec, pg, None)
         self._running[spec.number] = run
         run.thread = threading.Thread(target=self._drive, args=(run,), daemon=True, name=f"trial-{spec.number}")

@@ -28,6 +28,7 @@ from autotune.trials.vllm_metrics import parse
 STARTUP_TIMEOUT_S = float(os.environ.get("AUTOTUNE_STARTUP_TIMEOUT_S", 300))
 REQUEST_TIMEOUT_S = float(os.environ.get("AUTOTUNE_REQUEST_TIMEOUT_S", 600))
 SCRAPE_S = 1.0
+FREE_SLACK_BYTES = 512 * 2**20     # GPU memory still in use after teardown that counts as given back
 SERVED_NAME = "autotune"
 
 # What the server's log says, in the order we look for it, and the reason the trial fails with.
@@ -97,6 +98,7 @@ class VllmBackend:
     def __init__(self) -> None:
         self.proc: subprocess.Popen | None = None
         self._stopped = threading.Event()
+        self._baseline_used: float | None = None    # GPU memory in use on the node before the server
 
     # ---- lifecycle ----------------------------------------------------------------------
     def command(self, spec: TrialSpec, ctx: StudyContext, host: str, port: int) -> list[str]:
@@ -107,11 +109,30 @@ class VllmBackend:
                 *ctx.extra_args]
 
     def stop(self) -> None:
-        """End the server's whole process group: TERM, then KILL after a grace period."""
+        """End the server's whole process group: TERM, then KILL after a grace period; on GPUs, wait until NVML
+        shows the memory given back, so the next trial on these GPUs does not start into a full device."""
         self._stopped.set()
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
+        if self.proc is None:
             return
+        self._kill(self.proc)      # even when the server has exited: its workers may not have
+        self._wait_memory_free()
+
+    def _wait_memory_free(self, timeout_s: float = 120.0) -> None:
+        sampler = _nvml()
+        if sampler is None or self._baseline_used is None:
+            return
+        deadline = time.time() + timeout_s
+        try:
+            while time.time() < deadline:
+                used = sum(r["mem_used_bytes"] for r in sampler.sample())
+                if used <= self._baseline_used + FREE_SLACK_BYTES:
+                    return
+                time.sleep(1)
+        finally:
+            sampler.close()
+
+    @staticmethod
+    def _kill(proc: subprocess.Popen) -> None:
         for sig, grace in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
             try:
                 os.killpg(proc.pid, sig)
@@ -144,6 +165,10 @@ class VllmBackend:
             yield Event("result", TrialResult(spec.number, False, f"invalid argument: {exc}"))
             return
         cmd = self.command(spec, ctx, host, port)
+        sampler = _nvml()
+        if sampler:
+            self._baseline_used = sum(r["mem_used_bytes"] for r in sampler.sample())
+            sampler.close()
         yield Event("log", "starting: " + " ".join(cmd))
         started = time.time()
         with open(log_path, "w") as log:
