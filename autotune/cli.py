@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pace", type=float, default=0.0,
                    help="sim: replay simulated time at this many times real time, to watch a study unfold")
     p.add_argument("--ray-address", default=None, help="`auto` to join this node's Ray cluster; default: local")
+    p.add_argument("--calibration", default=None, help="efficiency factors for the simulator (prediction beside "
+                                                        "each real trial, warm start); overrides the space's")
     for name, helptext in (("best", "the best trial of a study"), ("pareto", "the Pareto front of a study")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("study_dir")
@@ -197,6 +199,12 @@ def cmd_run(args, console) -> int:
     from autotune.study import Options, run_study
 
     space = load_space(args.space)
+    if args.calibration:
+        from dataclasses import replace
+
+        from autotune.sim.calibration import Calibration
+        space = replace(space, scenario=replace(space.scenario, calibration=Calibration.load(args.calibration)),
+                        calibration_path=args.calibration)
     for name in ("trials", "parallel"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1")

@@ -28,6 +28,7 @@ TABLES: dict[str, tuple[tuple[str, str], ...]] = {
     "trial_series": (
         ("number", "INTEGER"), ("engine", "INTEGER"), ("t", "DOUBLE"), ("wall", "DOUBLE"), ("kv_frac", "DOUBLE"),
         ("running", "INTEGER"), ("waiting", "INTEGER"), ("preemptions", "BIGINT"), ("tok_s", "DOUBLE"),
+        ("waiting_by_reason", "VARCHAR"),
     ),
     "gpu_samples": (
         ("number", "INTEGER"), ("node", "VARCHAR"), ("gpu", "INTEGER"), ("wall", "DOUBLE"),

