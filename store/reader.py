@@ -55,21 +55,25 @@ class StudyReader:
         return con
 
     def query(self, sql: str, params: list | None = None) -> list[dict]:
-        """Run SQL over the study's tables; retried once when a compaction swaps files under the reader."""
-        for attempt in range(3):
-            con = self._connect()
+        """Run SQL over the study's tables; retried when a compaction swaps files under the reader (the file
+        list is taken again, and the new compacted file holds the same rows)."""
+        attempts = 5
+        for attempt in range(attempts):
+            con = None
             try:
+                con = self._connect()
                 cur = con.execute(sql, params or [])
                 names = [d[0] for d in cur.description]
                 return [dict(zip(names, row)) for row in cur.fetchall()]
             except duckdb.IOException:
-                if attempt == 2:
+                if attempt == attempts - 1:
                     raise
-                time.sleep(0.05)
+                time.sleep(0.05 * (attempt + 1))
             except duckdb.Error as exc:
                 raise UserError(f"{self.dir}: the store cannot be read ({str(exc).splitlines()[0]})") from None
             finally:
-                con.close()
+                if con is not None:
+                    con.close()
         return []
 
     def trials(self) -> list[dict]:
