@@ -7,6 +7,7 @@ import json
 import sys
 
 from autotune.errors import UserError
+from autotune.spec.metrics import LATENCY_METRICS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,8 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slo-tpot-ms", type=float, default=None, help="p99 TPOT limit")
     p.add_argument("--slo-ttft-ms", type=float, default=None, help="p99 TTFT limit")
     p.add_argument("--top", type=int, default=10)
-    p.add_argument("--latency-metric", default="tpot_p99_s",
-                   choices=("tpot_p99_s", "ttft_p99_s", "e2e_p99_s", "tpot_p50_s", "ttft_p50_s", "e2e_p50_s"))
+    p.add_argument("--latency-metric", default="tpot_p99_s", choices=LATENCY_METRICS)
     p = sub.add_parser("run", help="tune: a study over a search space, headless")
     p.add_argument("space", help="a search space YAML (see search_spaces/)")
     p.add_argument("--trials", type=int, default=None, help="budget (default: the space's)")
@@ -68,8 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("study_dir")
         p.add_argument("--json", action="store_true")
         if name == "pareto":
-            p.add_argument("--latency", default="tpot_p99_s",
-                           choices=("tpot_p99_s", "ttft_p99_s", "e2e_p99_s", "tpot_p50_s", "ttft_p50_s", "e2e_p50_s"))
+            p.add_argument("--latency", default="tpot_p99_s", choices=LATENCY_METRICS)
     p = sub.add_parser("export", help="a study's tables as parquet, csv or json")
     p.add_argument("study_dir")
     p.add_argument("--format", choices=("parquet", "csv", "json"), default="parquet")
@@ -287,13 +286,11 @@ def cmd_studies(args, console) -> int:
 
     from rich.table import Table
 
-    from store.queries import best
-    from store.reader import StudyReader
+    from store.queries import best, list_studies
 
     root = Path(args.root)
     rows = []
-    for d in sorted(p for p in root.glob("*") if (p / "study.json").is_file()) if root.is_dir() else []:
-        reader = StudyReader(d)
+    for d, reader in list_studies(root):
         h = reader.header()
         trials = reader.trials()
         top = best(reader)

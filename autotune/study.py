@@ -15,6 +15,7 @@ from autotune.search.space import SearchSpace
 from autotune.search.tuner import Tuner
 from autotune.spec.trial import TrialResult, TrialSpec
 from autotune.trials.backend import StudyContext
+from store import schema
 from store.reader import StudyReader
 from store.writer import StudyWriter, consolidate
 
@@ -89,8 +90,7 @@ def _trial_row(spec: TrialSpec, state: str, **extra) -> dict:
 
 
 def _metric_row(number: int, source: str, metrics: dict) -> dict:
-    from store.schema import METRIC_COLUMNS
-    return {"number": number, "source": source, **{c: metrics.get(c) for c in METRIC_COLUMNS}}
+    return {"number": number, "source": source, **{c: metrics.get(c) for c in schema.METRIC_COLUMNS}}
 
 
 class Progress:
@@ -148,10 +148,7 @@ def run_study(space: SearchSpace, opts: Options) -> int:
     previous: list[dict] = StudyReader(study_dir).trials() if opts.resume else []
     stale = [t for t in previous if t["state"] == "RUNNING"]
     for t in stale:
-        writer.add("trials", {**{k: t[k] for k in ("number", "dp", "tp", "pp", "ep", "label", "max_num_seqs",
-                                                   "max_num_batched_tokens", "gpu_memory_utilization",
-                                                   "kv_cache_dtype", "enable_chunked_prefill", "block_size",
-                                                   "num_gpu_blocks_override", "gpus", "origin", "started_at")},
+        writer.add("trials", {**{k: t[k] for k in schema.columns("trials")},
                               "state": "FAIL", "finished_at": time.time(),
                               "reason": "stale: the runner stopped while the trial ran"})
     header = {"name": space.name, "space_file": space.source, "space": space.text, "backend": backend,

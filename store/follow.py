@@ -36,8 +36,7 @@ class StudyFollower:
             if key in self._read:
                 continue
             try:
-                cur = self._con.execute(f"SELECT {', '.join(cols)} FROM read_parquet(?, union_by_name=true) {keep}",
-                                        [key])
+                cur = self._con.execute(f"{schema.select_sql(table, 'read_parquet(?)')} {keep}", [key])
             except duckdb.IOException:
                 continue      # compacted away between listing and reading: its rows are in the new file
             rows += [dict(zip(cols, r)) for r in cur.fetchall()]
@@ -73,7 +72,7 @@ class StudyFollower:
             predicted = self.metrics.get((number, "simulator"), {})
             for c in schema.METRIC_COLUMNS:
                 t[c] = measured.get(c)
-            for c in ("output_tok_s", "tpot_p99_s", "ttft_p99_s", "e2e_p99_s", "preemptions", "kv_peak_frac"):
+            for c in schema.PREDICTED_COLUMNS:
                 t[f"predicted_{c}"] = predicted.get(c)
             trials.append(t)
         running = [t["number"] for t in trials if t["state"] == "RUNNING"]

@@ -5,14 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from autotune.errors import UserError
+from autotune.spec.metrics import LATENCY_METRICS
 import duckdb
 
 from store import schema
 from store.reader import StudyReader
 from store.writer import consolidate
 
-LATENCY_METRICS = ("tpot_p99_s", "ttft_p99_s", "e2e_p99_s", "tpot_p50_s", "ttft_p50_s", "e2e_p50_s", "itl_p99_s")
-THROUGHPUT_METRICS = ("output_tok_s_per_gpu", "output_tok_s", "total_tok_s")
 
 
 def completed(reader: StudyReader) -> list[dict]:
@@ -62,5 +61,8 @@ def export(reader: StudyReader, fmt: str, out: Path) -> list[Path]:
     return written
 
 
-def is_study_dir(path: Path) -> bool:
-    return (path / "study.json").is_file()
+def list_studies(root: Path) -> list[tuple[Path, StudyReader]]:
+    """The study directories directly under `root`, each with its reader."""
+    if not root.is_dir():
+        return []
+    return [(d, StudyReader(d)) for d in sorted(root.iterdir()) if (d / "study.json").is_file()]

@@ -48,8 +48,8 @@ class StudyReader:
         for table in schema.TABLES:
             files = [str(p) for _, _, p in list_segments(self.dir, table)]
             if files:
-                cols = ", ".join(schema.columns(table))
-                con.execute(f"CREATE VIEW {table} AS SELECT {cols} FROM read_parquet({files!r}, union_by_name=true)")
+                source = f"read_parquet({files!r}, union_by_name=true)"
+                con.execute(f"CREATE VIEW {table} AS {schema.select_sql(table, source)}")
             else:
                 con.execute(schema.create_sql(table))
         return con
@@ -78,8 +78,7 @@ class StudyReader:
 
     def trials(self) -> list[dict]:
         metric_cols = ", ".join(f"m.{c}" for c in schema.METRIC_COLUMNS)
-        pred_cols = ", ".join(f"p.{c} AS predicted_{c}" for c in ("output_tok_s", "tpot_p99_s", "ttft_p99_s",
-                                                                    "e2e_p99_s", "preemptions", "kv_peak_frac"))
+        pred_cols = ", ".join(f"p.{c} AS predicted_{c}" for c in schema.PREDICTED_COLUMNS)
         return self.query(f"""
             WITH latest AS ({LATEST_TRIALS})
             SELECT latest.*, {metric_cols}, {pred_cols}

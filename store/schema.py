@@ -37,10 +37,20 @@ TABLES: dict[str, tuple[tuple[str, str], ...]] = {
 }
 
 METRIC_COLUMNS = tuple(name for name, _ in TABLES["trial_metrics"][2:])
+# The simulator's prediction shown beside a measured trial, as predicted_<metric> on the trial row.
+PREDICTED_COLUMNS = ("output_tok_s", "tpot_p99_s", "ttft_p99_s", "e2e_p99_s", "preemptions", "kv_peak_frac")
 
 
 def columns(table: str) -> list[str]:
     return [name for name, _ in TABLES[table]]
+
+
+def select_sql(table: str, source: str) -> str:
+    """The table's columns, in schema order, from Parquet `source`; a column a segment written by an older
+    version lacks comes back NULL, so adding columns keeps every study readable."""
+    typed = ", ".join(f"NULL::{t} AS {c}" for c, t in TABLES[table])
+    return (f"SELECT {', '.join(columns(table))} FROM (SELECT {typed} WHERE false "
+            f"UNION ALL BY NAME SELECT * FROM {source})")
 
 
 def create_sql(table: str, name: str | None = None) -> str:

@@ -111,8 +111,8 @@ def consolidate(study_dir: str | Path) -> Path:
             files = [str(p) for _, _, p in list_segments(d, table)]
             con.execute(schema.create_sql(table))
             if files:
-                con.execute(f"INSERT INTO {table} SELECT {', '.join(schema.columns(table))} "
-                            f"FROM read_parquet(?, union_by_name=true)", [files])
+                con.execute(f"INSERT INTO {table} {schema.select_sql(table, 'read_parquet(?, union_by_name=true)')}",
+                            [files])
         con.execute("CREATE VIEW trials_latest AS SELECT * FROM trials QUALIFY "
                     "row_number() OVER (PARTITION BY number ORDER BY seq DESC) = 1")
         con.execute("CREATE TABLE meta AS SELECT ? AS schema_version, ? AS study_json",

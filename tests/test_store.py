@@ -113,3 +113,18 @@ def test_a_reader_in_another_process_follows_the_writer(tmp_path, monkeypatch):
     assert out["counts"][0] < 60 and out["counts"][-1] == 60
     assert out["counts"] == sorted(out["counts"])
     assert all(lag)
+
+
+def test_segments_written_before_a_column_was_added_stay_readable(tmp_path):
+    """An older version wrote trials without today's knob columns: they read back as NULL, nothing breaks."""
+    make_study(tmp_path, n=2).close()
+    old = tmp_path / "segments" / "trials" / "00000090-00000090.parquet"
+    duckdb.sql(f"COPY (SELECT 7 AS number, 1 AS seq, 'COMPLETE' AS state, 'TP1' AS label) TO '{old}' (FORMAT parquet)")
+    r = StudyReader(tmp_path)
+    row = next(t for t in r.trials() if t["number"] == 7)
+    assert row["state"] == "COMPLETE" and row["block_size"] is None
+    from store.follow import StudyFollower
+    assert 7 in {t["number"] for t in StudyFollower(tmp_path).refresh().trials}
+    con = duckdb.connect(str(consolidate(tmp_path)), read_only=True)
+    assert con.execute("SELECT count(*) FROM trials_latest").fetchone()[0] == 3
+    con.close()

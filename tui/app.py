@@ -22,7 +22,7 @@ from tui.screens.detail import TrialDetail
 from tui.screens.gpus import LocalGpus
 from tui.screens.help import HelpScreen
 from tui.screens.picker import StudyPicker
-from tui.view import gpu_rows, header_view, kv_rows, pareto_points
+from tui.view import header_view, kv_rows, pareto_points
 from tui.widgets.gpus import GpuPanel
 from tui.widgets.header import StudyHeader
 from tui.widgets.kv import KvPanel
@@ -134,7 +134,7 @@ class AutotuneApp(App):
         if snap is None or not isinstance(screen, Dashboard) or not screen.is_mounted:
             return
         screen.query_one(StudyHeader).show(header_view(snap))
-        screen.query_one(GpuPanel).show(gpu_rows(snap.gpus))
+        screen.query_one(GpuPanel).show(list(snap.gpus))   # both readers sort by node, GPU
         screen.query_one(KvPanel).show(kv_rows(snap))
         pareto = screen.query_one(ParetoPanel)
         pareto.show(pareto_points(snap, pareto.metric), snap.count("FAIL"))

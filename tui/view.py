@@ -102,10 +102,6 @@ def kv_rows(snap: StudySnapshot, history: int = 60) -> list[KvRow]:
     return rows
 
 
-def gpu_rows(snap_gpus) -> list[dict]:
-    return sorted(snap_gpus, key=lambda g: (g["node"], g["gpu"]))
-
-
 def fmt_duration(s: float | None) -> str:
     if s is None:
         return "-"

@@ -143,9 +143,6 @@ class SearchSpace:
     model_ref: str = ""
     extra_args: tuple[str, ...] = ()
 
-    def knobs(self, values: dict) -> EngineKnobs:
-        return EngineKnobs(**values)
-
     def size(self) -> int:
         n = len(self.layouts)
         for v in self.knob_grid.values():

@@ -10,7 +10,6 @@ import numpy as np
 from autotune.sim.predict import Prediction, Scenario, infeasibility, predict
 from autotune.spec.layout import EngineKnobs, Layout, enumerate_layouts
 
-LATENCY_METRICS = ("tpot_p99_s", "ttft_p99_s", "e2e_p99_s", "tpot_p50_s", "ttft_p50_s", "e2e_p50_s", "itl_p99_s")
 SEQ_GRID = (32, 64, 128, 256, 512, 1024, 2048)
 # Past this many times the KV-safe concurrency a layout is deep in the capacity trap: preemption storms that
 # lose and are the slowest to simulate, so the search does not spend time there.

@@ -10,16 +10,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, Static
 
-from store.reader import StudyReader
-
-
-def list_studies(root: Path) -> list[dict]:
-    out = []
-    for d in sorted(p for p in root.glob("*") if (p / "study.json").is_file()) if root.is_dir() else []:
-        h = StudyReader(d).header()
-        out.append({"dir": d, "name": h.get("name", d.name), "status": h.get("status", "?"),
-                    "model": h.get("model", "?"), "backend": h.get("backend", "?")})
-    return out
+from store.queries import list_studies
 
 
 def start_simulated_study(space: str, root: Path, pace: float = 100.0) -> Path:
@@ -51,8 +42,10 @@ class StudyPicker(Screen):
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
         table.add_columns("study", "status", "model", "backend")
-        for s in list_studies(self.root):
-            table.add_row(s["name"], s["status"], s["model"], s["backend"], key=str(s["dir"]))
+        for d, reader in list_studies(self.root):
+            h = reader.header()
+            table.add_row(h.get("name", d.name), h.get("status", "?"), h.get("model", "?"), h.get("backend", "?"),
+                          key=str(d))
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         self.app.open_study(Path(event.row_key.value))
