@@ -22,10 +22,10 @@ BOUNDED = {"hbm": 1.0, "flops": 1.0}
 
 
 def _knobs(t: dict) -> EngineKnobs:
-    return EngineKnobs(max_num_seqs=t["max_num_seqs"], max_num_batched_tokens=t["max_num_batched_tokens"],
-                       gpu_memory_utilization=t["gpu_memory_utilization"], kv_cache_dtype=t["kv_cache_dtype"],
-                       enable_chunked_prefill=t["enable_chunked_prefill"], block_size=t["block_size"] or 16,
-                       num_gpu_blocks_override=t["num_gpu_blocks_override"])
+    # A column that an older study's segments lack reads NULL: that knob takes its default.
+    defaults = EngineKnobs()
+    return EngineKnobs(**{name: t[name] if t.get(name) is not None else getattr(defaults, name)
+                          for name in EngineKnobs.tunable()})
 
 
 def _error(space, trials: list[dict], cal: Calibration) -> tuple[float, list[tuple]]:

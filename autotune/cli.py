@@ -8,6 +8,7 @@ import sys
 
 from autotune.errors import UserError
 from autotune.spec.metrics import LATENCY_METRICS
+from autotune.spec.workload import MODES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -23,9 +24,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workload", default="natural-reasoning", help="preset (natural-reasoning, chat, long-context) "
                                                                    "or a workload YAML")
     p.add_argument("--requests", type=int, default=None, help="number of requests (default: the workload's)")
-    p.add_argument("--mode", choices=("batch", "concurrency", "poisson"), default=None)
+    p.add_argument("--mode", choices=MODES, default=None, help="batch (all at t=0), concurrency (a closed loop of "
+                   "--concurrency clients), poisson or constant (--rate requests/s)")
     p.add_argument("--concurrency", type=int, default=None)
-    p.add_argument("--rate", type=float, default=None, help="requests/s for --mode poisson")
+    p.add_argument("--rate", type=float, default=None, help="requests/s for --mode poisson or constant")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--router", choices=("least-loaded", "round-robin"), default="least-loaded")
     p.add_argument("--calibration", default=None, help="calibration file from `autotune calibrate` or gpu_probe")
@@ -33,6 +35,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="vLLM's async scheduling (default: vLLM's, on unless PP)")
+    p.add_argument("--api-server-count", type=int, default=None, help="API server processes (default: one per DP rank)")
     p.add_argument("--allow-cross-node-tp", action="store_true")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -111,11 +116,12 @@ def _knobs(args):
 
     if not 0 < args.gpu_memory_utilization <= 1:
         raise UserError("--gpu-memory-utilization must be in (0, 1]")
-    for name in ("max_num_seqs", "max_num_batched_tokens"):
+    for name in ("max_num_seqs", "max_num_batched_tokens", "api_server_count"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     return EngineKnobs(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                       gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_dtype=args.kv_cache_dtype)
+                       gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_dtype=args.kv_cache_dtype,
+                       async_scheduling=args.async_scheduling, api_server_count=args.api_server_count)
 
 
 def cmd_predict(args, console) -> int:

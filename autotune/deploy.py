@@ -33,6 +33,10 @@ def engine_args(layout: Layout, knobs: EngineKnobs) -> list[str]:
         args.append("--no-enable-chunked-prefill")
     if knobs.num_gpu_blocks_override:
         args += ["--num-gpu-blocks-override", str(knobs.num_gpu_blocks_override)]
+    if knobs.async_scheduling is not None:
+        args.append("--async-scheduling" if knobs.async_scheduling else "--no-async-scheduling")
+    if knobs.api_server_count:
+        args += ["--api-server-count", str(knobs.api_server_count)]
     return args
 
 

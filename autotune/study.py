@@ -13,6 +13,7 @@ from pathlib import Path
 from autotune.errors import UserError
 from autotune.search.space import SearchSpace
 from autotune.search.tuner import Tuner
+from autotune.spec.layout import EngineKnobs
 from autotune.spec.trial import TrialResult, TrialSpec
 from autotune.trials.backend import StudyContext
 from store import schema
@@ -83,10 +84,7 @@ def _trial_row(spec: TrialSpec, state: str, **extra) -> dict:
     k = spec.knobs
     return {"number": spec.number, "state": state, "dp": spec.layout.dp, "tp": spec.layout.tp, "pp": spec.layout.pp,
             "ep": spec.layout.ep, "label": spec.layout.label(), "max_num_seqs": k.max_num_seqs,
-            "max_num_batched_tokens": k.max_num_batched_tokens, "gpu_memory_utilization": k.gpu_memory_utilization,
-            "kv_cache_dtype": k.kv_cache_dtype, "enable_chunked_prefill": k.enable_chunked_prefill,
-            "block_size": k.block_size, "num_gpu_blocks_override": k.num_gpu_blocks_override,
-            "gpus": spec.gpus, "origin": spec.origin, **extra}
+            **{name: getattr(k, name) for name in EngineKnobs.tunable()}, "gpus": spec.gpus, "origin": spec.origin, **extra}
 
 
 def _metric_row(number: int, source: str, metrics: dict) -> dict:

@@ -1,184 +1,203 @@
-"""Prediction error against the comparable rows of ../shared/ground_truth.csv (published vLLM measurements).
+"""Out-of-sample accuracy of the simulator against real vLLM measurements.
 
-Rows measured with TensorRT-LLM or SGLang, with unstated input/output lengths, or on engines older than vLLM v1's
-scheduler are not comparable: they are listed as skipped with the reason. TensorRT-LLM offline rows are shown as
-hardware upper bounds (the prediction for vLLM should stay below them).
+Every run of the validation set (bench/validation/rows_*.csv, public sources with links, and the shared sim-to-real
+training runs) replays through the same code path as `autotune predict`. Errors are always out of sample:
 
-    python bench/accuracy.py [--csv PATH] [--calibration FILE] [--fit OUT.yaml]
+* cross-validated by source: the sources are dealt into folds (one fold per source with --folds 0); for each fold the
+  efficiency factors are fitted on every other fold and the fold's runs are predicted with them;
+* the shipped defaults (autotune/sim/calibration.py) are fitted on the training split only (the sources listed in
+  bench/validation/train_sources.txt and the shared runs) and scored on the test split, which they never saw.
+
+It prints, per figure family (throughput, TTFT, TPOT/ITL, E2E), the median and mean |predicted/measured - 1|, and the
+share of pairs (two runs of the same source, model and GPU that differ in layout, knobs or load) whose predicted
+order matches the measured order.
+
+    python bench/accuracy.py [--folds K] [--fit-defaults OUT.yaml] [--calibration FILE] [--rows]
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import math
-import re
+import os
 import statistics
-from dataclasses import dataclass
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
-from autotune.sim.calibration import Calibration
-from autotune.sim.predict import Scenario, predict
-from autotune.spec.hardware import Cluster, load_gpu
-from autotune.spec.layout import EngineKnobs, Layout
-from autotune.spec.models import load_model
-from autotune.spec.workload import LengthDist, Workload
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-MIN_FIT_ROWS = 3
-DEFAULT_CSV = Path(__file__).resolve().parents[1] / ".." / "shared" / "ground_truth.csv"
+from validation_set import FAMILY, ROWS_DIR, Run, load_rows, load_simreal, predicted_value  # noqa: E402
 
+from autotune.sim.calibration import PRIOR_EFFICIENCY, Calibration, Efficiency  # noqa: E402
 
-@dataclass(frozen=True)
-class Case:
-    """How to replay one CSV row: the row is found by its source substring, model, gpu and concurrency columns."""
-
-    source: str
-    model_col: str
-    gpu_col: str
-    concurrency_col: str
-    metric_col: str                  # output_tok_s | total_tok_s | tpot_ms
-    model: str
-    gpu: str
-    layout: Layout
-    isl: int
-    osl: int
-    requests: int
-    concurrency: int = 0             # 0 = the whole batch at once
-    max_num_seqs: int | None = None
-    kv_cache_dtype: str = "auto"
-    from_notes: str = ""             # a regex reading the measurement from the notes column instead
-    note: str = ""
-
-    def predict(self, cal: Calibration) -> float:
-        mode = "concurrency" if self.concurrency else "batch"
-        w = Workload(self.source, LengthDist("fixed", value=self.isl), LengthDist("fixed", value=self.osl),
-                     mode=mode, num_requests=self.requests, concurrency=self.concurrency)
-        sc = Scenario(load_model(self.model), Cluster.of(load_gpu(self.gpu), self.layout.world_size), w, cal)
-        p = predict(sc, self.layout, EngineKnobs(max_num_seqs=self.max_num_seqs, kv_cache_dtype=self.kv_cache_dtype))
-        if not p.feasible:
-            raise RuntimeError(f"{self.model} {self.layout.label()}: {p.reason}")
-        return {"output_tok_s": p.get("output_tok_s"), "total_tok_s": p.get("total_tok_s"),
-                "tpot_ms": p.get("tpot_p50_s") * 1e3}[self.metric_col]
+# The factors fitted, each by multiplicative steps within bounds: the hardware efficiencies and the CPU-side costs.
+FITTED = {"hbm": (0.3, 1.0), "kv_read": (0.2, 1.0), "flops": (0.2, 1.0), "step_overhead_s": (1e-4, 1e-2),
+          "seq_overhead_s": (0.0, 1e-4), "frontend_latency_s": (1e-3, 5e-2), "tp_kernel_loss": (0.0, 0.3),
+          "allreduce_latency_s": (2e-6, 1e-4)}
+STEPS = (0.5, 0.8, 1.25, 2.0)
+ROUNDS = 3
+FAMILIES = ("throughput", "TTFT", "TPOT/ITL", "E2E")
+TRAIN_LIST = ROWS_DIR / "train_sources.txt"
 
 
-CASES = [
-    Case("amd.com", "Llama-3.1-70B-Instruct-FP8-KV", "MI300X", "3200 prompts; max-num-seqs 3200", "total_tok_s",
-         "Llama-3.1-70B-FP8", "MI300X", Layout(tp=8), 128, 2048, 3200, max_num_seqs=3200, kv_cache_dtype="fp8",
-         note="vLLM 0.10.2; AMD's 'throughput' read as total tokens/s"),
-    Case("amd.com", "Llama-3.1-70B-Instruct-FP8-KV", "MI300X", "1500 prompts; max-num-seqs 1500", "total_tok_s",
-         "Llama-3.1-70B-FP8", "MI300X", Layout(tp=8), 2048, 2048, 1500, max_num_seqs=1500, kv_cache_dtype="fp8",
-         note="vLLM 0.10.2"),
-    Case("amd.com", "Llama-3.1-405B-Instruct-FP8-KV", "MI300X", "1500 prompts; max-num-seqs 1500", "total_tok_s",
-         "Llama-3.1-405B-FP8", "MI300X", Layout(tp=8), 128, 2048, 1500, max_num_seqs=1500, kv_cache_dtype="fp8",
-         note="vLLM 0.10.2"),
-    Case("oracle.com", "Llama-3.1-405B FP8", "MI300X", "offline (benchmark_throughput.py)", "output_tok_s",
-         "Llama-3.1-405B-FP8", "MI300X", Layout(tp=8), 128, 2048, 1000, max_num_seqs=256,
-         note="benchmark_throughput.py; prompt count not stated (1,000 assumed), vLLM default 256 sequences"),
-    Case("oracle.com", "Llama-3.1-405B FP8", "MI300X", "batch 256 (benchmark_latency.py)", "output_tok_s",
-         "Llama-3.1-405B-FP8", "MI300X", Layout(tp=8), 128, 128, 256, max_num_seqs=256,
-         note="one batch of 256 through benchmark_latency"),
-    Case("johnmusgrave.com", "Llama-3.1-8B-Instruct BF16", "A100 40GB", "1", "output_tok_s",
-         "Llama-3.1-8B", "A100-40GB", Layout(), 1024, 128, 20, concurrency=1, note="single stream"),
-    Case("yobitelcomm", "Llama-3.1-8B-Instruct fp16", "H100 80GB HBM3", "16", "tpot_ms",
-         "Llama-3.1-8B", "H100-SXM", Layout(), 256, 256, 20, concurrency=1, from_notes=r"conc=1: .*?TPOT ([\d.]+)",
-         note="the concurrency-1 TPOT in the notes column: a single stream depends little on the unknown lengths"),
-]
-
-SKIPPED = {
-    "TensorRT-LLM": "TensorRT-LLM, not vLLM (upper bound only)",
-    "lambdalabsml": "vLLM v0.5/v0.6 engine, input/output lengths not stated",
-    "lmsys.org": "SGLang, prefill/decode disaggregated",
-    "aiposthub": "production statistics, layout and lengths not comparable",
-    "wide-ep": "layout and lengths not captured",
-    "gb200": "GB200 not modelled, disaggregated",
-    "gpustack": "ShareGPT lengths and concurrency not captured",
-    "redhat": "MLPerf data set lengths not restated",
-    "techcommunity": "TensorRT-LLM MLPerf submission",
-}
+def family(key: str) -> str:
+    return FAMILY.get(key) or FAMILY[key.split("_")[0]]
 
 
-def _find(rows: list[dict], case: Case) -> dict:
-    for row in rows:
-        if (case.source in row["source"].lower() and row["model"] == case.model_col and row["gpu"] == case.gpu_col
-                and row["concurrency"] == case.concurrency_col):
-            return row
-    raise SystemExit(f"no row in the CSV for {case.source} {case.model_col} {case.concurrency_col}")
+def errors(runs: list[Run], cal: Calibration) -> list[tuple[Run, str, float, float | None]]:
+    """(run, key, measured, predicted) for every figure; predicted is None when the layout does not fit."""
+    out = []
+    for run in runs:
+        pred = run.predict(cal)
+        for key, measured in run.figures:
+            out.append((run, key, measured, predicted_value(pred, key) if pred.feasible else None))
+    return out
 
 
-def _measured(row: dict, case: Case) -> float:
-    if case.from_notes:
-        return float(re.search(case.from_notes, row["notes"]).group(1))
-    return float(row[case.metric_col].replace(",", ""))
+def loss(rows) -> float:
+    """Mean over figure families of the median |log(predicted/measured)|; an infeasible run costs log(10)."""
+    by_family: dict[str, list[float]] = {}
+    for _, key, measured, predicted in rows:
+        e = abs(math.log(predicted / measured)) if predicted else math.log(10)
+        by_family.setdefault(family(key), []).append(e)
+    return statistics.mean(statistics.median(v) for v in by_family.values()) if by_family else 0.0
 
 
-def fit(rows: list[dict], base: Calibration) -> Calibration:
-    """Per GPU type with at least MIN_FIT_ROWS rows, the (hbm, kv_read) pair that minimises the median
-    |log(predicted / measured)| on its rows; fewer rows would fit noise."""
-    per_gpu = dict(base.per_gpu)
-    for gpu in sorted({c.gpu for c in CASES}):
-        cases = [(c, _measured(_find(rows, c), c)) for c in CASES if c.gpu == gpu]
-        if len(cases) < MIN_FIT_ROWS:
-            print(f"not fitted {gpu}: {len(cases)} row(s)")
-            continue
-        best = None
-        for hbm in [x / 100 for x in range(30, 95, 5)]:
-            for kv in [x / 10 for x in range(2, 11)]:
-                eff = base.for_gpu(gpu).with_overrides({"hbm": hbm, "kv_read": kv}, "fit")
-                cal = Calibration(base.base, tuple({**per_gpu, gpu: eff}.items()))
-                err = statistics.median(abs(math.log(c.predict(cal) / m)) for c, m in cases)
-                if best is None or err < best[0]:
-                    best = (err, eff)
-        per_gpu[gpu] = best[1]
-        print(f"fitted {gpu}: hbm {best[1].hbm:.2f}, kv_read {best[1].kv_read:.1f} over {len(cases)} rows "
-              f"(median |log error| {best[0]:.3f})")
-    return Calibration(base.base, tuple(per_gpu.items()), "fitted by bench/accuracy.py")
+# Factors refitted per GPU type (on top of the global ones) for a type with this many training runs or more.
+PER_GPU = ("hbm", "kv_read", "flops")
+MIN_GPU_RUNS = 3
+PRIOR = Calibration(PRIOR_EFFICIENCY, (), "first-principles priors")
+
+
+def _descend(eff: Efficiency, names, make, runs: list[Run]) -> Efficiency:
+    """Coordinate descent over `names` in multiplicative steps, minimising `loss` on `runs`."""
+    best = loss(errors(runs, make(eff)))
+    for _ in range(ROUNDS):
+        improved = False
+        for name in names:
+            lo, hi = FITTED[name]
+            for step in STEPS:
+                value = min(max(getattr(eff, name) * step, lo), hi) if getattr(eff, name) else lo * step
+                if value == getattr(eff, name):
+                    continue
+                trial = eff.with_overrides({name: value}, "fit")
+                err = loss(errors(runs, make(trial)))
+                if err < best - 1e-6:
+                    best, eff, improved = err, trial, True
+        if not improved:
+            break
+    return eff
+
+
+def fit(runs: list[Run], start: Calibration = PRIOR) -> Calibration:
+    """The global factors on every run, then per GPU type with enough runs its bandwidth and compute efficiencies
+    on its own runs (ROCm on MI300X reaches a different share of peak than CUDA on NVIDIA parts)."""
+    base = _descend(start.base, FITTED, lambda e: Calibration(e, (), "fit"), runs)
+    per_gpu = []
+    for gpu in sorted({r.gpu for r in runs}):
+        mine = [r for r in runs if r.gpu == gpu]
+        if len(mine) >= MIN_GPU_RUNS:
+            eff = _descend(base, PER_GPU, lambda e, g=gpu: Calibration(base, ((g, e),), "fit"), mine)
+            if eff != base:
+                per_gpu.append((gpu, eff))
+    return Calibration(base, tuple(per_gpu), "fitted by bench/accuracy.py")
+
+
+def _fold_job(args):
+    train, test = args
+    return errors(test, fit(train))
+
+
+def folds_of(runs: list[Run], k: int) -> list[list[str]]:
+    sources = sorted({r.source for r in runs})
+    if k <= 0 or k >= len(sources):
+        return [[s] for s in sources]
+    return [sources[i::k] for i in range(k)]
+
+
+def cross_validate(runs: list[Run], k: int) -> list:
+    """Each fold predicted with factors fitted from the priors on the other folds (never from the shipped factors,
+    which saw every training source)."""
+    folds = folds_of(runs, k)
+    jobs = [([r for r in runs if r.source not in fold], [r for r in runs if r.source in fold]) for fold in folds]
+    with ProcessPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
+        return [row for rows in pool.map(_fold_job, jobs) for row in rows]
+
+
+def summary(rows, title: str) -> None:
+    print(f"\n{title}")
+    print(f"  {'figure':11s} {'n':>4s} {'median |err|':>13s} {'mean |err|':>11s} {'within 15%':>11s}")
+    for fam in FAMILIES:
+        errs = [abs(p / m - 1) if p else 9.0 for _, key, m, p in rows if family(key) == fam]
+        if errs:
+            print(f"  {fam:11s} {len(errs):4d} {statistics.median(errs):13.1%} {statistics.mean(errs):11.1%} "
+                  f"{sum(e <= 0.15 for e in errs) / len(errs):11.0%}")
+    agree, total = pair_order(rows)
+    if total:
+        print(f"  order of {total} pairs (same source, model, GPU and figure; another layout, knob or load): "
+              f"{agree / total:.0%} as measured")
+
+
+def pair_order(rows) -> tuple[int, int]:
+    groups: dict[tuple, list] = {}
+    for run, key, m, p in rows:
+        groups.setdefault((run.source, run.model, run.gpu, key), []).append((m, p))
+    agree = total = 0
+    for items in groups.values():
+        for i in range(len(items)):
+            for j in range(i + 1, len(items)):
+                (m1, p1), (m2, p2) = items[i], items[j]
+                if m1 == m2 or not p1 or not p2:
+                    continue
+                total += 1
+                agree += (m1 < m2) == (p1 < p2)
+    return agree, total
+
+
+def print_rows(rows) -> None:
+    print(f"  {'run':78s} {'figure':13s} {'measured':>10s} {'predicted':>10s} {'error':>7s}")
+    for run, key, m, p in rows:
+        err = f"{p / m - 1:+7.1%}" if p else "  infeasible"
+        print(f"  {run.label[:78]:78s} {key:13s} {m:10.4g} {(p or 0):10.4g} {err}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--csv", default=str(DEFAULT_CSV))
-    ap.add_argument("--calibration", default=None)
-    ap.add_argument("--fit", metavar="OUT", help="fit hbm and kv_read per GPU type, write them to OUT, report with them")
+    ap.add_argument("--folds", type=int, default=6, help="source folds for cross-validation (0: one per source)")
+    ap.add_argument("--calibration", default=None, help="score the test split with this file instead of the defaults")
+    ap.add_argument("--fit-defaults", metavar="OUT", help="fit on the training split and write the factors to OUT")
+    ap.add_argument("--rows", action="store_true", help="print every figure, measured against predicted")
     args = ap.parse_args()
-    rows = list(csv.DictReader(open(args.csv, newline="")))
-    cal = Calibration.load(args.calibration)
-    if args.fit:
-        cal = fit(rows, cal)
-        cal.save(args.fit)
-        print(f"wrote {args.fit}\n")
-    errors = []
-    print(f"{'row':62s} {'metric':12s} {'measured':>10s} {'predicted':>10s} {'error':>7s}")
-    for case in CASES:
-        row = _find(rows, case)
-        measured = _measured(row, case)
-        predicted = case.predict(cal)
-        err = predicted / measured - 1
-        errors.append(abs(err))
-        label = f"{case.model} {case.gpu} {case.layout.label()} {case.isl}/{case.osl} x{case.requests}" + (
-            f" c{case.concurrency}" if case.concurrency else "")
-        print(f"{label:62s} {case.metric_col:12s} {measured:10,.1f} {predicted:10,.1f} {err:+7.1%}   {case.note}")
-    print(f"\nmedian absolute error over {len(errors)} comparable rows: {statistics.median(errors):.1%} "
-          f"(mean {statistics.mean(errors):.1%}, max {max(errors):.1%})")
-    print("\nupper bounds (TensorRT-LLM offline, FP8): the vLLM prediction should stay below")
-    for row in rows:
-        if "TensorRT-LLM/blob/main" in row["source"] and row["output_tok_s"] and row["isl"] and row["osl"]:
-            model = {"Llama-3.1-8B-Instruct FP8": "Llama-3.1-8B-FP8", "Llama-3.3-70B-Instruct FP8": "Llama-3.1-70B-FP8",
-                     "Llama-3.1-405B-Instruct FP8": "Llama-3.1-405B-FP8"}.get(row["model"])
-            if not model:
-                continue
-            case = Case("", "", "", "", "output_tok_s", model, row["gpu"].replace(" SXM", ""),
-                        Layout(tp=int(row["tp"])), int(row["isl"]), int(row["osl"]), 2000)
-            pred = case.predict(cal)
-            bound = float(row["output_tok_s"])
-            print(f"  {model:20s} {row['gpu']:9s} TP{row['tp']} {row['isl']}/{row['osl']}: vLLM predicted "
-                  f"{pred:9,.0f} vs TensorRT-LLM {bound:9,.0f} ({pred / bound:.0%})")
-    print("\nskipped rows:")
-    for row in rows:
-        src = row["source"].lower()
-        reason = next((r for key, r in SKIPPED.items() if key.lower() in src or key.lower() in row["notes"].lower()),
-                      None)
-        if reason and "TensorRT-LLM/blob/main" not in row["source"]:
-            print(f"  {row['model']} {row['gpu']}: {reason}")
+    train_sources = frozenset(TRAIN_LIST.read_text().split()) if TRAIN_LIST.is_file() else frozenset()
+    runs = load_rows(train_sources=train_sources) + load_simreal()
+    base = Calibration.load(args.calibration)
+    sources = sorted({r.source for r in runs})
+    train = [r for r in runs if r.split == "train"]
+    test = [r for r in runs if r.split != "train"]
+    print(f"validation set: {sum(len(r.figures) for r in runs)} figures of {len(runs)} runs from {len(sources)} "
+          f"sources ({sum(len(r.figures) for r in train)} figures in the training split, "
+          f"{sum(len(r.figures) for r in test)} in the test split)")
+    if args.fit_defaults:
+        fitted = fit(train)
+        fitted.save(args.fit_defaults, {"fitted_on": "training split of bench/validation"})
+        print(f"wrote {args.fit_defaults}: " + ", ".join(f"{k} {getattr(fitted.base, k):.4g}" for k in FITTED))
+        base = fitted
+    shipped = errors(test, base)
+    summary(shipped, f"test split, factors of {base.source} (fitted on the training split only)")
+    if args.rows:
+        print_rows(shipped)
+    cv = cross_validate(runs, args.folds)
+    k = len(folds_of(runs, args.folds))
+    summary(cv, f"all runs, cross-validated over {k} folds of sources (each fold predicted with factors fitted on "
+                f"the others)")
+    if args.rows:
+        print_rows(cv)
+    summary([row for row in cv if row[0].source.startswith("simreal")],
+            "  of which the shared sim-to-real runs (inference-perf, constant rate, H100)")
+    summary(errors(train, base), "for reference, IN SAMPLE: the training split with the factors fitted on it "
+                                 "(not an accuracy figure)")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from autotune.spec.metrics import LATENCY_KEYS
+
 SCHEMA_VERSION = 1
 
 # Trials are event-sourced: a row per state change; the latest row (by seq) is the trial's current state.
@@ -12,18 +14,18 @@ TABLES: dict[str, tuple[tuple[str, str], ...]] = {
         ("pp", "INTEGER"), ("ep", "INTEGER"), ("label", "VARCHAR"), ("max_num_seqs", "INTEGER"),
         ("max_num_batched_tokens", "INTEGER"), ("gpu_memory_utilization", "DOUBLE"), ("kv_cache_dtype", "VARCHAR"),
         ("enable_chunked_prefill", "BOOLEAN"), ("block_size", "INTEGER"), ("num_gpu_blocks_override", "INTEGER"),
+        ("async_scheduling", "BOOLEAN"), ("api_server_count", "INTEGER"),
         ("gpus", "INTEGER"), ("origin", "VARCHAR"), ("reason", "VARCHAR"),
         ("values_json", "VARCHAR"), ("feasible_slo", "BOOLEAN"), ("node", "VARCHAR"), ("log_path", "VARCHAR"),
         ("serve_command", "VARCHAR"),
     ),
     "trial_metrics": (
         ("number", "INTEGER"), ("source", "VARCHAR"), ("makespan_s", "DOUBLE"), ("output_tok_s", "DOUBLE"),
-        ("output_tok_s_per_gpu", "DOUBLE"), ("total_tok_s", "DOUBLE"), ("ttft_p50_s", "DOUBLE"),
-        ("ttft_p90_s", "DOUBLE"), ("ttft_p99_s", "DOUBLE"), ("tpot_p50_s", "DOUBLE"), ("tpot_p90_s", "DOUBLE"),
-        ("tpot_p99_s", "DOUBLE"), ("itl_p50_s", "DOUBLE"), ("itl_p99_s", "DOUBLE"), ("e2e_p50_s", "DOUBLE"),
-        ("e2e_p90_s", "DOUBLE"), ("e2e_p99_s", "DOUBLE"), ("preemptions", "BIGINT"),
+        ("output_tok_s_per_gpu", "DOUBLE"), ("total_tok_s", "DOUBLE"),
+        *((key, "DOUBLE") for key in LATENCY_KEYS), ("preemptions", "BIGINT"),
         ("kv_capacity_tokens", "BIGINT"), ("kv_peak_frac", "DOUBLE"), ("kv_mean_frac", "DOUBLE"),
         ("bottleneck", "VARCHAR"), ("roofline_frac", "DOUBLE"), ("num_requests", "INTEGER"),
+        ("offered_rate", "DOUBLE"), ("overloaded", "BOOLEAN"), ("sustainable_rate", "DOUBLE"),
     ),
     "trial_series": (
         ("number", "INTEGER"), ("engine", "INTEGER"), ("t", "DOUBLE"), ("wall", "DOUBLE"), ("kv_frac", "DOUBLE"),

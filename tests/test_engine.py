@@ -14,7 +14,8 @@ from autotune.spec.models import load_model
 
 def _cost(model="Llama-3.1-8B", layout=Layout(), gpus=1):
     m = load_model(model)
-    return StepCost(m, Cluster.of(load_gpu("H200"), gpus), layout, stage_shape(m, layout, "bf16"), DEFAULT)
+    return StepCost(m, Cluster.of(load_gpu("H200"), gpus), layout, stage_shape(m, layout, "bf16"), DEFAULT,
+                    EngineKnobs())
 
 
 @pytest.mark.parametrize("model,layout,n,ctx0,steps", [

@@ -55,9 +55,10 @@ class DimensionsCfg(_Strict):
     enable_chunked_prefill: list[bool] = Field(default_factory=lambda: [True])
     block_size: list[int] = Field(default_factory=lambda: [16])
     num_gpu_blocks_override: list[int | None] = Field(default_factory=lambda: [None])
+    async_scheduling: list[bool | None] = Field(default_factory=lambda: [None])
+    api_server_count: list[int | None] = Field(default_factory=lambda: [None])
 
-    @field_validator("max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization", "kv_cache_dtype",
-                     "enable_chunked_prefill", "block_size", "num_gpu_blocks_override")
+    @field_validator(*EngineKnobs.tunable())
     @classmethod
     def _non_empty(cls, v):
         if not v:
@@ -256,10 +257,7 @@ def _build(cfg: SpaceCfg, path: Path, text: str, lines: dict) -> SearchSpace:
         fail(("dimensions", "layout"), "no layout of the space fits in memory: "
              + infeasibility(scenario, layouts[0], scenario.resolve(generous))[0])
     layouts = fitting
-    grid = {"max_num_seqs": tuple(dims.max_num_seqs), "max_num_batched_tokens": tuple(dims.max_num_batched_tokens),
-            "gpu_memory_utilization": tuple(dims.gpu_memory_utilization),
-            "kv_cache_dtype": tuple(dims.kv_cache_dtype), "enable_chunked_prefill": tuple(dims.enable_chunked_prefill),
-            "block_size": tuple(dims.block_size), "num_gpu_blocks_override": tuple(dims.num_gpu_blocks_override)}
+    grid = {name: tuple(getattr(dims, name)) for name in EngineKnobs.tunable()}
     objectives = tuple(Objective(o.metric, o.direction or OBJECTIVE_METRICS[o.metric]) for o in cfg.objectives)
     constraints = {CONSTRAINT_METRICS[k]: v / 1e3 for k, v in cfg.constraints.items()}
     return SearchSpace(cfg.name, str(path), text, scenario, tuple(layouts), grid, objectives, constraints,

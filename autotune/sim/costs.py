@@ -11,7 +11,7 @@ import numpy as np
 from autotune.sim.calibration import Efficiency
 from autotune.sim.memory import StageShape
 from autotune.spec.hardware import Cluster
-from autotune.spec.layout import Layout
+from autotune.spec.layout import EngineKnobs, Layout
 from autotune.spec.models import ModelSpec
 
 BF16 = 2  # activations travel in bf16
@@ -19,8 +19,10 @@ BF16 = 2  # activations travel in bf16
 
 @dataclass(frozen=True)
 class StepLines:
-    """One step as lines in the context C it reads: time = overhead + pp * (max(compute, memory) + comm),
-    compute = c0 + c1*C and memory = m0 + m1*C (seconds per microbatch and stage)."""
+    """One step as lines in the context C it reads: GPU time = pp * (max(compute, memory) + comm), with
+    compute = c0 + c1*C and memory = m0 + m1*C (seconds per microbatch and stage); the engine's CPU work
+    `overhead` adds to it (or hides behind it with async scheduling), and the API servers' output processing puts
+    a floor `floor` under the step (see `combine`)."""
 
     c0: float
     c1: float
@@ -29,6 +31,7 @@ class StepLines:
     weights: float      # the part of m0 that reads weights (the rest of the memory time reads the KV cache)
     comm: float
     overhead: float
+    floor: float
     microbatches: int
 
 
@@ -45,7 +48,8 @@ def touched_fraction(tokens: float, experts: int, top_k: int) -> float:
 class StepCost:
     """Precomputed per-layout coefficients so one step, or a run of decode steps, costs O(1)."""
 
-    def __init__(self, model: ModelSpec, cluster: Cluster, layout: Layout, shape: StageShape, eff: Efficiency):
+    def __init__(self, model: ModelSpec, cluster: Cluster, layout: Layout, shape: StageShape, eff: Efficiency,
+                 knobs: EngineKnobs):
         gpu = cluster.gpu
         self.model, self.layout, self.shape, self.eff = model, layout, shape, eff
         self.pp, self.tp, self.dp, self.ep = layout.pp, layout.tp, layout.dp, layout.ep
@@ -81,6 +85,13 @@ class StepCost:
         self.ep_bw = intra if self.ep <= per_node else inter
         self.pp_bw = intra if self.tp * self.pp <= per_node else inter
         self.overhead_base = eff.step_overhead_s + (eff.multiproc_overhead_s if self.tp * self.pp > 1 else 0.0)
+        # vLLM's async scheduling (on by default since it matured, off with PP on the V1 model runner:
+        # vllm/config/vllm.py) prepares step k+1 while the GPU runs step k.
+        self.async_scheduling = knobs.async_scheduling_for(layout)
+        # Every DP engine's tokens are detokenised and streamed by the API server processes, shared by all engines.
+        self.frontend_s_per_token = self.dp / (knobs.api_servers_for(layout) * eff.api_server_tok_s)
+        # A request reaches the engine core this long after the client sent it (HTTP, tokenisation, ZMQ hop).
+        self.frontend_s = eff.frontend_latency_s
         self._cache: dict[int, StepLines] = {}
 
     # ---- per-microbatch terms ------------------------------------------------------------
@@ -115,7 +126,8 @@ class StepCost:
         c1 = self.attn_flops_per_ctx / microbatches / self.flops * slow
         m1 = self.kv_read_per_ctx / microbatches / (self.bw * self.eff.kv_read) * slow
         overhead = self.overhead_base + self.eff.seq_overhead_s * num_seqs
-        return StepLines(c0, c1, weights, m1, weights, self._comm(tokens), overhead, microbatches)
+        floor = self.frontend_s_per_token * num_seqs
+        return StepLines(c0, c1, weights, m1, weights, self._comm(tokens), overhead, floor, microbatches)
 
     def lines(self, num_seqs: int, prefill_tokens: int = 0) -> StepLines:
         """Coefficients of a step with num_seqs decoding sequences and prefill_tokens new prompt tokens."""
@@ -129,7 +141,7 @@ class StepCost:
     def lines_array(self, num_seqs: np.ndarray) -> StepLines:
         ln = self._coeffs(num_seqs, 0, np.clip(num_seqs, 1, self.pp))
         weights = np.broadcast_to(ln.weights, num_seqs.shape)
-        return StepLines(ln.c0, ln.c1, weights, ln.m1, weights, ln.comm, ln.overhead, ln.microbatches)
+        return StepLines(ln.c0, ln.c1, weights, ln.m1, weights, ln.comm, ln.overhead, ln.floor, ln.microbatches)
 
     def step_time(self, num_seqs: int, context: float, prefill_tokens: int = 0,
                   prefill_context: float = 0.0) -> tuple[float, float, float]:
@@ -141,7 +153,18 @@ class StepCost:
         memory = ln.m0 + ln.m1 * context
         ideal = ln.microbatches / self.stage_slowdown * max(compute * self.flop_scale,
                                                             ln.m0 * self.bw_scale + ln.m1 * context * self.kv_scale)
-        return ln.overhead + self.pp * (max(compute, memory) + ln.comm), ln.overhead, ideal
+        gpu = self.pp * (max(compute, memory) + ln.comm)
+        total = combine(gpu, ln.overhead, ln.floor, self.async_scheduling)
+        return total, total - gpu, ideal
+
+
+def combine(gpu, cpu, floor, overlapped: bool):
+    """Wall time of steps from their GPU time, the engine's CPU time and the output-processing floor (scalars, or
+    sums over a run of steps). Synchronous scheduling runs the CPU work between GPU steps; async scheduling hides it
+    behind the GPU (vLLM v1 AsyncScheduler); the API servers process step k's tokens while step k+1 runs, so they
+    slow the engine only when they are the slower stage of that pipeline."""
+    top = np.maximum if isinstance(gpu, np.ndarray) else max
+    return top(top(gpu, cpu), floor) if overlapped else top(gpu + cpu, floor)
 
 
 # Where the time of a run of steps went: indexes into the tuples decode_phase returns.
@@ -194,9 +217,12 @@ def decode_phase(cost: StepCost, n, context0, steps, ln: StepLines | None = None
     weights = ln.weights * (m_hi - m_lo)
     gpu = pp * (comp + mem)
     comm = pp * ln.comm * steps
-    overhead = ln.overhead * steps
+    # Over a run the CPU time and the floor are constant per step while the GPU time grows slowly with context:
+    # comparing the sums is exact unless they cross inside the run.
+    total = combine(gpu + comm, ln.overhead * steps, ln.floor * steps, cost.async_scheduling)
+    overhead = total - gpu - comm
     mbs = ln.microbatches
-    return (gpu + comm + overhead, pp * comp, pp * weights, pp * (mem - weights), comm, overhead,
+    return (total, pp * comp, pp * weights, pp * (mem - weights), comm, overhead,
             (gpu + comm) * (pp - mbs) / pp,
             mbs / cost.stage_slowdown * (comp * cost.flop_scale + weights * cost.bw_scale + (mem - weights) * cost.kv_scale))
 

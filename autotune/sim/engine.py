@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from bisect import bisect_right
 from collections import deque
 
 import numpy as np
@@ -41,6 +42,8 @@ class RequestTable:
     generated: list[int] = field(default_factory=list)
     first_token: list[float] = field(default_factory=list)
     finish: list[float] = field(default_factory=list)
+    prefix_id: list[int] | None = None   # which shared prefix a prompt opens with, -1 for none
+    prefix_tokens: int = 0               # of the shared prefix: full blocks of it are cached and shared
     preempted: list[int] = field(default_factory=list)
     replica: list[int] = field(default_factory=list)
 
@@ -73,6 +76,15 @@ class Replica:
         self.waiting: deque[int] = deque()
         self.future: list[tuple[float, int]] = []
         self.per_seq = limits.block_size / 2 + limits.kv_tokens_per_seq   # half a block wasted on average
+        # Automatic prefix caching (vllm/v1/core/kv_cache_manager.py): full blocks of a computed prefix are hashed
+        # and reused; a hit skips their prefill, and their KV is held once however many requests share it.
+        self.prefix_hit = reqs.prefix_tokens // limits.block_size * limits.block_size
+        self.prefix_seen: set[int] = set()
+        self.cached: dict[int, int] = {}   # prefix tokens each running request shares rather than holds
+        self.shared = 0                    # their sum
+        self.prefix_held = 0               # tokens of the cached prefixes, held once
+        self.drain_ok = True               # False while a closed-loop client still has requests to send
+        self.done_times: list[float] = []  # completion times, in order
         self.preemptions = 0
         self.just_preempted = False
         self.time_split = [0.0] * 8   # costs.PHASE_FIELDS summed over the run
@@ -88,16 +100,19 @@ class Replica:
         self.reqs.replica[rid] = self.index
         heapq.heappush(self.future, (t, rid))
 
-    @property
-    def load(self) -> int:
-        return len(self.running) + len(self.waiting) + len(self.future)
+    def load_at(self, t: float) -> int:
+        """Requests this engine holds at time t. Its clock may be past t (it ran to its next event while no arrival
+        was known); completions it made after t had not happened yet at t."""
+        return len(self.running) + len(self.waiting) + len(self.future) + len(self.done_times) - bisect_right(
+            self.done_times, t)
 
     @property
     def busy(self) -> bool:
         return bool(self.running or self.waiting or self.future)
 
     def used(self) -> float:
-        return self.A + self.n_dec * self.G + self.prefill_alloc + self.per_seq * len(self.running)
+        return (self.A + self.n_dec * self.G + self.prefill_alloc + self.per_seq * len(self.running)
+                - self.shared + self.prefix_held)
 
     # ---- one event ----------------------------------------------------------------------
     def step(self, t_limit: float = INF) -> list[float]:
@@ -116,7 +131,7 @@ class Replica:
             if future:
                 self.clock = max(self.clock, future[0][0])
             return []
-        if t_limit == INF and not future and not self.waiting and self._drain():
+        if t_limit == INF and self.drain_ok and not future and not self.waiting and self._drain():
             return [self.reqs.finish[rid] for rid in self._drained]
         cap = self.lim.kv_capacity_tokens
         used = self.used()
@@ -146,12 +161,14 @@ class Replica:
         finish_step = np.array([f for f, _ in live], dtype=float)
         rids = [rid for _, rid in live]
         base = np.array([self.base[rid] for rid in rids], dtype=float)
+        cached = np.array([self.cached.get(rid, 0) for rid in rids], dtype=float)
         n0 = len(rids)
         n = n0 - np.arange(n0)                            # running during the run that ends with request i
         start = np.concatenate(([self.G], finish_step[:-1]))
         acc = self.A - np.concatenate(([0.0], np.cumsum(base)[:-1]))
+        own = self.prefix_held - (self.shared - np.concatenate(([0.0], np.cumsum(cached)[:-1])))   # prefixes, once
         steps = finish_step - start
-        end_use = acc + n * finish_step + self.per_seq * n
+        end_use = acc + n * finish_step + self.per_seq * n + own
         cap = self.lim.kv_capacity_tokens
         if end_use.max() > cap:
             return False
@@ -161,7 +178,7 @@ class Replica:
         done_at = self.clock + np.cumsum(total)
         for i, v in enumerate(phase):
             self.time_split[i] += float(np.sum(v))
-        self.kv_area += float(np.sum((ctx0 + n * steps / 2 + self.per_seq * n) * total))
+        self.kv_area += float(np.sum((ctx0 + n * steps / 2 + self.per_seq * n + own) * total))
         self.kv_peak = max(self.kv_peak, float(end_use.max()) / cap)
         ran = steps > 0
         self.itl.extend(zip((total[ran] / steps[ran]).tolist(), (n[ran] * steps[ran]).tolist()))
@@ -170,7 +187,8 @@ class Replica:
         for rid, t in zip(rids, done_at.tolist()):
             reqs.finish[rid] = t
             reqs.generated[rid] = reqs.output[rid]
-        use_after = acc - base + (n - 1) * (finish_step + self.per_seq)   # once request i has left
+        self.done_times.extend(done_at.tolist())
+        use_after = acc - base + (n - 1) * (finish_step + self.per_seq) + own + cached   # once request i has left
         self.series.extend(zip(done_at.tolist(), (use_after / cap).tolist(), (n - 1).tolist(), [0] * n0,
                                [self.preemptions] * n0))
         self.clock = float(done_at[-1])
@@ -180,6 +198,8 @@ class Replica:
         self.version.clear()
         self.base.clear()
         self.n_dec, self.A = 0, 0
+        self.cached.clear()
+        self.shared = 0
         self._drained = rids
         return True
 
@@ -203,7 +223,8 @@ class Replica:
         budget = lim.max_num_batched_tokens - self.n_dec
         while self.waiting and len(self.running) < lim.max_num_seqs and self.prefill_left < budget:
             rid = self.waiting[0]
-            need = reqs.prompt[rid] + reqs.generated[rid]
+            hit = self.prefix_hit if reqs.prefix_id and reqs.prefix_id[rid] in self.prefix_seen else 0
+            need = reqs.prompt[rid] + reqs.generated[rid] - hit
             # Chunked prefill allocates blocks chunk by chunk: admission needs room for the first chunk only,
             # plus one token for every decoding request in the same step.
             first_chunk = min(need, budget - self.prefill_left)
@@ -211,7 +232,10 @@ class Replica:
                 break
             self.waiting.popleft()
             self.running[rid] = None
-            self.prefill.append([rid, need, 0, 0])
+            if hit:
+                self.cached[rid] = hit
+                self.shared += hit
+            self.prefill.append([rid, need, hit, 0])   # a hit's chunks still attend over the cached prefix
             self.prefill_left += need
             used += first_chunk + self.per_seq
 
@@ -269,6 +293,13 @@ class Replica:
             rid = item[0]
             self.prefill_alloc -= item[3]
             g = reqs.generated[rid] + 1     # the prefill's forward pass samples the next token
+            pid = reqs.prefix_id[rid] if reqs.prefix_id else -1
+            if self.prefix_hit and pid >= 0 and pid not in self.prefix_seen:
+                # Its prefix blocks are now the cached copy: held once, shared by this request as by later ones.
+                self.prefix_seen.add(pid)
+                self.prefix_held += self.prefix_hit
+                self.cached[rid] = self.prefix_hit
+                self.shared += self.prefix_hit
             reqs.generated[rid] = g
             if reqs.first_token[rid] == INF:
                 reqs.first_token[rid] = self.clock
@@ -303,13 +334,16 @@ class Replica:
 
     def _finish(self, rid: int) -> float:
         del self.running[rid]
+        self.shared -= self.cached.pop(rid, 0)
         self.reqs.finish[rid] = self.clock
+        self.done_times.append(self.clock)
         return self.clock
 
     def _preempt(self) -> None:
         """Free the most recently admitted request; it will be recomputed from its prompt and generated tokens."""
         rid = next(reversed(self.running))
         del self.running[rid]
+        self.shared -= self.cached.pop(rid, 0)
         for item in self.prefill:
             if item[0] == rid:
                 self.prefill.remove(item)
@@ -336,28 +370,38 @@ class Replica:
             self.step()
 
 
-def drive(replicas: list[Replica], reqs: RequestTable, mode: str, concurrency: int, router: str) -> None:
-    """Feed requests to the replicas and run them to the end, in global time order when arrivals depend on time."""
+def drive(replicas: list[Replica], reqs: RequestTable, mode: str, concurrency: int, router: str,
+          frontend_s: float = 0.0) -> None:
+    """Feed requests to the replicas and run them to the end, in global time order when arrivals depend on time.
+    A request reaches its engine `frontend_s` after the client sends it (HTTP, tokenisation, the hop to the engine
+    core); its arrival stays the client's send time, so TTFT and E2E are what the client measures."""
     n = len(reqs.prompt)
     if mode == "batch":
         # Everything arrives at t=0: both routers deal round-robin, and the replicas never interact again.
         for rid in range(n):
-            replicas[rid % len(replicas)].submit(rid, 0.0)
+            replicas[rid % len(replicas)].submit(rid, frontend_s)
         for r in replicas:
             r.run_to_end()
         return
     pending: list[tuple[float, int]] = []
-    if mode == "concurrency":
+    closed = mode == "concurrency"
+    if closed:
+        # A closed loop: `concurrency` clients, each sending its next request when its last one completes
+        # (vllm bench serve --max-concurrency); a request's arrival is the moment it is sent.
         next_rid = min(concurrency, n)
         pending = [(0.0, rid) for rid in range(next_rid)]
+        for rid in range(n):
+            reqs.arrival[rid] = 0.0
     else:
         next_rid = n
         pending = [(reqs.arrival[rid], rid) for rid in range(n)]
     heapq.heapify(pending)
+    for r in replicas:
+        r.drain_ok = next_rid >= n
     turn = 0
     while True:
         active = [r for r in replicas if r.busy]
-        t_arrival = pending[0][0] if pending else INF
+        t_arrival = pending[0][0] + frontend_s if pending else INF
         r = min(active, key=lambda x: x.clock) if active else None
         if r is None and not pending:
             return
@@ -367,10 +411,14 @@ def drive(replicas: list[Replica], reqs: RequestTable, mode: str, concurrency: i
                 target = replicas[turn % len(replicas)]
                 turn += 1
             else:
-                target = min(replicas, key=lambda x: (x.load, x.index))
-            target.submit(rid, t)
+                target = min(replicas, key=lambda x: (x.load_at(t), x.index))
+            target.submit(rid, t + frontend_s)
             continue
         for t_done in r.step(t_arrival):
-            if mode == "concurrency" and next_rid < n:
+            if closed and next_rid < n:
+                reqs.arrival[next_rid] = t_done
                 heapq.heappush(pending, (t_done, next_rid))
                 next_rid += 1
+                if next_rid >= n:
+                    for x in replicas:
+                        x.drain_ok = True

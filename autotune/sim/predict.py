@@ -12,6 +12,7 @@ from autotune.sim.engine import EngineLimits, Replica, RequestTable, drive
 from autotune.sim.memory import MemoryPlan, plan_memory, stage_shape
 from autotune.spec.hardware import Cluster
 from autotune.spec.layout import EngineKnobs, Layout, structural_problem
+from autotune.spec.metrics import LATENCY_KEYS, latency_stats
 from autotune.spec.models import ModelSpec
 from autotune.spec.workload import Requests, Workload
 
@@ -51,10 +52,9 @@ class Prediction:
         out = {"layout": self.layout.to_dict(), "label": self.layout.label(), "knobs": self.knobs.to_dict(),
                "feasible": self.feasible, "reason": self.reason}
         keys = ("makespan_s", "output_tok_s", "output_tok_s_per_gpu", "total_tok_s", "total_tok_s_per_gpu",
-                "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "tpot_p50_s", "tpot_p90_s", "tpot_p99_s",
-                "itl_p50_s", "itl_p90_s", "itl_p99_s", "e2e_p50_s", "e2e_p90_s", "e2e_p99_s", "preemptions",
-                "kv_capacity_tokens", "kv_peak_frac", "kv_mean_frac", "bottleneck", "roofline_frac",
-                "time_share", "num_requests", "gpus")
+                *LATENCY_KEYS, "preemptions", "kv_capacity_tokens", "kv_peak_frac", "kv_mean_frac", "bottleneck",
+                "roofline_frac", "time_share", "num_requests", "gpus", "offered_rate", "overloaded",
+                "sustainable_rate")
         out.update({k: self.metrics.get(k) for k in keys})
         if self.memory is not None:
             out["memory_per_gpu"] = {k: self.memory.to_dict()[k] for k in
@@ -63,19 +63,6 @@ class Prediction:
         if with_series:
             out["timeseries"] = self.series
         return out
-
-
-def _pct(values: np.ndarray, q: float) -> float | None:
-    return float(np.percentile(values, q)) if len(values) else None
-
-
-def _weighted_pct(pairs: list[tuple[float, int]], qs: tuple[float, ...]) -> list[float | None]:
-    if not pairs:
-        return [None] * len(qs)
-    arr = np.array(pairs, dtype=float)
-    order = np.argsort(arr[:, 0])
-    vals, cum = arr[order, 0], np.cumsum(arr[order, 1])
-    return [float(vals[min(np.searchsorted(cum, q / 100 * cum[-1]), len(vals) - 1)]) for q in qs]
 
 
 def _bottleneck(cost: dict[str, float], preemptions: int, kv_limited_share: float) -> str:
@@ -135,15 +122,46 @@ def predict(scenario: Scenario, layout: Layout, knobs: EngineKnobs = EngineKnobs
     assert plan is not None
     eff = scenario.calibration.for_gpu(cluster.gpu.name)
     shape = stage_shape(model, layout, knobs.kv_dtype_for(model))
-    cost = StepCost(model, cluster, layout, shape, eff)
+    cost = StepCost(model, cluster, layout, shape, eff, knobs)
     limits = EngineLimits(knobs.max_num_seqs, knobs.max_num_batched_tokens, plan.kv_capacity_tokens,
                           knobs.block_size, shape.kv_bytes_per_seq / max(shape.kv_bytes_per_token, 1.0))
     reqs_in = requests if requests is not None else workload.sample()
     prompt, output, arrival = reqs_in.prompt.tolist(), reqs_in.output.tolist(), reqs_in.arrival.tolist()
-    table = RequestTable(prompt, output, arrival)
+    prefix = reqs_in.prefix_id.tolist() if reqs_in.prefix_tokens and reqs_in.prefix_id is not None else None
+    table = RequestTable(prompt, output, arrival, prefix, reqs_in.prefix_tokens if prefix else 0)
     replicas = [Replica(i, cost, limits, table) for i in range(layout.dp)]
-    drive(replicas, table, workload.mode, workload.concurrency, scenario.router)
-    return Prediction(layout, knobs, True, "", plan, *_summarise(table, replicas, layout, plan))
+    drive(replicas, table, workload.mode, workload.concurrency, scenario.router, cost.frontend_s)
+    metrics, series, engine_series = _summarise(table, replicas, layout, plan)
+    metrics.update(load_verdict(workload, np.array(table.arrival), np.array(table.first_token),
+                                np.array(table.finish), np.array(table.output)))
+    return Prediction(layout, knobs, True, "", plan, metrics, series, engine_series)
+
+
+# An open-loop run counts as overloaded when, at its last arrival, more than this share of the last stage's requests
+# still wait for their first token and that backlog grew over the stage's second half (a stable queue does not grow).
+BACKLOG_SHARE = 0.1
+
+
+def load_verdict(workload: Workload, arrival: np.ndarray, first: np.ndarray, finish: np.ndarray,
+                 output: np.ndarray) -> dict:
+    """For rate-driven loads: the offered rate, whether the layout kept up with it, and when it did not, the rate it
+    sustains (output tokens produced per second over the last stage's second half, in requests of the mean length)."""
+    rate = workload.offered_rate
+    if rate is None:
+        return {"offered_rate": None, "overloaded": None, "sustainable_rate": None}
+    n_last = workload.stages[-1].num_requests if workload.stages else len(arrival)
+    t0, t1 = float(arrival[-n_last]), float(arrival[-1])
+    mid = (t0 + t1) / 2
+
+    def backlog(t: float) -> int:
+        return int(np.sum((arrival <= t) & (first > t)))
+    growing = backlog(t1) > max(1.0, BACKLOG_SHARE * n_last) and backlog(t1) > 1.5 * backlog(mid)
+    span = np.maximum(finish - first, 1e-12)
+    overlap = np.clip(np.minimum(finish, t1) - np.maximum(first, mid), 0.0, None)
+    tokens = float(np.sum(output * overlap / span))
+    sustained = tokens / max(t1 - mid, 1e-12) / float(output.mean())
+    return {"offered_rate": rate, "overloaded": bool(growing),
+            "sustainable_rate": sustained if growing else None}
 
 
 def _summarise(table: RequestTable, replicas: list[Replica], layout: Layout,
@@ -161,7 +179,7 @@ def _summarise(table: RequestTable, replicas: list[Replica], layout: Layout,
     e2e = finish - arrival
     multi = output > 1
     tpot = (finish[multi] - first[multi]) / (output[multi] - 1)
-    itl = _weighted_pct([p for r in replicas for p in r.itl], (50, 90, 99))
+    itl = np.array([p for r in replicas for p in r.itl], dtype=float).reshape(-1, 2)
     cost = {name: sum(r.time_split[i] for r in replicas) for i, name in enumerate(PHASE_FIELDS)}
     preemptions = sum(r.preemptions for r in replicas)
     busy = sum(r.clock for r in replicas) or 1.0
@@ -174,10 +192,8 @@ def _summarise(table: RequestTable, replicas: list[Replica], layout: Layout,
         "output_tok_s_per_gpu": out_tokens / makespan / gpus,
         "total_tok_s": (out_tokens + float(prompt.sum())) / makespan,
         "total_tok_s_per_gpu": (out_tokens + float(prompt.sum())) / makespan / gpus,
-        "ttft_p50_s": _pct(ttft, 50), "ttft_p90_s": _pct(ttft, 90), "ttft_p99_s": _pct(ttft, 99),
-        "tpot_p50_s": _pct(tpot, 50), "tpot_p90_s": _pct(tpot, 90), "tpot_p99_s": _pct(tpot, 99),
-        "itl_p50_s": itl[0], "itl_p90_s": itl[1], "itl_p99_s": itl[2],
-        "e2e_p50_s": _pct(e2e, 50), "e2e_p90_s": _pct(e2e, 90), "e2e_p99_s": _pct(e2e, 99),
+        **latency_stats("ttft", ttft), **latency_stats("tpot", tpot),
+        **latency_stats("itl", itl[:, 0], itl[:, 1]), **latency_stats("e2e", e2e),
         "preemptions": preemptions,
         "kv_capacity_tokens": cap,
         "kv_peak_frac": max(r.kv_peak for r in replicas),

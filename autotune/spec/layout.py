@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, asdict, replace
+from dataclasses import dataclass, asdict, fields, replace
 
 from autotune.errors import UserError
 from autotune.spec.hardware import Cluster, GpuSpec
@@ -80,6 +80,14 @@ class EngineKnobs:
     enable_chunked_prefill: bool = True
     max_model_len: int | None = None
     num_gpu_blocks_override: int | None = None
+    async_scheduling: bool | None = None     # None: vLLM's default (on, except with PP on the V1 model runner)
+    api_server_count: int | None = None      # None: vLLM's default (one API server per DP rank, internal LB)
+
+    @staticmethod
+    def tunable() -> tuple[str, ...]:
+        """The knobs a search space may vary (max_model_len follows the workload): the one list the space schema,
+        the trial rows and the store derive from."""
+        return tuple(f.name for f in fields(EngineKnobs) if f.name != "max_model_len")
 
     def resolved(self, gpu: GpuSpec, default_max_model_len: int) -> "EngineKnobs":
         """Fill vLLM v1's defaults (vllm/engine/arg_utils.py: larger ones on >= 70 GiB GPUs but A100)."""
@@ -90,6 +98,14 @@ class EngineKnobs:
             tokens = max(tokens, self.max_model_len or default_max_model_len)
         return replace(self, max_num_seqs=seqs, max_num_batched_tokens=max(tokens, seqs),
                        max_model_len=self.max_model_len or default_max_model_len)
+
+    def async_scheduling_for(self, layout: Layout) -> bool:
+        # vllm/config/vllm.py: async scheduling defaults on unless pipeline parallelism runs on the V1 model runner.
+        return self.async_scheduling if self.async_scheduling is not None else layout.pp == 1
+
+    def api_servers_for(self, layout: Layout) -> int:
+        # vllm/entrypoints/cli/serve.py: api_server_count defaults to data_parallel_size (internal load balancing).
+        return self.api_server_count or layout.dp
 
     def kv_dtype_for(self, model: ModelSpec) -> str:
         return model.kv_dtype if self.kv_cache_dtype == "auto" else "fp8" if "fp8" in self.kv_cache_dtype else "bf16"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -10,7 +11,8 @@ import yaml
 
 from autotune.errors import UserError
 
-MODES = ("batch", "concurrency", "poisson")
+MODES = ("batch", "concurrency", "poisson", "constant")
+OPEN_LOOP = ("poisson", "constant")   # arrivals at a rate, whatever the server does
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,14 @@ class LengthDist:
         lows = np.array([b[1] for b in self.bins])[which]
         highs = np.array([b[2] for b in self.bins])[which]
         return rng.integers(lows, highs + 1)
+
+    @property
+    def low_value(self) -> int:
+        if self.kind == "fixed":
+            return self.value
+        if self.kind == "lognormal":
+            return self.low
+        return min(b[1] for b in self.bins)
 
     @property
     def max_value(self) -> int:
@@ -75,6 +85,27 @@ class LengthDist:
 
 
 @dataclass(frozen=True)
+class Stage:
+    """One stage of an open-loop load: `rate` requests/s for `duration_s` seconds (inference-perf's load stages)."""
+
+    rate: float
+    duration_s: float
+
+    @property
+    def num_requests(self) -> int:
+        return max(1, round(self.rate * self.duration_s))
+
+
+@dataclass(frozen=True)
+class SharedPrefix:
+    """Prompts that open with one of `distinct` system prompts of `tokens` tokens (counted in the prompt length):
+    vLLM's automatic prefix caching computes each once and shares its full blocks."""
+
+    tokens: int = 0
+    distinct: int = 1
+
+
+@dataclass(frozen=True)
 class Workload:
     name: str
     prompt: LengthDist
@@ -84,9 +115,14 @@ class Workload:
     concurrency: int = 0
     rate: float = 0.0
     seed: int = 0
+    stages: tuple[Stage, ...] = ()
+    prefix: SharedPrefix = SharedPrefix()
 
     def with_(self, **changes) -> "Workload":
-        w = replace(self, **{k: v for k, v in changes.items() if v is not None})
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if "rate" in changes or "num_requests" in changes:
+            changes.setdefault("stages", ())   # a rate or a count given on the command line replaces the stages
+        w = replace(self, **changes)
         w.validate()
         return w
 
@@ -97,27 +133,58 @@ class Workload:
             raise UserError("a workload needs at least one request")
         if self.mode == "concurrency" and self.concurrency < 1:
             raise UserError("mode 'concurrency' needs concurrency >= 1")
-        if self.mode == "poisson" and self.rate <= 0:
-            raise UserError("mode 'poisson' needs a rate > 0 requests/s")
+        if self.stages and self.mode not in OPEN_LOOP:
+            raise UserError(f"stages need an open-loop mode ({', '.join(OPEN_LOOP)}), not '{self.mode}'")
+        for s in self.stages:
+            if not (math.isfinite(s.rate) and s.rate > 0 and math.isfinite(s.duration_s) and s.duration_s > 0):
+                raise UserError("each stage needs a finite rate > 0 requests/s and duration_s > 0")
+        if self.mode in OPEN_LOOP and not self.stages and not (math.isfinite(self.rate) and self.rate > 0):
+            raise UserError(f"mode '{self.mode}' needs a finite rate > 0 requests/s")
+        if self.prefix.tokens < 0 or self.prefix.distinct < 1:
+            raise UserError("shared_prefix needs tokens >= 0 and distinct >= 1")
+        if self.prefix.tokens and self.prefix.tokens >= self.prompt.low_value:
+            raise UserError(f"shared_prefix tokens ({self.prefix.tokens}) must be shorter than every prompt "
+                            f"(shortest {self.prompt.low_value})")
 
     @property
     def max_model_len(self) -> int:
         return int(self.prompt.max_value + self.output.max_value)
 
+    @property
+    def offered_rate(self) -> float | None:
+        """Requests/s an open-loop load sends (the last stage's when staged), None for batch and closed loops."""
+        if self.mode not in OPEN_LOOP:
+            return None
+        return self.stages[-1].rate if self.stages else self.rate
+
     def sample(self) -> "Requests":
         rng = np.random.default_rng(self.seed)
-        n = self.num_requests
+        stages = self.stages or ((Stage(self.rate, self.num_requests / self.rate),) if self.mode in OPEN_LOOP else ())
+        n = sum(s.num_requests for s in stages) if self.stages else self.num_requests
         prompt = self.prompt.sample(rng, n)
         output = self.output.sample(rng, n)
-        if self.mode == "poisson":
-            arrival = np.cumsum(rng.exponential(1.0 / self.rate, n))
-        else:
-            arrival = np.zeros(n)
-        return Requests(prompt=prompt, output=output, arrival=arrival)
+        arrival = np.zeros(n)
+        start, i = 0.0, 0
+        for s in stages:
+            k = s.num_requests if self.stages else n
+            if self.mode == "poisson":
+                gaps = rng.exponential(1.0 / s.rate, k)
+            else:   # constant: one request every 1/rate seconds, the first at the stage's start
+                gaps = np.full(k, 1.0 / s.rate)
+                gaps[0] = 0.0 if i == 0 else gaps[0]
+            arrival[i:i + k] = start + np.cumsum(gaps)
+            start += s.duration_s if self.stages else 0.0
+            i += k
+        prefix_id = (rng.integers(0, self.prefix.distinct, n) if self.prefix.tokens
+                     else np.full(n, -1, dtype=np.int64))
+        return Requests(prompt=prompt, output=output, arrival=arrival, prefix_id=prefix_id,
+                        prefix_tokens=self.prefix.tokens)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "mode": self.mode, "num_requests": self.num_requests,
-                "concurrency": self.concurrency, "rate": self.rate, "seed": self.seed}
+                "concurrency": self.concurrency, "rate": self.rate, "seed": self.seed,
+                "stages": [{"rate": s.rate, "duration_s": s.duration_s} for s in self.stages],
+                "shared_prefix": {"tokens": self.prefix.tokens, "distinct": self.prefix.distinct}}
 
 
 @dataclass(frozen=True)
@@ -125,6 +192,8 @@ class Requests:
     prompt: np.ndarray
     output: np.ndarray
     arrival: np.ndarray = field(repr=False)
+    prefix_id: np.ndarray | None = field(default=None, repr=False)   # which shared prefix, -1 for none
+    prefix_tokens: int = 0
 
     def __len__(self) -> int:
         return len(self.prompt)
@@ -183,10 +252,30 @@ def workload_from_dict(d: object, where: str) -> Workload:
             concurrency=int(d.get("concurrency", 0)),
             rate=float(d.get("rate", 0.0)),
             seed=int(d.get("seed", 0)),
+            stages=_stages(d.get("stages"), where),
+            prefix=_prefix(d.get("shared_prefix"), where),
         )
     except KeyError as exc:
         raise UserError(f"{where}: missing key {exc}") from None
     except (TypeError, ValueError) as exc:
         raise UserError(f"{where}: {exc}") from None
+    if w.stages:
+        w = replace(w, num_requests=sum(s.num_requests for s in w.stages))
     w.validate()
     return w
+
+
+def _stages(raw: object, where: str) -> tuple[Stage, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(s, dict) and set(s) == {"rate", "duration_s"} for s in raw):
+        raise UserError(f"{where}: stages is a list of {{rate: requests/s, duration_s: seconds}}")
+    return tuple(Stage(float(s["rate"]), float(s["duration_s"])) for s in raw)
+
+
+def _prefix(raw: object, where: str) -> SharedPrefix:
+    if raw is None:
+        return SharedPrefix()
+    if not isinstance(raw, dict) or not set(raw) <= {"tokens", "distinct"}:
+        raise UserError(f"{where}: shared_prefix is {{tokens: N, distinct: K}}")
+    return SharedPrefix(int(raw.get("tokens", 0)), int(raw.get("distinct", 1)))

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import numpy as np
 
+from autotune.spec.metrics import latency_stats
 from autotune.spec.workload import Requests, Workload
 
 TOKEN_ID_RANGE = (100, 1000)   # prompt token ids: above any special tokens, inside every vocabulary we serve
@@ -31,9 +32,16 @@ class RequestRecord:
 
 
 def prompts_for(requests: Requests, seed: int) -> list[list[int]]:
-    """Token-id prompts of exactly the sampled lengths (the completions API takes token ids)."""
+    """Token-id prompts of exactly the sampled lengths (the completions API takes token ids); a prompt with a shared
+    prefix opens with that prefix's tokens, so the server's prefix cache sees what the simulator assumes."""
     rng = np.random.default_rng(seed)
-    return [rng.integers(*TOKEN_ID_RANGE, size=int(n)).tolist() for n in requests.prompt]
+    prompts = [rng.integers(*TOKEN_ID_RANGE, size=int(n)).tolist() for n in requests.prompt]
+    if requests.prefix_tokens and requests.prefix_id is not None:
+        prefixes = {int(p): rng.integers(*TOKEN_ID_RANGE, size=requests.prefix_tokens).tolist()
+                    for p in sorted(set(requests.prefix_id.tolist()))}
+        for prompt, pid in zip(prompts, requests.prefix_id.tolist()):
+            prompt[:requests.prefix_tokens] = prefixes[int(pid)]
+    return prompts
 
 
 async def _one(session: aiohttp.ClientSession, url: str, model: str, prompt: list[int], max_tokens: int,
@@ -124,15 +132,12 @@ def summarise(records: list[RequestRecord], gpus: int) -> dict:
     tpot = np.array([(r.finish - r.first_token) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1])
     itl = np.concatenate([np.diff(r.token_times) for r in ok if len(r.token_times) > 1] or [np.zeros(0)])
     answer = np.array([r.first_answer - r.sent for r in ok if r.first_answer is not None])
-
-    def pct(a, q):
-        return float(np.percentile(a, q)) if len(a) else None
     return {
         "num_requests": len(records), "failed_requests": len(records) - len(ok), "gpus": gpus,
         "makespan_s": makespan, "output_tok_s": out / makespan, "output_tok_s_per_gpu": out / makespan / gpus,
         "total_tok_s": total / makespan, "total_tok_s_per_gpu": total / makespan / gpus,
-        **{f"{name}_p{q}_s": pct(arr, q) for name, arr in (("ttft", ttft), ("tpot", tpot), ("itl", itl),
-                                                          ("e2e", e2e)) for q in (50, 90, 99)},
-        "first_answer_p50_s": pct(answer, 50),
+        **latency_stats("ttft", ttft), **latency_stats("tpot", tpot), **latency_stats("itl", itl),
+        **latency_stats("e2e", e2e),
+        "first_answer_p50_s": float(np.median(answer)) if len(answer) else None,
         "finish_reasons": {k: sum(1 for r in ok if r.finish_reason == k) for k in {r.finish_reason for r in ok}},
     }

@@ -1,0 +1,172 @@
+"""The validation set: public real-vLLM measurements (bench/validation/rows_*.csv) and the shared sim-to-real training
+runs (../shared/validation/simreal_train.csv), each turned into a `Run` that replays through the same code path as
+`autotune predict` (Scenario -> predict) and names the prediction key every measured figure compares with."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from autotune.sim.calibration import Calibration
+from autotune.sim.predict import Prediction, Scenario, predict
+from autotune.spec.hardware import Cluster, load_gpu
+from autotune.spec.layout import EngineKnobs, Layout
+from autotune.spec.models import load_model
+from autotune.spec.workload import LengthDist, SharedPrefix, Stage, Workload
+
+HERE = Path(__file__).resolve().parent
+ROWS_DIR = HERE / "validation"
+SHARED = HERE.parents[1] / "shared" / "validation"
+
+# A measured figure -> the prediction key it compares with, and the figure family it is scored in.
+STAT = {"mean": "mean", "median": "p50", "p50": "p50", "p90": "p90", "p99": "p99"}
+FAMILY = {"output_tok_s": "throughput", "total_tok_s": "throughput", "req_s": "throughput",
+          "ttft": "TTFT", "tpot": "TPOT/ITL", "itl": "TPOT/ITL", "e2e": "E2E"}
+# Replays of long constant-rate stages are shortened to this many requests (the same rates, so the same steady
+# state; a stage of 600 s at 6 req/s becomes 50 s) to keep the leave-one-source-out fit within minutes.
+MAX_STAGE_REQUESTS = 300
+MAX_BATCH_REQUESTS = 3000
+# vLLM made async scheduling its default in v0.12 (vllm/config/vllm.py); older servers ran synchronously.
+ASYNC_DEFAULT_SINCE = (0, 12)
+
+
+@dataclass
+class Run:
+    """One measured configuration and the figures measured on it."""
+
+    source: str
+    url: str
+    label: str
+    model: str
+    gpu: str
+    layout: Layout
+    knobs: EngineKnobs
+    workload: Workload
+    figures: list[tuple[str, float]] = field(default_factory=list)   # (prediction key, measured value)
+    uncertain: str = ""
+    split: str = "test"
+
+    def scenario(self, cal: Calibration) -> Scenario:
+        gpu = load_gpu(self.gpu)
+        return Scenario(load_model(self.model), Cluster.of(gpu, max(self.layout.world_size, 1)), self.workload, cal)
+
+    def predict(self, cal: Calibration) -> Prediction:
+        return predict(self.scenario(cal), self.layout, self.knobs)
+
+    @property
+    def key(self) -> tuple:
+        """What identifies the configuration (rows of one run in the long CSV share it)."""
+        w = self.workload
+        return (self.source, self.model, self.gpu, self.layout, self.knobs, w.mode, w.num_requests, w.concurrency,
+                w.rate, w.prompt, w.output, w.stages)
+
+
+def predicted_value(pred: Prediction, key: str) -> float | None:
+    if key == "req_s":
+        return pred.get("num_requests") / pred.get("makespan_s")
+    return pred.get(key)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for p in text.strip().lstrip("v").split(".")[:2]:
+        digits = "".join(ch for ch in p if ch.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def _int(text: str) -> int | None:
+    text = (text or "").strip().replace(",", "")
+    return int(float(text)) if text else None
+
+
+def _model_ref(ref: str, base: Path) -> str:
+    return str((base / ref).resolve()) if ref.startswith("configs/") else ref
+
+
+def load_rows(rows_dir: Path = ROWS_DIR, train_sources: frozenset[str] = frozenset()) -> list[Run]:
+    """The long-format rows (one figure a line) grouped into runs."""
+    runs: dict[tuple, Run] = {}
+    for path in sorted(rows_dir.glob("rows_*.csv")):
+        for line, r in enumerate(csv.DictReader(open(path, newline="")), start=2):
+            try:
+                run = _run_from_row(r, rows_dir)
+            except (ValueError, KeyError) as exc:
+                raise SystemExit(f"{path.name}:{line}: {exc}") from None
+            if run is None:
+                continue
+            metric, stat = r["metric"].strip(), r["statistic"].strip().lower()
+            if metric in ("output_tok_s", "total_tok_s", "req_s"):
+                key = metric
+            else:
+                name = metric.removesuffix("_ms")
+                if name not in FAMILY or stat not in STAT:
+                    raise SystemExit(f"{path.name}:{line}: unknown metric/statistic {metric}/{stat}")
+                key = f"{name}_{STAT[stat]}_s"
+            value = float(r["value"]) / (1e3 if metric.endswith("_ms") else 1.0)
+            run = runs.setdefault(run.key, run)
+            run.figures.append((key, value))
+            if run.source in train_sources:
+                run.split = "train"
+    return list(runs.values())
+
+
+def _run_from_row(r: dict, base: Path) -> Run | None:
+    tp, pp, dp = (_int(r[k]) or 1 for k in ("tp", "pp", "dp"))
+    ep = _int(r["ep"]) or 1
+    layout = Layout(dp=dp, tp=tp, pp=pp, ep=dp * tp if ep > 1 else 1)
+    version = _version(r.get("vllm_version") or "")
+    async_sched = None if version and version >= ASYNC_DEFAULT_SINCE else False
+    knobs = EngineKnobs(max_num_seqs=_int(r["max_num_seqs"]), max_num_batched_tokens=_int(r["max_num_batched_tokens"]),
+                        kv_cache_dtype="fp8" if r.get("kv_cache_dtype", "").strip() == "fp8" else "auto",
+                        async_scheduling=async_sched)
+    mode = r["mode"].strip()
+    concurrency = _int(r["concurrency"]) or 0
+    rate = float(r["rate"]) if r["rate"].strip() and r["rate"].strip() != "inf" else 0.0
+    if mode == "poisson" and not rate:
+        mode = "batch"   # --request-rate inf: every request at t=0
+    n = _int(r["num_requests"]) or (max(10 * concurrency, 200) if mode == "concurrency" else 1000)
+    n = min(n, MAX_BATCH_REQUESTS)
+    inp, out = _int(r["input_len"]), _int(r["output_len"])
+    if not inp or not out:
+        return None
+    w = Workload(r["source_id"], LengthDist("fixed", value=inp), LengthDist("fixed", value=out), mode=mode,
+                 num_requests=n, concurrency=concurrency, rate=rate)
+    label = (f"{r['model']} {r['gpu']} {layout.label()} {inp}/{out} {mode}"
+             + (f" c{concurrency}" if concurrency else "") + (f" r{rate:g}" if rate else "")
+             + (f" seqs{knobs.max_num_seqs}" if knobs.max_num_seqs else ""))
+    return Run(r["source_id"].strip(), r["url"].strip(), label, _model_ref(r["model"].strip(), base),
+               r["gpu"].strip(), layout, knobs, w, uncertain=r.get("uncertain", ""))
+
+
+def load_simreal(path: Path = SHARED / "simreal_train.csv") -> list[Run]:
+    """The shared sim-to-real training runs: constant-rate stages, fixed lengths, shared system prompts."""
+    runs = []
+    if not path.is_file():
+        return runs
+    for r in csv.DictReader(open(path, newline="")):
+        rates = [float(x) for x in r["stage_rates"].split(";")]
+        durations = [float(x) for x in r["stage_durations_s"].split(";")]
+        total = sum(rate * d for rate, d in zip(rates, durations))
+        scale = min(1.0, MAX_STAGE_REQUESTS * len(rates) / total)
+        stages = tuple(Stage(rate, d * scale) for rate, d in zip(rates, durations))
+        w = Workload(r["workload"], LengthDist("fixed", value=int(r["input_len"])),
+                     LengthDist("fixed", value=int(r["output_len"])), mode="constant",
+                     num_requests=sum(s.num_requests for s in stages), stages=stages,
+                     prefix=SharedPrefix(int(r["system_prompt_len"]), int(r["num_unique_system_prompts"])))
+        layout = Layout(dp=int(r["dp"] or 1), tp=int(r["tp"]))
+        knobs = EngineKnobs(max_num_seqs=int(r["max_num_seqs"]), max_num_batched_tokens=int(r["max_num_batched_tokens"]),
+                            max_model_len=int(r["max_model_len"]), gpu_memory_utilization=float(r["gpu_mem_util"]))
+        figures = [(f"{name}_mean_s", float(r[f"gt_{name}_mean_ms"]) / 1e3)
+                   for name in ("e2e", "ttft")] + [("tpot_mean_s", float(r["gt_itl_mean_ms"]) / 1e3)]
+        label = (f"{r['model_hf'].split('/')[-1]} H100 TP{r['tp']} {r['workload']} {r['stage_rates']} req/s "
+                 f"{r['input_len']}/{r['output_len']}")
+        # One source per model: leaving a source out leaves out every run of that model.
+        source = "simreal-" + r["model_hf"].split("/")[-1].lower()
+        runs.append(Run(source, "shared/validation/simreal_train.csv", label,
+                        _model_ref(r["model_ref"], SHARED), r["gpu_ours"], layout, knobs, w, figures,
+                        uncertain=r["confidence"], split="train"))
+    return runs
