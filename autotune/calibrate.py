@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from autotune.errors import UserError
 from autotune.search.space import load_space
@@ -45,20 +45,26 @@ def _error(space, trials: list[dict], cal: Calibration) -> tuple[float, list[tup
     return statistics.median(errs) if errs else float("inf"), rows
 
 
-def calibrate(study_dir: str, base: Calibration) -> tuple[Calibration, list[tuple], list[tuple], float, float]:
-    reader = StudyReader(study_dir)
-    header = reader.header()
-    trials = [t for t in completed(reader)]
-    if not trials:
-        raise UserError(f"{study_dir} has no completed trial to calibrate on")
-    space = load_space(header.get("space_file", "space.yaml"), header["space"])
-    gpu = space.scenario.cluster.gpu.name
+HOLD_OUT_EVERY = 3   # every third measured trial is held out to score the fit out of sample
+
+
+@dataclass
+class CalibrationResult:
+    fitted: Calibration          # fitted on every measured trial: the file that is written
+    before: list[tuple]          # (trial, prediction) with the starting factors
+    after: list[tuple]           # the same with the fitted factors
+    error_before: float          # median |log(predicted / measured)| over every trial, starting factors
+    in_sample: float             # over the trials the split fit saw
+    held_out: float | None       # over the trials it did not see (None with fewer than HOLD_OUT_EVERY trials)
+    all_fitted: float            # over every trial with the written factors (in sample)
+
+
+def _fit(space, trials: list[dict], base: Calibration, gpu: str) -> Calibration:
     eff = base.for_gpu(gpu)
-    before_err, before = _error(space, trials, base)
 
     def with_eff(e: Efficiency) -> Calibration:
         return Calibration(base.base, tuple({**dict(base.per_gpu), gpu: e}.items()), base.source)
-    best_err = before_err
+    best_err, _ = _error(space, trials, base)
     for _ in range(4):           # coordinate descent over multiplicative steps
         improved = False
         for name in FITTED:
@@ -72,6 +78,26 @@ def calibrate(study_dir: str, base: Calibration) -> tuple[Calibration, list[tupl
                     best_err, eff, improved = err, trial_eff, True
         if not improved:
             break
-    fitted = with_eff(eff)
-    _, after = _error(space, trials, fitted)
-    return fitted, before, after, before_err, best_err
+    return with_eff(eff)
+
+
+def calibrate(study_dir: str, base: Calibration) -> CalibrationResult:
+    reader = StudyReader(study_dir)
+    header = reader.header()
+    if header.get("backend") == "sim":
+        raise UserError(f"{study_dir} is a simulated study: it has no measurements to calibrate on "
+                        "(calibrate a study run with --backend vllm)")
+    trials = [t for t in completed(reader)]
+    if not trials:
+        raise UserError(f"{study_dir} has no completed trial to calibrate on")
+    space = load_space(header.get("space_file", "space.yaml"), header["space"])
+    gpu = space.scenario.cluster.gpu.name
+    before_err, before = _error(space, trials, base)
+    held = [t for i, t in enumerate(trials) if i % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1]
+    seen = [t for t in trials if t not in held]
+    split = _fit(space, seen, base, gpu)
+    in_sample, _ = _error(space, seen, split)
+    held_out = _error(space, held, split)[0] if held else None
+    fitted = _fit(space, trials, base, gpu)
+    all_err, after = _error(space, trials, fitted)
+    return CalibrationResult(fitted, before, after, before_err, in_sample, held_out, all_err)

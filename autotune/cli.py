@@ -326,20 +326,25 @@ def cmd_calibrate(args, console) -> int:
     from autotune.calibrate import METRICS, calibrate
     from autotune.sim.calibration import Calibration
 
-    fitted, before, after, err0, err1 = calibrate(args.study_dir, Calibration.load(args.calibration))
+    res = calibrate(args.study_dir, Calibration.load(args.calibration))
     out = Path(args.out or Path(args.study_dir) / "calibration.yaml")
-    fitted.save(out, {"fitted_on": str(args.study_dir), "median_abs_log_error": {"before": err0, "after": err1}})
+    res.fitted.save(out, {"fitted_on": str(args.study_dir),
+                          "median_abs_log_error": {"before": res.error_before, "held_out": res.held_out,
+                                                   "in_sample": res.all_fitted}})
     t = Table(title=f"predicted against measured, before and after calibration ({out})")
     for col in ("#", "layout", "seqs", *(f"{m} {w}" for m in METRICS for w in ("measured", "before", "after"))):
         t.add_column(col, justify="left" if col == "layout" else "right")
-    for (trial, p0), (_, p1) in zip(before, after):
+    for (trial, p0), (_, p1) in zip(res.before, res.after):
         cells = []
         for m in METRICS:
             cells += [f"{trial[m]:.4g}", f"{p0.get(m):.4g}" if p0 else "-", f"{p1.get(m):.4g}" if p1 else "-"]
         t.add_row(str(trial["number"]), trial["label"], str(trial["max_num_seqs"]), *cells)
     console.print(t)
-    console.print(f"median |log(predicted/measured)|: {err0:.3f} before, {err1:.3f} after; "
-                  f"use it with --calibration {out}", highlight=False)
+    held = (f"{res.held_out:.3f} on the held-out third of the trials (fitted on the rest, in sample "
+            f"{res.in_sample:.3f})" if res.held_out is not None else "no held-out figure (fewer than 3 trials)")
+    console.print(f"median |log(predicted/measured)|: {res.error_before:.3f} before; after: {held}; "
+                  f"{res.all_fitted:.3f} in sample with the written factors (fitted on all {len(res.before)} trials). "
+                  f"Use it with --calibration {out}", highlight=False)
     return 0
 
 

@@ -49,7 +49,7 @@ def model_detail(m: ModelSpec) -> Table:
 
 def predictions_table(preds: list[Prediction], title: str) -> Table:
     t = Table(title=title)
-    for col in ("layout", "seqs", "tok/s", "/GPU", "TTFT50 s", "TTFT99 s", "TPOT50 ms", "TPOT99 ms", "E2E50 s",
+    for col in ("layout", "seqs", "tok/s", "/GPU", "TTFT avg s", "TTFT99 s", "TPOT avg ms", "TPOT99 ms", "E2E avg s",
                 "E2E99 s", "preempt", "KV peak", "bound by"):
         t.add_column(col, justify="left" if col in ("layout", "bound by") else "right")
     for p in preds:
@@ -57,10 +57,13 @@ def predictions_table(preds: list[Prediction], title: str) -> Table:
             t.add_row(p.layout.label(), str(p.knobs.max_num_seqs), *["-"] * 10, f"[red]infeasible: {p.reason}")
             continue
         g = p.get
+        bound = g("bottleneck")
+        if g("overloaded"):
+            bound = f"[red]overloaded: sustains {g('sustainable_rate'):.2f} of {g('offered_rate'):g} req/s[/red]; {bound}"
         t.add_row(p.layout.label(), str(p.knobs.max_num_seqs), f"{g('output_tok_s'):,.0f}",
-                  f"{g('output_tok_s_per_gpu'):,.0f}", _s(g("ttft_p50_s")), _s(g("ttft_p99_s")), _ms(g("tpot_p50_s")),
-                  _ms(g("tpot_p99_s")), _s(g("e2e_p50_s")), _s(g("e2e_p99_s")), f"{g('preemptions'):,}",
-                  f"{g('kv_peak_frac'):.0%}", g("bottleneck"))
+                  f"{g('output_tok_s_per_gpu'):,.0f}", _s(g("ttft_mean_s")), _s(g("ttft_p99_s")), _ms(g("tpot_mean_s")),
+                  _ms(g("tpot_p99_s")), _s(g("e2e_mean_s")), _s(g("e2e_p99_s")), f"{g('preemptions'):,}",
+                  f"{g('kv_peak_frac'):.0%}", bound)
     return t
 
 

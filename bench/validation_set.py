@@ -29,6 +29,8 @@ MAX_STAGE_REQUESTS = 300
 MAX_BATCH_REQUESTS = 3000
 # vLLM made async scheduling its default in v0.12 (vllm/config/vllm.py); older servers ran synchronously.
 ASYNC_DEFAULT_SINCE = (0, 12)
+# The V1 engine (the scheduler the simulator models) became vLLM's default in v0.8.0.
+V1_SINCE = (0, 8)
 
 
 @dataclass
@@ -46,6 +48,7 @@ class Run:
     figures: list[tuple[str, float]] = field(default_factory=list)   # (prediction key, measured value)
     uncertain: str = ""
     split: str = "test"
+    engine: str = "V1"   # V1 (vLLM >= 0.8, what the simulator models), V0 (older engines) or unknown
 
     def scenario(self, cal: Calibration) -> Scenario:
         gpu = load_gpu(self.gpu)
@@ -138,8 +141,9 @@ def _run_from_row(r: dict, base: Path) -> Run | None:
     label = (f"{r['model']} {r['gpu']} {layout.label()} {inp}/{out} {mode}"
              + (f" c{concurrency}" if concurrency else "") + (f" r{rate:g}" if rate else "")
              + (f" seqs{knobs.max_num_seqs}" if knobs.max_num_seqs else ""))
+    engine = "unknown" if not version else "V1" if version >= V1_SINCE else "V0"
     return Run(r["source_id"].strip(), r["url"].strip(), label, _model_ref(r["model"].strip(), base),
-               r["gpu"].strip(), layout, knobs, w, uncertain=r.get("uncertain", ""))
+               r["gpu"].strip(), layout, knobs, w, uncertain=r.get("uncertain", ""), engine=engine)
 
 
 def load_simreal(path: Path = SHARED / "simreal_train.csv") -> list[Run]:

@@ -89,6 +89,9 @@ def test_forty_trial_simulated_study_end_to_end(space, tmp_path):
     assert exported.returncode == 0 and (study / "export" / "trials.parquet").is_file()
     listing = json.loads(autotune("studies", "--root", str(tmp_path), "--json").stdout)
     assert listing[0]["trials"] == 40 and listing[0]["status"] == "finished"
+    # A simulated study holds predictions, not measurements: nothing to calibrate on.
+    cal = autotune("calibrate", str(study))
+    assert cal.returncode == 2 and "simulated study" in cal.stderr and not (study / "calibration.yaml").exists()
 
 
 def test_kill_9_then_resume_loses_no_completed_trial(space, tmp_path):

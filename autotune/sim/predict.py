@@ -128,7 +128,7 @@ def predict(scenario: Scenario, layout: Layout, knobs: EngineKnobs = EngineKnobs
     reqs_in = requests if requests is not None else workload.sample()
     prompt, output, arrival = reqs_in.prompt.tolist(), reqs_in.output.tolist(), reqs_in.arrival.tolist()
     prefix = reqs_in.prefix_id.tolist() if reqs_in.prefix_tokens and reqs_in.prefix_id is not None else None
-    table = RequestTable(prompt, output, arrival, prefix, reqs_in.prefix_tokens if prefix else 0)
+    table = RequestTable(prompt, output, arrival, prefix_id=prefix, prefix_tokens=reqs_in.prefix_tokens if prefix else 0)
     replicas = [Replica(i, cost, limits, table) for i in range(layout.dp)]
     drive(replicas, table, workload.mode, workload.concurrency, scenario.router, cost.frontend_s)
     metrics, series, engine_series = _summarise(table, replicas, layout, plan)
@@ -145,7 +145,8 @@ BACKLOG_SHARE = 0.1
 def load_verdict(workload: Workload, arrival: np.ndarray, first: np.ndarray, finish: np.ndarray,
                  output: np.ndarray) -> dict:
     """For rate-driven loads: the offered rate, whether the layout kept up with it, and when it did not, the rate it
-    sustains (output tokens produced per second over the last stage's second half, in requests of the mean length)."""
+    sustains (output tokens produced per second from the last stage's midpoint until the last request starts, in
+    requests of the mean length)."""
     rate = workload.offered_rate
     if rate is None:
         return {"offered_rate": None, "overloaded": None, "sustainable_rate": None}
@@ -156,10 +157,12 @@ def load_verdict(workload: Workload, arrival: np.ndarray, first: np.ndarray, fin
     def backlog(t: float) -> int:
         return int(np.sum((arrival <= t) & (first > t)))
     growing = backlog(t1) > max(1.0, BACKLOG_SHARE * n_last) and backlog(t1) > 1.5 * backlog(mid)
+    # While requests still wait (until the last one starts), an overloaded server runs at its capacity.
+    end = max(float(first.max()), t1)
     span = np.maximum(finish - first, 1e-12)
-    overlap = np.clip(np.minimum(finish, t1) - np.maximum(first, mid), 0.0, None)
+    overlap = np.clip(np.minimum(finish, end) - np.maximum(first, mid), 0.0, None)
     tokens = float(np.sum(output * overlap / span))
-    sustained = tokens / max(t1 - mid, 1e-12) / float(output.mean())
+    sustained = tokens / max(end - mid, 1e-12) / float(output.mean())
     return {"offered_rate": rate, "overloaded": bool(growing),
             "sustainable_rate": sustained if growing else None}
 

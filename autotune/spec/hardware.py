@@ -42,6 +42,8 @@ GPUS: dict[str, GpuSpec] = {g.name: g for g in (
     GpuSpec("H200", 140.4, 4.8, 989, 1979, 450, 50, aliases=("H200-SXM", "H200 SXM")),
     GpuSpec("A100-80GB", 79.2, 2.039, 312, 0, 300, 25, aliases=("A100", "A100-SXM-80GB", "A100 SXM 80GB")),
     GpuSpec("A100-40GB", 39.4, 1.555, 312, 0, 300, 25, aliases=("A100-SXM-40GB", "A100 40GB")),
+    # PCIe cards talk over PCIe Gen4 x16 (32 GB/s theoretical, about 25 GB/s achieved one way): no NVLink.
+    GpuSpec("A100-PCIe-40GB", 39.4, 1.555, 312, 0, 25, 25, aliases=("A100-PCIE-40GB", "A100 PCIe 40GB")),
     GpuSpec("B200", 179.1, 8.0, 2250, 4500, 900, 50, aliases=("B200-SXM",)),
     GpuSpec("MI300X", 192.0, 5.3, 1307, 2615, 448, 50, aliases=("MI300",)),
     GpuSpec("L40S", 44.5, 0.864, 362, 733, 25, 25, aliases=()),

@@ -1,0 +1,120 @@
+"""Loads as clients send them: closed loops, constant and staged rates, shared prefixes, means, overload."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from autotune.errors import UserError
+from autotune.sim.predict import Scenario, predict
+from autotune.spec.hardware import Cluster, load_gpu
+from autotune.spec.layout import EngineKnobs, Layout
+from autotune.spec.metrics import LATENCY_KEYS
+from autotune.spec.models import load_model
+from autotune.spec.workload import LengthDist, SharedPrefix, Stage, Workload, workload_from_dict
+
+
+def _fixed(prompt=512, output=256, **kw) -> Workload:
+    return Workload("t", LengthDist("fixed", value=prompt), LengthDist("fixed", value=output), **kw)
+
+
+def _scenario(workload: Workload, model="Llama-3.1-8B", gpu="H100-SXM", gpus=1) -> Scenario:
+    return Scenario(load_model(model), Cluster.of(load_gpu(gpu), gpus), workload)
+
+
+def test_closed_loop_ttft_is_what_a_slot_limited_client_sees():
+    """16 clients on a layout that runs 16 sequences at once: no request queues, so TTFT is about one prefill
+    (plus the frontend's hop), never the time the client waited for a free slot. Outputs vary in length, so
+    completions (and the follow-ups they trigger) are staggered as in a real run."""
+    w = Workload("t", LengthDist("fixed", value=512), LengthDist("lognormal", median=256, sigma=0.5, low=16, high=2048),
+                 mode="concurrency", concurrency=16, num_requests=200)
+    p = predict(_scenario(w, "Llama-3.1-70B", gpus=16), Layout(dp=4, tp=4))
+    one_prefill = predict(_scenario(_fixed(mode="concurrency", concurrency=1, num_requests=4), "Llama-3.1-70B",
+                                    gpus=4), Layout(tp=4))
+    assert p.get("ttft_p90_s") < 2 * one_prefill.get("ttft_p50_s")
+    # The worst are the 16 sent together at t=0: four prompts prefilled in one step on each replica.
+    assert p.get("ttft_p99_s") < 5 * one_prefill.get("ttft_p50_s")
+
+
+def test_closed_loop_sends_each_follow_up_when_a_request_completes():
+    """A closed loop's arrivals are completion times: the vectorised drain must not finish a whole wave first."""
+    w = Workload("t", LengthDist("fixed", value=256), LengthDist("lognormal", median=300, sigma=0.6, low=16, high=2000),
+                 mode="concurrency", concurrency=8, num_requests=120)
+    p = predict(_scenario(w), Layout(), EngineKnobs(max_num_seqs=64))
+    e2e = p.get("e2e_mean_s")
+    # Each client runs its requests back to back: 120 / 8 = 15 in a row, so the run lasts ~15 mean E2Es, and the
+    # server never holds more than 8: throughput is 8 requests per mean E2E.
+    assert p.get("makespan_s") == pytest.approx(15 * e2e, rel=0.25)
+    assert max(pt["running"] + pt["waiting"] for pt in p.series) <= 8
+
+
+def test_constant_and_staged_arrivals():
+    w = _fixed(mode="constant", stages=(Stage(2.0, 10.0), Stage(5.0, 4.0)), num_requests=40)
+    reqs = w.sample()
+    assert len(reqs) == 40
+    gaps = np.diff(reqs.arrival)
+    assert np.allclose(gaps[:19], 0.5) and np.allclose(gaps[20:], 0.2)
+    assert reqs.arrival[20] == pytest.approx(10.2)
+    poisson = _fixed(mode="poisson", rate=4.0, num_requests=4000).sample()
+    assert np.mean(np.diff(poisson.arrival)) == pytest.approx(0.25, rel=0.05)
+
+
+def test_workload_file_with_stages_and_a_shared_prefix():
+    w = workload_from_dict({"prompt": 600, "output": 200, "mode": "constant",
+                            "stages": [{"rate": 8, "duration_s": 60}, {"rate": 20, "duration_s": 60}],
+                            "shared_prefix": {"tokens": 100, "distinct": 4}}, "w.yaml")
+    assert w.num_requests == 8 * 60 + 20 * 60 and w.offered_rate == 20
+    assert w.prefix == SharedPrefix(100, 4)
+    reqs = w.sample()
+    assert set(reqs.prefix_id.tolist()) == {0, 1, 2, 3}
+    for bad, msg in (({"stages": [{"rate": 0, "duration_s": 5}]}, "rate > 0"),
+                     ({"stages": [{"rate": 1}]}, "stages is a list"),
+                     ({"mode": "batch", "stages": [{"rate": 1, "duration_s": 5}]}, "open-loop"),
+                     ({"shared_prefix": {"tokens": 700}}, "shorter than every prompt"),
+                     ({"rate": float("nan"), "stages": None}, "finite rate")):
+        with pytest.raises(UserError, match=msg):
+            workload_from_dict({"prompt": 600, "output": 200, "mode": "constant", "rate": 1, **bad}, "w.yaml")
+
+
+def test_means_beside_percentiles():
+    p = predict(_scenario(_fixed(mode="poisson", rate=4.0, num_requests=300)), Layout())
+    for key in LATENCY_KEYS:
+        assert p.get(key) is not None, key
+    for name in ("ttft", "tpot", "itl", "e2e"):
+        assert 0 < p.get(f"{name}_mean_s") <= p.get(f"{name}_p99_s")
+    assert set(LATENCY_KEYS) <= set(p.to_json())
+
+
+def test_overload_is_flagged_with_the_sustainable_rate():
+    light = predict(_scenario(_fixed(mode="constant", rate=2.0, num_requests=300)), Layout())
+    assert light.get("overloaded") is False and light.get("sustainable_rate") is None
+    heavy = predict(_scenario(_fixed(mode="constant", rate=200.0, num_requests=3000)), Layout(),
+                    EngineKnobs(max_num_seqs=64))
+    assert heavy.get("overloaded") is True
+    assert 1.0 < heavy.get("sustainable_rate") < 200.0
+    # The layout keeps up just below the rate it was found to sustain.
+    below = predict(_scenario(_fixed(mode="constant", rate=0.7 * heavy.get("sustainable_rate"), num_requests=1500)),
+                    Layout(), EngineKnobs(max_num_seqs=64))
+    assert below.get("overloaded") is False
+
+
+def test_prefix_cache_hits_cut_prefill():
+    base = dict(mode="constant", rate=1.0, num_requests=60)
+    cold = predict(_scenario(_fixed(prompt=4000, output=16, **base), "Llama-3.1-70B", gpus=4), Layout(tp=4))
+    warm = predict(_scenario(_fixed(prompt=4000, output=16, prefix=SharedPrefix(3500, 2), **base), "Llama-3.1-70B",
+                             gpus=4), Layout(tp=4))
+    # 3,488 of 4,000 prompt tokens hit the cache after the first request of each prefix: prefill shrinks ~8x.
+    assert warm.get("ttft_p50_s") < 0.35 * cold.get("ttft_p50_s")
+    assert warm.get("ttft_p99_s") >= cold.get("ttft_p50_s") * 0.8   # the first request of a prefix pays in full
+
+
+def test_cli_constant_mode_means_and_overload_in_json():
+    out = subprocess.run([sys.executable, "-m", "autotune.cli", "predict", "--model", "Llama-3.1-8B", "--gpu",
+                          "H100-SXM", "--gpus", "1", "--layout", "tp=1", "--workload", "chat", "--mode", "constant",
+                          "--rate", "500", "--requests", "3000", "--json"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    d = json.loads(out.stdout)[0]
+    assert d["overloaded"] is True and d["offered_rate"] == 500 and d["sustainable_rate"] < 500
+    assert d["ttft_mean_s"] > 0 and d["e2e_mean_s"] > d["ttft_mean_s"]
