@@ -118,3 +118,16 @@ def test_cli_constant_mode_means_and_overload_in_json():
     d = json.loads(out.stdout)[0]
     assert d["overloaded"] is True and d["offered_rate"] == 500 and d["sustainable_rate"] < 500
     assert d["ttft_mean_s"] > 0 and d["e2e_mean_s"] > d["ttft_mean_s"]
+
+
+def test_api_servers_put_a_floor_under_the_step_and_async_scheduling_hides_cpu_work():
+    """Eight engines streaming through one API server are held to its output rate; with one per engine (vLLM's
+    default) they are not. Synchronous scheduling adds the scheduler's CPU time to every step; async hides it."""
+    w = _fixed(prompt=128, output=512, num_requests=4000)
+    sc = _scenario(w, "Llama-3.1-8B", gpu="H200", gpus=8)
+    default = predict(sc, Layout(dp=8), EngineKnobs(max_num_seqs=512))
+    one = predict(sc, Layout(dp=8), EngineKnobs(max_num_seqs=512, api_server_count=1))
+    ceiling = sc.calibration.for_gpu("H200").api_server_tok_s
+    assert one.get("output_tok_s") <= ceiling * 1.001 < default.get("output_tok_s")
+    sync = predict(sc, Layout(dp=8), EngineKnobs(max_num_seqs=512, async_scheduling=False))
+    assert sync.get("tpot_mean_s") > default.get("tpot_mean_s")

@@ -57,10 +57,10 @@ class Efficiency:
 # The first-principles values above are the priors every fit starts from (bench/accuracy.py cross-validates from
 # them). The shipped factors are fitted on the training split of bench/validation only
 # (`python bench/accuracy.py --fit-defaults`); the test split never informs them.
-# Not yet shipped: the fit on the current training split (kv_read 0.45, flops 0.88, step_overhead_s 4.7e-4,
-# seq_overhead_s 1.25e-5, frontend_latency_s 0.0156; MI300X kv_read 0.225, flops 0.352) breaks two of the study's
-# findings (8B: DP8 best; 32B: no preemption at the winner), a sign that the TP and KV-read costs it compensates for
-# are mis-modelled (the next fidelity issue). Until then the defaults are the priors.
+# Not yet shipped: the fit on the current training split (flops at its bound, tp_kernel_loss 0.03, all-reduce
+# latency 39 us, frontend latency 15.6 ms; MI300X hbm 0.78, kv_read 0.2, flops 0.25) makes TP8 beat DP2xTP4 for a
+# 32B model on 8 H200, against the study's measured finding: the TP costs it compensates for are mis-modelled (the
+# next fidelity issue). Until the model reproduces both, the defaults are the priors.
 PRIOR_EFFICIENCY = Efficiency()
 DEFAULT = PRIOR_EFFICIENCY
 

@@ -120,8 +120,11 @@ class Workload:
 
     def with_(self, **changes) -> "Workload":
         changes = {k: v for k, v in changes.items() if v is not None}
-        if "rate" in changes or "num_requests" in changes:
-            changes.setdefault("stages", ())   # a rate or a count given on the command line replaces the stages
+        if "rate" in changes:
+            changes.setdefault("stages", ())   # a rate given on the command line replaces the stages
+        elif self.stages and "num_requests" in changes and "stages" not in changes:
+            raise UserError("a staged load's request count comes from its stages (rate x duration_s); "
+                            "give --rate to replace the stages with one rate")
         w = replace(self, **changes)
         w.validate()
         return w
