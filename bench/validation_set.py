@@ -5,6 +5,7 @@ runs (../shared/validation/simreal_train.csv), each turned into a `Run` that rep
 from __future__ import annotations
 
 import csv
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,13 +73,10 @@ def predicted_value(pred: Prediction, key: str) -> float | None:
 
 
 def _version(text: str) -> tuple[int, ...]:
-    parts = []
-    for p in text.strip().lstrip("v").split(".")[:2]:
-        digits = "".join(ch for ch in p if ch.isdigit())
-        if not digits:
-            break
-        parts.append(int(digits))
-    return tuple(parts)
+    """(major, minor) of a stated version ('0.10.2', 'v0.9.1 (rocm/...)'); () when none is stated ('unknown',
+    'main @ 5a84b', a guess in words)."""
+    m = re.match(r"v?(\d+)\.(\d+)", text.strip())
+    return (int(m.group(1)), int(m.group(2))) if m else ()
 
 
 def _int(text: str) -> int | None:
