@@ -85,3 +85,10 @@ def test_moe_keys_of_each_family():
                                     "vocab_size": 10, "intermediate_size": 16, "num_local_experts": 8,
                                     "num_experts_per_tok": 2}, "m")
     assert (mixtral.num_experts, mixtral.experts_per_token, mixtral.moe_intermediate_size) == (8, 2, 16)
+
+
+def test_a_catalog_entry_is_found_by_its_hub_id():
+    for name, spec in catalog().items():
+        if spec.hf_id:
+            assert load_model(spec.hf_id).name == name, spec.hf_id
+    assert load_model("META-LLAMA/Llama-3.1-70B-Instruct").name == "Llama-3.1-70B"

@@ -263,7 +263,8 @@ def _normalise(name: str) -> str:
 
 
 def load_model(ref: str) -> ModelSpec:
-    """A catalog name (case-insensitive, with or without an org/ prefix), a model directory or a config.json."""
+    """A catalog name (case-insensitive, with or without an org/ prefix), the Hub id of a catalog entry, a model
+    directory or a config.json."""
     path = Path(ref)
     if path.is_dir():
         path = path / "config.json"
@@ -279,7 +280,9 @@ def load_model(ref: str) -> ModelSpec:
         return model_from_hf_config(cfg, path.parent.name or path.stem, str(path))
     configs = _catalog_configs()
     by_norm = {_normalise(n): n for n in configs}
-    key = by_norm.get(_normalise(ref))
+    # The Hub id each entry was taken from (what `autotune models` prints) names it too; a catalog name wins a tie.
+    by_hub = {cfg["_name_or_path"].lower(): n for n, cfg in configs.items() if cfg.get("_name_or_path")}
+    key = by_norm.get(_normalise(ref)) or by_hub.get(ref.strip().lower())
     if key is None:
         close = difflib.get_close_matches(_normalise(ref), list(by_norm), n=3, cutoff=0.4)
         hint = f"; did you mean {', '.join(by_norm[c] for c in close)}?" if close else "; see `autotune models`"
