@@ -136,6 +136,8 @@ def cmd_predict(args, console) -> int:
         if problem:
             raise UserError(f"layout {text} is impossible for {scenario.model.name} on {scenario.cluster.describe()}: "
                             f"{problem}")
+    if args.series and not args.json:
+        raise UserError("--series adds the KV/queue time series to the JSON output: use it with --json")
     knobs = _knobs(args)
     requests = scenario.workload.sample()
     preds = [predict(scenario, layout, knobs, requests) for layout in layouts]
@@ -307,6 +309,11 @@ def cmd_studies(args, console) -> int:
                      "best_tok_s_per_gpu": top["output_tok_s_per_gpu"] if top else None})
     if args.json:
         print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        where = root.resolve()
+        console.print(f"no study under {where}" + ("" if root.is_dir() else " (no such directory)")
+                      + "; studies are written to ./studies by default, or pass --root DIR", highlight=False)
         return 0
     t = Table(title=f"studies under {root}")
     for col in ("dir", "status", "backend", "model", "cluster", "trials", "complete", "best", "tok/s/GPU"):

@@ -99,3 +99,11 @@ def test_custom_workload_yaml(tmp_path):
     bad = autotune("predict", "--model", "Llama-3.1-8B", "--gpu", "H200", "--gpus", "1", "--layout", "tp=1",
                    "--workload", str(tmp_path / "bad.yaml"))
     assert bad.returncode == 2 and "unknown kind 'weird'" in bad.stderr
+
+
+def test_series_needs_json_and_studies_says_where_it_looked(tmp_path):
+    out = autotune("predict", "--model", "Llama-3.1-8B", "--gpu", "H200", "--gpus", "1", "--layout", "tp=1",
+                   "--requests", "20", "--series")
+    assert out.returncode == 2 and "--json" in out.stderr and "Traceback" not in out.stderr
+    empty = autotune("studies", "--root", str(tmp_path / "nowhere"))
+    assert empty.returncode == 0 and "no study under" in empty.stdout and "nowhere" in empty.stdout
