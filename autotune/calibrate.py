@@ -93,8 +93,8 @@ def calibrate(study_dir: str, base: Calibration) -> CalibrationResult:
     space = load_space(header.get("space_file", "space.yaml"), header["space"])
     gpu = space.scenario.cluster.gpu.name
     before_err, before = _error(space, trials, base)
-    held = [t for i, t in enumerate(trials) if i % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1]
-    seen = [t for t in trials if t not in held]
+    held = trials[HOLD_OUT_EVERY - 1::HOLD_OUT_EVERY]
+    seen = [t for i, t in enumerate(trials) if i % HOLD_OUT_EVERY != HOLD_OUT_EVERY - 1]
     split = _fit(space, seen, base, gpu)
     in_sample, _ = _error(space, seen, split)
     held_out = _error(space, held, split)[0] if held else None

@@ -7,13 +7,14 @@ from __future__ import annotations
 import csv
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from autotune.sim.calibration import Calibration
 from autotune.sim.predict import Prediction, Scenario, predict
 from autotune.spec.hardware import Cluster, load_gpu
 from autotune.spec.layout import EngineKnobs, Layout
-from autotune.spec.models import load_model
+from autotune.spec.models import ModelSpec, load_model
 from autotune.spec.workload import LengthDist, SharedPrefix, Stage, Workload
 
 HERE = Path(__file__).resolve().parent
@@ -51,9 +52,13 @@ class Run:
     split: str = "test"
     engine: str = "V1"   # V1 (vLLM >= 0.8, what the simulator models), V0 (older engines) or unknown
 
+    @cached_property
+    def _model(self) -> ModelSpec:
+        return load_model(self.model)   # parsed once: a fit predicts every run hundreds of times
+
     def scenario(self, cal: Calibration) -> Scenario:
         gpu = load_gpu(self.gpu)
-        return Scenario(load_model(self.model), Cluster.of(gpu, max(self.layout.world_size, 1)), self.workload, cal)
+        return Scenario(self._model, Cluster.of(gpu, max(self.layout.world_size, 1)), self.workload, cal)
 
     def predict(self, cal: Calibration) -> Prediction:
         return predict(self.scenario(cal), self.layout, self.knobs)

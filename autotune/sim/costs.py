@@ -31,7 +31,6 @@ class StepLines:
     weights: float      # the part of m0 that reads weights (the rest of the memory time reads the KV cache)
     comm: float
     overhead: float
-    serial: float
     floor: float
     microbatches: int
 
@@ -131,7 +130,7 @@ class StepCost:
         m1 = self.kv_read_per_ctx / microbatches / (self.bw * self.eff.kv_read) * slow
         overhead = self.overhead_base + self.eff.seq_overhead_s * num_seqs
         floor = self.frontend_s_per_token * num_seqs
-        return StepLines(c0, c1, weights, m1, weights, self._comm(tokens), overhead, self.serial, floor, microbatches)
+        return StepLines(c0, c1, weights, m1, weights, self._comm(tokens), overhead, floor, microbatches)
 
     def lines(self, num_seqs: int, prefill_tokens: int = 0) -> StepLines:
         """Coefficients of a step with num_seqs decoding sequences and prefill_tokens new prompt tokens."""
@@ -145,8 +144,7 @@ class StepCost:
     def lines_array(self, num_seqs: np.ndarray) -> StepLines:
         ln = self._coeffs(num_seqs, 0, np.clip(num_seqs, 1, self.pp))
         weights = np.broadcast_to(ln.weights, num_seqs.shape)
-        return StepLines(ln.c0, ln.c1, weights, ln.m1, weights, ln.comm, ln.overhead, ln.serial, ln.floor,
-                         ln.microbatches)
+        return StepLines(ln.c0, ln.c1, weights, ln.m1, weights, ln.comm, ln.overhead, ln.floor, ln.microbatches)
 
     def step_time(self, num_seqs: int, context: float, prefill_tokens: int = 0,
                   prefill_context: float = 0.0) -> tuple[float, float, float]:
@@ -159,7 +157,7 @@ class StepCost:
         ideal = ln.microbatches / self.stage_slowdown * max(compute * self.flop_scale,
                                                             ln.m0 * self.bw_scale + ln.m1 * context * self.kv_scale)
         gpu = self.pp * (max(compute, memory) + ln.comm)
-        total = combine(gpu + ln.serial, ln.overhead, ln.floor, self.async_scheduling)
+        total = combine(gpu + self.serial, ln.overhead, ln.floor, self.async_scheduling)
         return total, total - gpu, ideal
 
 
@@ -224,7 +222,7 @@ def decode_phase(cost: StepCost, n, context0, steps, ln: StepLines | None = None
     comm = pp * ln.comm * steps
     # Over a run the CPU time and the floor are constant per step while the GPU time grows slowly with context:
     # comparing the sums is exact unless they cross inside the run.
-    total = combine(gpu + comm + ln.serial * steps, ln.overhead * steps, ln.floor * steps, cost.async_scheduling)
+    total = combine(gpu + comm + cost.serial * steps, ln.overhead * steps, ln.floor * steps, cost.async_scheduling)
     overhead = total - gpu - comm
     mbs = ln.microbatches
     return (total, pp * comp, pp * weights, pp * (mem - weights), comm, overhead,

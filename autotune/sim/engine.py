@@ -39,11 +39,11 @@ class RequestTable:
     prompt: list[int]
     output: list[int]
     arrival: list[float]
+    prefix_id: list[int] | None = None   # which shared prefix a prompt opens with, -1 for none
+    prefix_tokens: int = 0               # of the shared prefix: full blocks of it are cached and shared
     generated: list[int] = field(default_factory=list)
     first_token: list[float] = field(default_factory=list)
     finish: list[float] = field(default_factory=list)
-    prefix_id: list[int] | None = None   # which shared prefix a prompt opens with, -1 for none
-    prefix_tokens: int = 0               # of the shared prefix: full blocks of it are cached and shared
     preempted: list[int] = field(default_factory=list)
     replica: list[int] = field(default_factory=list)
 

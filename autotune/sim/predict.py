@@ -128,7 +128,7 @@ def predict(scenario: Scenario, layout: Layout, knobs: EngineKnobs = EngineKnobs
     reqs_in = requests if requests is not None else workload.sample()
     prompt, output, arrival = reqs_in.prompt.tolist(), reqs_in.output.tolist(), reqs_in.arrival.tolist()
     prefix = reqs_in.prefix_id.tolist() if reqs_in.prefix_tokens and reqs_in.prefix_id is not None else None
-    table = RequestTable(prompt, output, arrival, prefix_id=prefix, prefix_tokens=reqs_in.prefix_tokens if prefix else 0)
+    table = RequestTable(prompt, output, arrival, prefix, reqs_in.prefix_tokens if prefix else 0)
     replicas = [Replica(i, cost, limits, table) for i in range(layout.dp)]
     drive(replicas, table, workload.mode, workload.concurrency, scenario.router, cost.frontend_s)
     metrics, series, engine_series = _summarise(table, replicas, layout, plan)

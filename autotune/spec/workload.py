@@ -41,20 +41,13 @@ class LengthDist:
         return rng.integers(lows, highs + 1)
 
     @property
-    def low_value(self) -> int:
+    def bounds(self) -> tuple[int, int]:
+        """The shortest and the longest length it can draw."""
         if self.kind == "fixed":
-            return self.value
+            return self.value, self.value
         if self.kind == "lognormal":
-            return self.low
-        return min(b[1] for b in self.bins)
-
-    @property
-    def max_value(self) -> int:
-        if self.kind == "fixed":
-            return self.value
-        if self.kind == "lognormal":
-            return self.high
-        return max(b[2] for b in self.bins)
+            return self.low, self.high
+        return min(b[1] for b in self.bins), max(b[2] for b in self.bins)
 
     @classmethod
     def from_dict(cls, d: object, where: str) -> "LengthDist":
@@ -145,13 +138,13 @@ class Workload:
             raise UserError(f"mode '{self.mode}' needs a finite rate > 0 requests/s")
         if self.prefix.tokens < 0 or self.prefix.distinct < 1:
             raise UserError("shared_prefix needs tokens >= 0 and distinct >= 1")
-        if self.prefix.tokens and self.prefix.tokens >= self.prompt.low_value:
+        if self.prefix.tokens and self.prefix.tokens >= self.prompt.bounds[0]:
             raise UserError(f"shared_prefix tokens ({self.prefix.tokens}) must be shorter than every prompt "
-                            f"(shortest {self.prompt.low_value})")
+                            f"(shortest {self.prompt.bounds[0]})")
 
     @property
     def max_model_len(self) -> int:
-        return int(self.prompt.max_value + self.output.max_value)
+        return int(self.prompt.bounds[1] + self.output.bounds[1])
 
     @property
     def offered_rate(self) -> float | None:
