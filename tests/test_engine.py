@@ -110,3 +110,24 @@ def test_least_loaded_router_balances_better_than_round_robin(make_scenario):
 def test_two_thousand_request_batch_with_32k_outputs_predicts(make_scenario):
     p = predict(make_scenario("Llama-3.1-8B"), Layout(dp=8))
     assert p.feasible and p.get("num_requests") == 2000 and p.get("makespan_s") > 0
+
+
+def test_all_reduce_takes_vllms_custom_kernel_for_small_messages_and_ncclring_above():
+    from autotune.sim.costs import CUSTOM_ALLREDUCE_MAX_BYTES, allreduce_s
+    bw = 300e9
+    small, large = 1 << 20, 4 * CUSTOM_ALLREDUCE_MAX_BYTES
+    assert allreduce_s(small, 8, bw, 25e-6, 8e-6) == pytest.approx(allreduce_s(small, 8, bw, 25e-6, None) - 17e-6)
+    assert allreduce_s(large, 8, bw, 25e-6, 8e-6) == allreduce_s(large, 8, bw, 25e-6, None)
+    sizes = np.array([small, large], dtype=float)
+    assert allreduce_s(sizes, 8, bw, 25e-6, 8e-6) == pytest.approx([allreduce_s(s, 8, bw, 25e-6, 8e-6) for s in sizes])
+    # Peer memory over PCIe serves two GPUs only; beyond that vLLM falls back to NCCL.
+    m = load_model("Llama-3.1-8B")
+    pcie = [StepCost(m, Cluster.of(load_gpu("A100-PCIe-40GB"), tp), Layout(tp=tp), stage_shape(m, Layout(tp=tp), "bf16"),
+                     DEFAULT, EngineKnobs()).tp_custom_lat for tp in (2, 4)]
+    assert pcie == [DEFAULT.custom_allreduce_latency_s, None]
+
+
+def test_tp_speeds_a_single_stream_up_sub_linearly():
+    # TP divides the weights but not the kernels, the all-reduces or the sampling: TP8 is far from 8x TP1.
+    itl = {tp: _cost("Llama-3.1-8B", Layout(tp=tp), tp).step_time(1, 1000)[0] for tp in (1, 2, 4, 8)}
+    assert itl[1] > itl[2] > itl[4] > itl[8] > itl[1] / 4

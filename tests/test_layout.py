@@ -89,3 +89,15 @@ def test_expert_parallel_splits_whole_experts_over_dp_x_tp():
     ep = stage_shape(ds, Layout(dp=8, ep=8), "bf16")
     assert ep.expert_bytes == pytest.approx(ds.routed_expert_bytes / 8)
     assert ep.non_expert_bytes == pytest.approx(ds.non_expert_layer_bytes + ds.embedding_bytes)
+
+
+def test_without_ep_the_expert_layers_are_still_one_tp_group_over_dp_x_tp():
+    ds = load_model("DeepSeek-R1")
+    no_ep = stage_shape(ds, Layout(dp=8), "bf16")
+    assert no_ep.expert_bytes == pytest.approx(stage_shape(ds, Layout(dp=8, ep=8), "bf16").expert_bytes)
+    # Qwen3-235B-A22B DP8 on 8 H200 and DeepSeek-R1 DP16 on 16 H200 fit without EP, with room for long outputs.
+    for model, layout, gpus in (("Qwen3-235B-A22B", Layout(dp=8), 8), ("DeepSeek-R1", Layout(dp=16), 16)):
+        m = load_model(model)
+        cluster = Cluster.of(load_gpu("H200"), gpus)
+        plan = plan_memory(m, cluster.gpu, layout, EngineKnobs().resolved(cluster.gpu, 33792), DEFAULT)
+        assert plan.problem is None and plan.kv_capacity_tokens > 100_000, (model, plan.problem)

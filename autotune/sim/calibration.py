@@ -15,9 +15,21 @@ from autotune.errors import UserError
 class Efficiency:
     hbm: float = 0.80                   # achieved/peak HBM bandwidth of the weight GEMVs in decode
     kv_read: float = 0.90               # paged-attention KV reads relative to `hbm` (gathers over scattered blocks)
-    flops: float = 0.55                 # achieved/peak tensor FLOP/s in prefill GEMMs
+    flops: float = 0.60                 # achieved/peak tensor FLOP/s of a prefill's large GEMMs and attention
+                                        # (cuBLAS bf16 on H100 reaches 650-750 of 989 TFLOP/s on square GEMMs; a
+                                        # layer's mix of shapes, norms and attention sits near 60%)
+    gemm_ramp_tokens: float = 128.0     # a GEMM of M rows runs at flops x M/(M + this): below one 128-row tile the
+                                        # tensor cores idle (CUTLASS/cuBLAS Hopper tile shapes)
+    kernel_floor_s: float = 2.0e-6      # the least a kernel takes inside a CUDA graph, however small its work
+                                        # (launch, ramp-up and tail of one grid; Nsight traces of decode steps)
+    sampler_bytes_per_logit: float = 32.0  # HBM traffic of sampling per vocabulary entry of each sequence: fp32
+                                        # cast, temperature, softmax, top-k/top-p passes (vllm/v1/sample/sampler.py)
+    tp_bw_loss: float = 0.15            # HBM efficiency lost per TP doubling in decode (GEMVs of narrower shards,
+                                        # fewer KV heads per GPU): empirical, what the modelled TP costs leave out
     link: float = 0.75                  # achieved/peak NVLink or network bandwidth in collectives
-    allreduce_latency_s: float = 20e-6  # one all-reduce within a node (vLLM custom all-reduce)
+    custom_allreduce_latency_s: float = 8e-6  # vLLM's custom all-reduce over peer memory, messages up to 8 MiB
+                                        # (vllm/distributed/device_communicators/custom_all_reduce.py; PR #2192)
+    allreduce_latency_s: float = 25e-6  # one NCCL all-reduce within a node (nccl-tests small-message latency)
     internode_latency_s: float = 35e-6  # one collective across nodes (NCCL over InfiniBand)
     p2p_latency_s: float = 20e-6        # one PP stage hand-off
     alltoall_latency_s: float = 30e-6   # one EP dispatch or combine
@@ -27,7 +39,6 @@ class Efficiency:
     step_overhead_s: float = 0.6e-3     # scheduler, sampler and input preparation of one engine step
     seq_overhead_s: float = 4e-6        # the same, per running sequence
     multiproc_overhead_s: float = 1.0e-3  # MultiprocExecutor broadcast to tp x pp workers, per step
-    tp_kernel_loss: float = 0.12        # efficiency lost per TP doubling (smaller GEMMs, fewer heads per GPU)
     # The frontend (vllm/entrypoints/openai + vllm/v1/engine/async_llm.py): HTTP parsing, tokenisation and the ZMQ
     # hop to the engine core before a request is scheduled, and detokenisation + SSE streaming of every output token
     # in the API server processes, pipelined with the engine (vLLM V1 architecture blog, Jan 2025).
@@ -57,10 +68,6 @@ class Efficiency:
 # The first-principles values above are the priors every fit starts from (bench/accuracy.py cross-validates from
 # them). The shipped factors are fitted on the training split of bench/validation only
 # (`python bench/accuracy.py --fit-defaults`); the test split never informs them.
-# Not yet shipped: the fit on the current training split (flops at its bound, tp_kernel_loss 0.03, all-reduce
-# latency 39 us, frontend latency 15.6 ms; MI300X hbm 0.78, kv_read 0.2, flops 0.25) makes TP8 beat DP2xTP4 for a
-# 32B model on 8 H200, against the study's measured finding: the TP costs it compensates for are mis-modelled (the
-# next fidelity issue). Until the model reproduces both, the defaults are the priors.
 PRIOR_EFFICIENCY = Efficiency()
 DEFAULT = PRIOR_EFFICIENCY
 

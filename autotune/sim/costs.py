@@ -15,6 +15,17 @@ from autotune.spec.layout import EngineKnobs, Layout
 from autotune.spec.models import ModelSpec
 
 BF16 = 2  # activations travel in bf16
+# Kernels of one decoder layer on each GPU in a step (vllm/model_executor/models/llama.py under CUDA graphs): fused
+# add+RMSNorm, QKV GEMM, rotary, KV-cache write, attention, O GEMM, fused add+RMSNorm, gate_up GEMM, SiLU-and-mul,
+# down GEMM. The all-reduces are priced apart, in `_comm`.
+DENSE_LAYER_KERNELS = 10
+# A fused-MoE layer swaps the MLP's three for the router GEMM, top-k softmax, moe_align_block_size, two grouped
+# GEMMs, the activation and the weighted sum (vllm/model_executor/layers/fused_moe/fused_moe.py).
+MOE_LAYER_KERNELS = 14
+# vLLM's custom all-reduce takes messages up to its buffer (max_size 8 MiB) on 2, 4, 6 or 8 GPUs that reach each
+# other's memory (all over NVLink, or two GPUs); NCCL takes the rest (custom_all_reduce.py: should_custom_ar).
+CUSTOM_ALLREDUCE_MAX_BYTES = 8 * 1024**2
+CUSTOM_ALLREDUCE_WORLDS = (2, 4, 6, 8)
 
 
 @dataclass(frozen=True)
@@ -30,14 +41,27 @@ class StepLines:
     m1: float
     weights: float      # the part of m0 that reads weights (the rest of the memory time reads the KV cache)
     comm: float
+    kernels: float      # sampling and the kernels' latency floor, outside the layers' roofline
     overhead: float
     floor: float
     microbatches: int
 
 
-def ring_allreduce_s(nbytes: float, ranks: int, bw: float, latency: float) -> float:
+def ring_allreduce_s(nbytes, ranks: int, bw: float, latency: float):
     # Ring all-reduce moves 2(p-1)/p of the buffer per rank (Patarasuk & Yuan 2009).
     return latency + 2 * (ranks - 1) / ranks * nbytes / bw
+
+
+def allreduce_s(nbytes, ranks: int, bw: float, nccl_latency: float, custom_latency: float | None):
+    """One all-reduce of nbytes (a scalar or an array): vLLM's custom kernel (two shots over peer memory, the same
+    2(p-1)/p traffic as a ring at a fraction of NCCL's latency) up to its buffer size, NCCL's ring above it or
+    where the custom kernel does not apply (custom_latency None)."""
+    nccl = ring_allreduce_s(nbytes, ranks, bw, nccl_latency)
+    if custom_latency is None:
+        return nccl
+    custom = ring_allreduce_s(nbytes, ranks, bw, custom_latency)
+    return np.where(nbytes <= CUSTOM_ALLREDUCE_MAX_BYTES, custom, nccl) if isinstance(nbytes, np.ndarray) \
+        else (custom if nbytes <= CUSTOM_ALLREDUCE_MAX_BYTES else nccl)
 
 
 def touched_fraction(tokens: float, experts: int, top_k: int) -> float:
@@ -53,17 +77,22 @@ class StepCost:
         gpu = cluster.gpu
         self.model, self.layout, self.shape, self.eff = model, layout, shape, eff
         self.pp, self.tp, self.dp, self.ep = layout.pp, layout.tp, layout.dp, layout.ep
-        # Smaller per-GPU GEMMs and fewer heads per GPU lose kernel efficiency as TP grows (sub-linear TP scaling).
-        tp_eff = max(0.5, 1.0 - eff.tp_kernel_loss * math.log2(self.tp))
         dtype = "fp8" if model.weight_dtype == "fp8" else "bf16"
         self.peak_flops = gpu.tflops(dtype) * 1e12
         self.peak_bw = gpu.hbm_tb_s * 1e12
-        self.flops = self.peak_flops * eff.flops * tp_eff
-        self.bw = self.peak_bw * eff.hbm * tp_eff
+        self.flops = self.peak_flops * eff.flops
+        # Decode reads slow down as TP narrows each GPU's shard; the floor keeps a wild calibration physical.
+        self.bw = self.peak_bw * eff.hbm * max(0.5, 1.0 - eff.tp_bw_loss * math.log2(self.tp))
         # Achieved over peak rates: an ideal (roofline) time is an achieved time times these.
         self.flop_scale, self.bw_scale = self.flops / self.peak_flops, self.bw / self.peak_bw
         self.kv_scale = self.bw_scale * eff.kv_read
         self.stage_slowdown = eff.pp_imbalance if self.pp > 1 else 1.0
+        # TP shrinks each GPU's work but not its kernel count: small models at high TP run into this floor.
+        kernels = shape.layers * DENSE_LAYER_KERNELS + shape.moe_layers * (MOE_LAYER_KERNELS - DENSE_LAYER_KERNELS)
+        self.kernels = kernels * eff.kernel_floor_s * self.stage_slowdown
+        # Every TP rank gathers the whole vocabulary's logits and samples every sequence (LogitsProcessor's
+        # all-gather, vllm/v1/sample/sampler.py): this part of a step does not shrink with TP.
+        self.sample_per_seq = model.vocab_size * eff.sampler_bytes_per_logit / self.bw
         frac = shape.layers / model.num_layers
         # 2 FLOPs per parameter per token (Kaplan et al. 2020), on this GPU's share of the stage.
         self.dense_flops_per_token = 2 * (model.compute_params_per_token - model.num_moe_layers
@@ -82,7 +111,9 @@ class StepCost:
         intra = gpu.intra_node_gb_s * 1e9 * eff.link
         inter = gpu.inter_node_gb_s * 1e9 * eff.link
         self.tp_bw, self.tp_lat = (intra, eff.allreduce_latency_s) if self.tp <= per_node else (inter, eff.internode_latency_s)
-        self.ep_bw = intra if self.ep <= per_node else inter
+        custom = self.tp <= per_node and self.tp in CUSTOM_ALLREDUCE_WORLDS and (gpu.nvlink or self.tp == 2)
+        self.tp_custom_lat = eff.custom_allreduce_latency_s if custom else None
+        self.ep_bw = intra if self.dp * self.tp <= per_node else inter     # the expert group spans dp x tp
         self.pp_bw = intra if self.tp * self.pp <= per_node else inter
         self.overhead_base = eff.step_overhead_s
         # The multiprocess executor's broadcast of each step to the tp x pp workers sits between the scheduler and
@@ -98,18 +129,27 @@ class StepCost:
         self._cache: dict[int, StepLines] = {}
 
     # ---- per-microbatch terms ------------------------------------------------------------
-    def _comm(self, tokens: float) -> float:
+    def _comm(self, tokens: float, seqs: float) -> float:
         m, s, e = self.model, self.shape, self.eff
         t = 0.0
         if self.tp > 1:
             # Two all-reduces per layer: after attention and after the MLP (Megatron-LM, Shoeybi et al. 2019).
-            t += 2 * s.layers * ring_allreduce_s(tokens * m.hidden_size * BF16, self.tp, self.tp_bw, self.tp_lat)
+            t += 2 * s.layers * allreduce_s(tokens * m.hidden_size * BF16, self.tp, self.tp_bw, self.tp_lat,
+                                            self.tp_custom_lat)
         if self.ep > 1:
             # Dispatch and combine all-to-all per MoE layer; DP ranks step in lockstep, so tokens come from all.
             moved = tokens * m.experts_per_token * m.hidden_size * BF16 * (self.ep - 1) / self.ep / self.tp
             t += 2 * s.moe_layers * (e.alltoall_latency_s + moved / self.ep_bw)
+        elif m.is_moe and self.dp > 1:
+            # Without EP the DP ranks' tokens are all-gathered into every rank's expert slices and the partial sums
+            # reduce-scattered back (vLLM's allgather_reducescatter all2all backend): (dp-1)/dp of them, each way.
+            moved = tokens * self.dp * m.hidden_size * BF16 * (self.dp - 1) / self.dp
+            t += 2 * s.moe_layers * (e.alltoall_latency_s + moved / self.ep_bw)
         if m.is_moe:
             t += s.moe_layers * e.moe_routing_s
+        if self.tp > 1:
+            # The sampled rows' bf16 logits, vocab-parallel, all-gathered to every rank: (p-1)/p of them arrive.
+            t += self.tp_lat + (self.tp - 1) / self.tp * seqs * m.vocab_size * BF16 / self.tp_bw
         if self.pp > 1:
             # Hand the hidden states to the next stage.
             t += e.p2p_latency_s + tokens * m.hidden_size * BF16 / self.pp_bw
@@ -119,18 +159,26 @@ class StepCost:
         """The step's lines for a running-sequence count, or an array of them (the one place the formula lives)."""
         s = self.shape
         tokens = (num_seqs + prefill_tokens) / microbatches
-        touched = 0.0
-        if self.model.is_moe:
-            expert_tokens = tokens * (self.dp if self.ep > 1 else 1)
-            touched = touched_fraction(expert_tokens, self.model.num_experts, self.model.experts_per_token)
+        m, ramp = self.model, self.eff.gemm_ramp_tokens
+        touched, expert_ramp = 0.0, 0.0
+        if m.is_moe:
+            gather = self.dp    # DP ranks step in lockstep and their tokens meet in the expert layers
+            touched = touched_fraction(tokens * gather, m.num_experts, m.experts_per_token)
+            # Each touched expert's GEMM pays the ramp on its own few rows: ramp x touched experts, in this GPU's
+            # tokens (tokens x top_k spread over E experts).
+            expert_ramp = ramp * touched * m.num_experts / m.experts_per_token / gather
         slow = self.stage_slowdown
         weights = (s.non_expert_bytes + s.expert_bytes * touched) / self.bw * slow
-        c0 = (self.dense_flops_per_token + self.expert_flops_per_token) * tokens / self.flops * slow
+        # A GEMM of M rows at flops x M/(M + ramp) costs as M + ramp rows at full rate: the ramp adds rows.
+        c0 = (self.dense_flops_per_token * (tokens + ramp)
+              + self.expert_flops_per_token * (tokens + expert_ramp)) / self.flops * slow
         c1 = self.attn_flops_per_ctx / microbatches / self.flops * slow
         m1 = self.kv_read_per_ctx / microbatches / (self.bw * self.eff.kv_read) * slow
         overhead = self.overhead_base + self.eff.seq_overhead_s * num_seqs
         floor = self.frontend_s_per_token * num_seqs
-        return StepLines(c0, c1, weights, m1, weights, self._comm(tokens), overhead, floor, microbatches)
+        kernels = self.kernels + self.sample_per_seq * num_seqs / microbatches * slow
+        return StepLines(c0, c1, weights, m1, weights, self._comm(tokens, num_seqs / microbatches), kernels, overhead,
+                         floor, microbatches)
 
     def lines(self, num_seqs: int, prefill_tokens: int = 0) -> StepLines:
         """Coefficients of a step with num_seqs decoding sequences and prefill_tokens new prompt tokens."""
@@ -144,7 +192,8 @@ class StepCost:
     def lines_array(self, num_seqs: np.ndarray) -> StepLines:
         ln = self._coeffs(num_seqs, 0, np.clip(num_seqs, 1, self.pp))
         weights = np.broadcast_to(ln.weights, num_seqs.shape)
-        return StepLines(ln.c0, ln.c1, weights, ln.m1, weights, ln.comm, ln.overhead, ln.floor, ln.microbatches)
+        return StepLines(ln.c0, ln.c1, weights, ln.m1, weights, ln.comm, ln.kernels, ln.overhead, ln.floor,
+                         ln.microbatches)
 
     def step_time(self, num_seqs: int, context: float, prefill_tokens: int = 0,
                   prefill_context: float = 0.0) -> tuple[float, float, float]:
@@ -156,7 +205,7 @@ class StepCost:
         memory = ln.m0 + ln.m1 * context
         ideal = ln.microbatches / self.stage_slowdown * max(compute * self.flop_scale,
                                                             ln.m0 * self.bw_scale + ln.m1 * context * self.kv_scale)
-        gpu = self.pp * (max(compute, memory) + ln.comm)
+        gpu = self.pp * (max(compute, memory) + ln.comm + ln.kernels)
         total = combine(gpu + self.serial, ln.overhead, ln.floor, self.async_scheduling)
         return total, total - gpu, ideal
 
@@ -171,8 +220,8 @@ def combine(gpu, cpu, floor, overlapped: bool):
 
 
 # Where the time of a run of steps went: indexes into the tuples decode_phase returns.
-TOTAL, COMPUTE, WEIGHTS, KV, COMM, OVERHEAD, BUBBLE, IDEAL = range(8)
-PHASE_FIELDS = ("total", "compute", "weights", "kv", "comm", "overhead", "bubble", "ideal")
+TOTAL, COMPUTE, WEIGHTS, KV, COMM, KERNELS, OVERHEAD, BUBBLE, IDEAL = range(9)
+PHASE_FIELDS = ("total", "compute", "weights", "kv", "comm", "kernels", "overhead", "bubble", "ideal")
 
 
 def _arith(a, s, k0, k1):
@@ -220,13 +269,15 @@ def decode_phase(cost: StepCost, n, context0, steps, ln: StepLines | None = None
     weights = ln.weights * (m_hi - m_lo)
     gpu = pp * (comp + mem)
     comm = pp * ln.comm * steps
+    kernels = pp * ln.kernels * steps
     # Over a run the CPU time and the floor are constant per step while the GPU time grows slowly with context:
     # comparing the sums is exact unless they cross inside the run.
-    total = combine(gpu + comm + cost.serial * steps, ln.overhead * steps, ln.floor * steps, cost.async_scheduling)
-    overhead = total - gpu - comm
+    total = combine(gpu + comm + kernels + cost.serial * steps, ln.overhead * steps, ln.floor * steps,
+                    cost.async_scheduling)
+    overhead = total - gpu - comm - kernels
     mbs = ln.microbatches
-    return (total, pp * comp, pp * weights, pp * (mem - weights), comm, overhead,
-            (gpu + comm) * (pp - mbs) / pp,
+    return (total, pp * comp, pp * weights, pp * (mem - weights), comm, kernels, overhead,
+            (gpu + comm + kernels) * (pp - mbs) / pp,
             mbs / cost.stage_slowdown * (comp * cost.flop_scale + weights * cost.bw_scale + (mem - weights) * cost.kv_scale))
 
 

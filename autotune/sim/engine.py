@@ -18,7 +18,7 @@ from collections import deque
 import numpy as np
 from dataclasses import dataclass, field
 
-from autotune.sim.costs import COMPUTE, IDEAL, OVERHEAD, TOTAL, StepCost, decode_phase, steps_within
+from autotune.sim.costs import COMPUTE, IDEAL, OVERHEAD, PHASE_FIELDS, TOTAL, StepCost, decode_phase, steps_within
 
 INF = math.inf
 
@@ -87,7 +87,7 @@ class Replica:
         self.done_times: list[float] = []  # completion times, in order
         self.preemptions = 0
         self.just_preempted = False
-        self.time_split = [0.0] * 8   # costs.PHASE_FIELDS summed over the run
+        self.time_split = [0.0] * len(PHASE_FIELDS)   # summed over the run
         self.kv_area = 0.0
         self.kv_peak = 0.0
         self.kv_limited_s = 0.0

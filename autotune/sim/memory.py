@@ -36,8 +36,10 @@ def stage_shape(model: ModelSpec, layout: Layout, kv_dtype: str) -> StageShape:
     embed = model.embedding_bytes if pp == 1 else model.embedding_bytes / (1 if model.tie_word_embeddings else 2)
     non_expert = (model.non_expert_layer_bytes * frac + embed) / tp
     per_moe_layer = model.routed_expert_bytes / model.num_moe_layers if model.is_moe else 0.0
-    # With --enable-expert-parallel each of the dp x tp ranks holds whole experts; otherwise TP slices every expert.
-    expert = per_moe_layer * moe_layers / (layout.ep if layout.ep > 1 else tp)
+    # The expert layers of a MoE model form one group over dp x tp ranks: with --enable-expert-parallel each rank
+    # holds whole experts, otherwise each holds a 1/(dp x tp) slice of every expert ("expert layers form a tensor
+    # parallel group of size DP x TP": vLLM's data-parallel deployment docs; FusedMoEParallelConfig.make).
+    expert = per_moe_layer * moe_layers / (layout.dp * tp)
     per_layer_kv = model.kv_bytes_per_token_per_layer(kv_dtype)
     if model.is_mla:
         # vLLM replicates the MLA latent cache on every TP rank: TP does not shrink it.

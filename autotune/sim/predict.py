@@ -71,7 +71,7 @@ def _bottleneck(cost: dict[str, float], preemptions: int, kv_limited_share: floa
     if cost["total"] and cost["bubble"] / cost["total"] > 0.25:
         return "pipeline bubbles"
     shares = {"compute": cost["compute"], "HBM bandwidth": cost["weights"] + cost["kv"],
-              "communication": cost["comm"], "scheduler overhead": cost["overhead"]}
+              "communication": cost["comm"], "sampling and small kernels": cost["kernels"], "scheduler overhead": cost["overhead"]}
     return max(shares, key=shares.get)
 
 
@@ -204,6 +204,6 @@ def _summarise(table: RequestTable, replicas: list[Replica], layout: Layout,
         "bottleneck": _bottleneck(cost, preemptions, kv_limited),
         "roofline_frac": cost["ideal"] / cost["total"] if cost["total"] else None,
         "time_share": {k: (cost[k] / cost["total"] if cost["total"] else 0.0)
-                       for k in ("compute", "weights", "kv", "comm", "overhead", "bubble")},
+                       for k in ("compute", "weights", "kv", "comm", "kernels", "overhead", "bubble")},
     }
     return metrics, _aggregate_series(replicas, makespan + start), [_downsample(r.series) for r in replicas]

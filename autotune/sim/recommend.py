@@ -140,6 +140,9 @@ def _limit_detail(p: Prediction) -> str:
     if b == "HBM bandwidth":
         return (f"HBM bandwidth: {share.get('weights', 0):.0%} of the time reading weights, "
                 f"{share.get('kv', 0):.0%} reading the KV cache")
+    if b == "sampling and small kernels":
+        return (f"sampling and small kernels: {share.get('kernels', 0):.0%} of the time sampling over the whole "
+                f"vocabulary on every rank, or in kernels too small to reach the GPU's rates")
     return f"{b}: {share.get('compute' if b == 'compute' else 'overhead', 0):.0%} of the time"
 
 

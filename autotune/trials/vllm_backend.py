@@ -85,6 +85,18 @@ def cpu_binding(world: int) -> str | None:
                     for i in range(world))
 
 
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of this group still runs (zombies do not count: their parent may never reap them)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
 def on_cpu() -> bool:
     try:
         import torch
@@ -147,7 +159,10 @@ class VllmBackend:
         try:
             os.killpg(proc.pid, signal.SIGKILL)    # workers that outlived the server
         except ProcessLookupError:
-            pass
+            return
+        deadline = time.time() + 30      # a killed process lingers a moment on a busy machine
+        while _group_alive(proc.pid) and time.time() < deadline:
+            time.sleep(0.1)
 
     # ---- one trial ------------------------------------------------------------------------
     def run(self, spec: TrialSpec, ctx: StudyContext) -> Iterator[Event]:
