@@ -44,7 +44,7 @@ seed: {seed}
 # A world the simulator is not calibrated to: slower HBM, costlier collectives and scheduling, weaker TP scaling.
 MISCALIBRATED = Calibration(DEFAULT.with_overrides({"hbm": 0.65, "kv_read": 0.8, "allreduce_latency_s": 35e-6,
                                                     "step_overhead_s": 2e-3, "kernel_floor_s": 3e-6,
-                                                    "pp_imbalance": 1.3}, "bench"))
+                                                    "p2p_latency_s": 300e-6}, "bench"))
 
 
 def truth(space, calibration: Calibration | None) -> dict[str, float]:

@@ -131,3 +131,32 @@ def test_tp_speeds_a_single_stream_up_sub_linearly():
     # TP divides the weights but not the kernels, the all-reduces or the sampling: TP8 is far from 8x TP1.
     itl = {tp: _cost("Llama-3.1-8B", Layout(tp=tp), tp).step_time(1, 1000)[0] for tp in (1, 2, 4, 8)}
     assert itl[1] > itl[2] > itl[4] > itl[8] > itl[1] / 4
+
+
+def _decode_tok_s(make_scenario, layout, gpus, concurrency=64, knobs=EngineKnobs()):
+    from autotune.spec.workload import LengthDist, Workload
+    w = Workload("decode", LengthDist("fixed", value=128), LengthDist("fixed", value=1024), mode="concurrency",
+                 concurrency=concurrency, num_requests=3 * concurrency)
+    sc = make_scenario("DeepSeek-R1-Distill-Qwen-14B", gpu="H100-SXM", gpus=gpus)
+    return predict(type(sc)(sc.model, sc.cluster, w), layout, knobs).get("output_tok_s")
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_pp_decodes_at_a_third_to_two_thirds_of_tp_on_the_same_gpus(make_scenario, n):
+    # vLLM issue #15330 (Qwen2.5-14B, 4 GPUs: TP4 decodes ~3x PP4), #6826, #9176: PP runs at 0.3-0.7x of TP.
+    ratio = _decode_tok_s(make_scenario, Layout(pp=n), n) / _decode_tok_s(make_scenario, Layout(tp=n), n)
+    assert 0.3 <= ratio <= 0.72, ratio
+
+
+def test_a_batch_holds_up_to_max_num_seqs_over_pp_so_small_loads_leave_stages_idle(make_scenario):
+    cost = _cost("Llama-3.1-70B", Layout(pp=4), 4)
+    assert cost.batch_cap == 1      # unresolved knobs: a batch per sequence, the balanced pipeline
+    m = load_model("Llama-3.1-70B")
+    capped = StepCost(m, Cluster.of(load_gpu("H200"), 4), Layout(pp=4), stage_shape(m, Layout(pp=4), "bf16"), DEFAULT,
+                      EngineKnobs(max_num_seqs=256))
+    assert [capped.batches(n) for n in (1, 64, 65, 200, 1000)] == [1, 1, 2, 4, 4]
+    # 64 running sequences in one batch of a PP4 pipeline: a smaller max_num_seqs spreads them over the stages. The
+    # stages then read the KV cache in parallel; each batch still re-reads its stage's weights, so the gain is modest.
+    one = _decode_tok_s(make_scenario, Layout(pp=4), 4, knobs=EngineKnobs(max_num_seqs=256))
+    four = _decode_tok_s(make_scenario, Layout(pp=4), 4, knobs=EngineKnobs(max_num_seqs=64))
+    assert 1.1 * one < four < 2 * one

@@ -25,7 +25,7 @@ workload:
   output: {{kind: lognormal, median: 150, sigma: 0.5, min: 16, max: 400}}
   num_requests: {requests}
 dimensions:
-  layout: {{dp: [1], pp: [1], tp: [1, 2], gpus_per_trial: [1, 2]}}
+  layout: {{dp: [1], pp: {pp}, tp: [1, 2], gpus_per_trial: [1, 2]}}
   max_num_seqs: [4, 16]
   gpu_memory_utilization: [0.3]
   block_size: [128]
@@ -44,9 +44,9 @@ def tiny_model(tmp_path_factory):
     return out
 
 
-def write_space(dir_: Path, model: Path, requests=40, blocks=6, trials=4, extra="[]") -> Path:
+def write_space(dir_: Path, model: Path, requests=40, blocks=6, trials=4, extra="[]", pp="[1]") -> Path:
     f = dir_ / "space.yaml"
-    f.write_text(SPACE.format(model=model, requests=requests, blocks=blocks, trials=trials, extra=extra))
+    f.write_text(SPACE.format(model=model, requests=requests, blocks=blocks, trials=trials, extra=extra, pp=pp))
     return f
 
 
@@ -62,14 +62,15 @@ def vllm_processes() -> list[str]:
 
 
 def test_a_real_study_measures_preemptions_and_calibrates(tiny_model, tmp_path):
-    space = write_space(tmp_path, tiny_model)
+    space = write_space(tmp_path, tiny_model, trials=6, pp="[1, 2]")
     study = tmp_path / "study"
     out = autotune("run", str(space), "--study-dir", str(study))
     assert out.returncode == 0, out.stderr[-3000:]
     reader = StudyReader(study)
     trials = reader.trials()
-    assert len(trials) == 4 and all(t["state"] == "COMPLETE" for t in trials), [t["reason"] for t in trials]
-    assert {(t["tp"], t["max_num_seqs"]) for t in trials} == {(1, 4), (1, 16), (2, 4), (2, 16)}
+    assert len(trials) == 6 and all(t["state"] == "COMPLETE" for t in trials), [t["reason"] for t in trials]
+    assert {(t["tp"], t["pp"], t["max_num_seqs"]) for t in trials} == {(tp, pp, s) for tp, pp in ((1, 1), (2, 1), (1, 2))
+                                                                       for s in (4, 16)}
     for t in trials:
         assert t["output_tok_s"] > 0 and 0 < t["ttft_p50_s"] <= t["e2e_p99_s"] and t["tpot_p50_s"] > 0
         assert t["kv_capacity_tokens"] == 6 * 128 and t["predicted_output_tok_s"] > 0
@@ -77,15 +78,16 @@ def test_a_real_study_measures_preemptions_and_calibrates(tiny_model, tmp_path):
     assert max(t["preemptions"] for t in trials) > 0
     series = reader.query("SELECT number, max(kv_frac) AS kv, max(preemptions) AS p, count(*) AS n "
                           "FROM trial_series GROUP BY number")
-    assert len(series) == 4 and all(s["n"] >= 2 for s in series) and max(s["kv"] for s in series) > 0.9
+    assert len(series) == 6 and all(s["n"] >= 2 for s in series) and max(s["kv"] for s in series) > 0.9
     reasons = reader.query("SELECT waiting_by_reason FROM trial_series WHERE waiting_by_reason IS NOT NULL LIMIT 1")
     assert reasons and "capacity" in json.loads(reasons[0]["waiting_by_reason"])
     assert not vllm_processes()
     best = json.loads(autotune("best", str(study), "--json").stdout)
-    assert best["label"] in ("TP1", "TP2")
+    assert best["label"] in ("TP1", "TP2", "PP2")
     cal = autotune("calibrate", str(study))
     assert cal.returncode == 0, cal.stderr
     assert (study / "calibration.yaml").is_file() and "held-out" in cal.stdout and "in sample" in cal.stdout
+    assert "PP2" in cal.stdout and "TP2" in cal.stdout      # the simulator against both, trial by trial
     pred = autotune("predict", "--model", str(tiny_model), "--gpu", "CPU", "--gpus", "1", "--layout", "tp=1",
                     "--requests", "40", "--calibration", str(study / "calibration.yaml"), "--json")
     assert pred.returncode == 0, pred.stderr

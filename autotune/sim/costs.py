@@ -86,10 +86,9 @@ class StepCost:
         # Achieved over peak rates: an ideal (roofline) time is an achieved time times these.
         self.flop_scale, self.bw_scale = self.flops / self.peak_flops, self.bw / self.peak_bw
         self.kv_scale = self.bw_scale * eff.kv_read
-        self.stage_slowdown = eff.pp_imbalance if self.pp > 1 else 1.0
         # TP shrinks each GPU's work but not its kernel count: small models at high TP run into this floor.
         kernels = shape.layers * DENSE_LAYER_KERNELS + shape.moe_layers * (MOE_LAYER_KERNELS - DENSE_LAYER_KERNELS)
-        self.kernels = kernels * eff.kernel_floor_s * self.stage_slowdown
+        self.kernels = kernels * eff.kernel_floor_s
         # Every TP rank gathers the whole vocabulary's logits and samples every sequence (LogitsProcessor's
         # all-gather, vllm/v1/sample/sampler.py): this part of a step does not shrink with TP.
         self.sample_per_seq = model.vocab_size * eff.sampler_bytes_per_logit / self.bw
@@ -122,6 +121,13 @@ class StepCost:
         # vLLM's async scheduling (on by default since it matured, off with PP on the V1 model runner:
         # vllm/config/vllm.py) prepares step k+1 while the GPU runs step k.
         self.async_scheduling = knobs.async_scheduling_for(layout)
+        # With PP the engine core keeps up to pp batches in flight (EngineCore.step_with_batch_queue): it schedules
+        # and processes the outputs of one batch while the others run, so its CPU work overlaps the GPUs as well.
+        self.overlapped = self.async_scheduling or self.pp > 1
+        # A running request rides in the batch it was scheduled in until its token is back, and the scheduler fills
+        # each batch greedily up to max_num_seqs / pp (vLLM PR #28286): fewer sequences than that make fewer
+        # batches than stages, and the other stages idle.
+        self.batch_cap = math.ceil(knobs.max_num_seqs / self.pp) if knobs.max_num_seqs else 1
         # Every DP engine's tokens are detokenised and streamed by the API server processes, shared by all engines.
         self.frontend_s_per_token = self.dp / (knobs.api_servers_for(layout) * eff.api_server_tok_s)
         # A request reaches the engine core this long after the client sent it (HTTP, tokenisation, ZMQ hop).
@@ -151,8 +157,13 @@ class StepCost:
             # The sampled rows' bf16 logits, vocab-parallel, all-gathered to every rank: (p-1)/p of them arrive.
             t += self.tp_lat + (self.tp - 1) / self.tp * seqs * m.vocab_size * BF16 / self.tp_bw
         if self.pp > 1:
-            # Hand the hidden states to the next stage.
-            t += e.p2p_latency_s + tokens * m.hidden_size * BF16 / self.pp_bw
+            # Hand hidden states and residual to the next stage: metadata over the CPU group, then each TP rank sends
+            # its 1/tp slice and the receiving ranks all-gather them (send_tensor_dict with all_gather_group,
+            # vllm/distributed/parallel_state.py).
+            handoff = 2 * tokens * m.hidden_size * BF16
+            t += e.p2p_latency_s + handoff / self.tp / self.pp_bw
+            if self.tp > 1:
+                t += self.tp_lat + (self.tp - 1) / self.tp * handoff / self.tp_bw
         return t
 
     def _coeffs(self, num_seqs, prefill_tokens, microbatches) -> StepLines:
@@ -167,30 +178,36 @@ class StepCost:
             # Each touched expert's GEMM pays the ramp on its own few rows: ramp x touched experts, in this GPU's
             # tokens (tokens x top_k spread over E experts).
             expert_ramp = ramp * touched * m.num_experts / m.experts_per_token / gather
-        slow = self.stage_slowdown
-        weights = (s.non_expert_bytes + s.expert_bytes * touched) / self.bw * slow
+        weights = (s.non_expert_bytes + s.expert_bytes * touched) / self.bw
         # A GEMM of M rows at flops x M/(M + ramp) costs as M + ramp rows at full rate: the ramp adds rows.
         c0 = (self.dense_flops_per_token * (tokens + ramp)
-              + self.expert_flops_per_token * (tokens + expert_ramp)) / self.flops * slow
-        c1 = self.attn_flops_per_ctx / microbatches / self.flops * slow
-        m1 = self.kv_read_per_ctx / microbatches / (self.bw * self.eff.kv_read) * slow
-        overhead = self.overhead_base + self.eff.seq_overhead_s * num_seqs
+              + self.expert_flops_per_token * (tokens + expert_ramp)) / self.flops
+        c1 = self.attn_flops_per_ctx / microbatches / self.flops
+        m1 = self.kv_read_per_ctx / microbatches / (self.bw * self.eff.kv_read)
+        # The scheduler's fixed cost is per batch: with PP, `microbatches` batches make one step of every sequence.
+        overhead = self.overhead_base * microbatches + self.eff.seq_overhead_s * num_seqs
         floor = self.frontend_s_per_token * num_seqs
-        kernels = self.kernels + self.sample_per_seq * num_seqs / microbatches * slow
+        kernels = self.kernels + self.sample_per_seq * num_seqs / microbatches
         return StepLines(c0, c1, weights, m1, weights, self._comm(tokens, num_seqs / microbatches), kernels, overhead,
                          floor, microbatches)
 
     def lines(self, num_seqs: int, prefill_tokens: int = 0) -> StepLines:
         """Coefficients of a step with num_seqs decoding sequences and prefill_tokens new prompt tokens."""
         if prefill_tokens:
-            return self._coeffs(num_seqs, prefill_tokens, max(1, min(self.pp, num_seqs)))
+            return self._coeffs(num_seqs, prefill_tokens, self.batches(num_seqs))
         cached = self._cache.get(num_seqs)
         if cached is None:
-            cached = self._cache[num_seqs] = self._coeffs(num_seqs, 0, max(1, min(self.pp, num_seqs)))
+            cached = self._cache[num_seqs] = self._coeffs(num_seqs, 0, self.batches(num_seqs))
         return cached
 
+    def batches(self, num_seqs):
+        """Batches in flight (the pipeline's microbatches) for a running-sequence count, or an array of them."""
+        if isinstance(num_seqs, np.ndarray):
+            return np.clip(np.ceil(num_seqs / self.batch_cap), 1, self.pp)
+        return max(1, min(self.pp, math.ceil(num_seqs / self.batch_cap)))
+
     def lines_array(self, num_seqs: np.ndarray) -> StepLines:
-        ln = self._coeffs(num_seqs, 0, np.clip(num_seqs, 1, self.pp))
+        ln = self._coeffs(num_seqs, 0, self.batches(num_seqs))
         weights = np.broadcast_to(ln.weights, num_seqs.shape)
         return StepLines(ln.c0, ln.c1, weights, ln.m1, weights, ln.comm, ln.kernels, ln.overhead, ln.floor,
                          ln.microbatches)
@@ -203,10 +220,9 @@ class StepCost:
         # A prefill chunk's attention is compute-bound: it reads its context once but multiplies by every new token.
         compute = ln.c0 + ln.c1 * context + self.attn_flops_per_ctx * prefill_context / self.flops
         memory = ln.m0 + ln.m1 * context
-        ideal = ln.microbatches / self.stage_slowdown * max(compute * self.flop_scale,
-                                                            ln.m0 * self.bw_scale + ln.m1 * context * self.kv_scale)
+        ideal = ln.microbatches * max(compute * self.flop_scale, ln.m0 * self.bw_scale + ln.m1 * context * self.kv_scale)
         gpu = self.pp * (max(compute, memory) + ln.comm + ln.kernels)
-        total = combine(gpu + self.serial, ln.overhead, ln.floor, self.async_scheduling)
+        total = combine(gpu + self.serial, ln.overhead, ln.floor, self.overlapped)
         return total, total - gpu, ideal
 
 
@@ -273,12 +289,12 @@ def decode_phase(cost: StepCost, n, context0, steps, ln: StepLines | None = None
     # Over a run the CPU time and the floor are constant per step while the GPU time grows slowly with context:
     # comparing the sums is exact unless they cross inside the run.
     total = combine(gpu + comm + kernels + cost.serial * steps, ln.overhead * steps, ln.floor * steps,
-                    cost.async_scheduling)
+                    cost.overlapped)
     overhead = total - gpu - comm - kernels
     mbs = ln.microbatches
     return (total, pp * comp, pp * weights, pp * (mem - weights), comm, kernels, overhead,
             (gpu + comm + kernels) * (pp - mbs) / pp,
-            mbs / cost.stage_slowdown * (comp * cost.flop_scale + weights * cost.bw_scale + (mem - weights) * cost.kv_scale))
+            mbs * (comp * cost.flop_scale + weights * cost.bw_scale + (mem - weights) * cost.kv_scale))
 
 
 def steps_within(cost: StepCost, n: int, context0: float, budget_s: float, max_steps: int) -> int:

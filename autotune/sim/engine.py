@@ -75,7 +75,8 @@ class Replica:
         self.prefill_left = 0
         self.waiting: deque[int] = deque()
         self.future: list[tuple[float, int]] = []
-        self.per_seq = limits.block_size / 2 + limits.kv_tokens_per_seq   # half a block wasted on average
+        # The last block of a sequence is partly empty; sliding-window layers hold a fixed amount per sequence.
+        self.per_seq = limits.block_size * (1 - cost.eff.last_block_fill) + limits.kv_tokens_per_seq
         # Automatic prefix caching (vllm/v1/core/kv_cache_manager.py): full blocks of a computed prefix are hashed
         # and reused; a hit skips their prefill, and their KV is held once however many requests share it.
         self.prefix_hit = reqs.prefix_tokens // limits.block_size * limits.block_size

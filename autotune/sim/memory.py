@@ -71,14 +71,12 @@ class MemoryPlan:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-def activation_bytes(model: ModelSpec, layout: Layout, knobs: EngineKnobs) -> float:
+def activation_bytes(model: ModelSpec, layout: Layout, knobs: EngineKnobs, eff: Efficiency) -> float:
     """Peak of vLLM's profiling forward pass: max_num_batched_tokens through one layer, plus sampler logits."""
     tokens = knobs.max_num_batched_tokens
     ffn = max(model.intermediate_size, model.moe_intermediate_size * max(model.experts_per_token, 1))
-    # Hidden states, residual, QKV and the gated FFN's intermediate tensors in bf16.
-    per_token = (6 * model.hidden_size + 3 * ffn / layout.tp) * 2
-    # fp32 logits of the sampled rows and a temporary copy in the sampler.
-    logits = knobs.max_num_seqs * model.vocab_size * 4 * 2
+    per_token = (eff.activation_hidden_copies * model.hidden_size + eff.activation_ffn_copies * ffn / layout.tp) * 2
+    logits = knobs.max_num_seqs * model.vocab_size * 4 * eff.logit_copies
     return tokens * per_token + logits
 
 
@@ -88,7 +86,7 @@ def plan_memory(model: ModelSpec, gpu: GpuSpec, layout: Layout, knobs: EngineKno
     kv_dtype = knobs.kv_dtype_for(model)
     shape = stage_shape(model, layout, kv_dtype)
     weights = shape.non_expert_bytes + shape.expert_bytes
-    act = activation_bytes(model, layout, knobs)
+    act = activation_bytes(model, layout, knobs, eff)
     overhead = (eff.fixed_memory_gib + (eff.comm_buffer_gib if layout.world_size > 1 else 0.0)) * GIB
     usable = gpu.memory_bytes * knobs.gpu_memory_utilization
     kv_bytes = usable - weights - act - overhead
