@@ -259,6 +259,9 @@ def cmd_best(args, console) -> int:
         console.print(_trials_table([row], f"best of {header['name']} ({header['model']} on {header['cluster']})"))
         if row.get("serve_command"):
             console.print(f"deploy: {row['serve_command']}", highlight=False, soft_wrap=True)
+    if not row.get("feasible_slo"):
+        print("no completed trial meets the SLOs: the one above is the best that violates them", file=sys.stderr)
+        return 1
     return 0
 
 

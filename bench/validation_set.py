@@ -161,7 +161,9 @@ def _run_from_row(r: dict, base: Path) -> Run | None:
     label = (f"{r['model']} {r['gpu']} {layout.label()} {inp}/{out} {mode}"
              + (f" c{concurrency}" if concurrency else "") + (f" r{rate:g}" if rate else "")
              + (f" seqs{knobs.max_num_seqs}" if knobs.max_num_seqs else ""))
-    engine = "unknown" if not version else "V1" if version >= V1_SINCE else "V0"
+    # A row can say that its run fell back to V0 whatever its version (vLLM 0.8's PP did; the log says so).
+    stated = r.get("vllm_version") or ""
+    engine = "V0" if "V0" in stated else "unknown" if not version else "V1" if version >= V1_SINCE else "V0"
     return Run(r["source_id"].strip(), r["url"].strip(), label, _model_ref(r["model"].strip(), base),
                r["gpu"].strip(), layout, knobs, w, uncertain=r.get("uncertain", ""), engine=engine)
 

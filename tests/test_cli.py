@@ -107,3 +107,18 @@ def test_series_needs_json_and_studies_says_where_it_looked(tmp_path):
     assert out.returncode == 2 and "--json" in out.stderr and "Traceback" not in out.stderr
     empty = autotune("studies", "--root", str(tmp_path / "nowhere"))
     assert empty.returncode == 0 and "no study under" in empty.stdout and "nowhere" in empty.stdout
+
+
+def test_best_says_when_no_trial_meets_the_slos_and_exits_1(tmp_path):
+    from store.writer import StudyWriter
+    from tests.fake_study import add_trial, build
+    build(tmp_path / "ok", trials=4).close()
+    out = autotune("best", str(tmp_path / "ok"), "--json")
+    assert out.returncode == 0 and json.loads(out.stdout)["feasible_slo"] is True
+    w = StudyWriter(tmp_path / "none", flush_s=0.1)
+    w.write_header({"name": "violators", "backend": "sim", "model": "m", "cluster": "1 x 8 H200",
+                    "objectives": [{"metric": "output_tok_s_per_gpu", "direction": "maximize"}]})
+    add_trial(w, 2, tmp_path / "none")      # every third fixture trial violates the SLOs
+    w.close()
+    out = autotune("best", str(tmp_path / "none"))
+    assert out.returncode == 1 and "no completed trial meets the SLOs" in out.stderr and "Traceback" not in out.stderr
