@@ -69,6 +69,7 @@ def test_forty_trial_simulated_study_end_to_end(space, tmp_path):
     out = autotune("run", str(space), "--study-dir", str(study))
     assert out.returncode == 0, out.stderr[-2000:]
     assert "progress 40/40" in out.stdout
+    assert "Token authentication" not in out.stderr + out.stdout     # Ray keeps it on, quietly
     reader = StudyReader(study)
     trials = reader.trials()
     assert len(trials) == 40 and [t["number"] for t in trials] == list(range(40))

@@ -4,6 +4,7 @@ A thread per trial drains the actor's event stream into one queue that the study
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
@@ -44,6 +45,9 @@ def start_ray(address: str | None) -> None:
         if address:
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
         else:
+            # Ray turns token authentication on for a new local cluster (good) and warns about it on every start
+            # (noise the user cannot act on): keep the former, drop the latter.
+            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
             ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False,
                      log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
