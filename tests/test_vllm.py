@@ -121,3 +121,37 @@ def test_sigterm_mid_trial_leaves_no_vllm_process(tiny_model, tmp_path):
     trials = StudyReader(study).trials()
     assert trials[0]["state"] == "FAIL" and trials[0]["reason"] == "interrupted"
     assert StudyReader(study).header()["status"] == "interrupted"
+
+
+def test_a_port_taken_before_the_server_binds_it_is_retried(tiny_model, tmp_path, monkeypatch):
+    import socket
+
+    from autotune.sim.calibration import Calibration
+    from autotune.spec.hardware import Cluster, load_gpu
+    from autotune.spec.layout import EngineKnobs, Layout
+    from autotune.spec.models import load_model
+    from autotune.spec.trial import TrialSpec
+    from autotune.spec.workload import LengthDist, Workload
+    from autotune.trials import vllm_backend
+    from autotune.trials.backend import StudyContext
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    ports = iter([taken.getsockname()[1]])     # the first pick is already bound by someone else
+    real_free_port = vllm_backend.free_port
+    monkeypatch.setattr(vllm_backend, "free_port", lambda host: next(ports, None) or real_free_port(host))
+    monkeypatch.setattr(vllm_backend, "node_address", lambda: "127.0.0.1")
+    work = Workload("tiny", LengthDist("fixed", value=32), LengthDist("fixed", value=16), num_requests=8)
+    ctx = StudyContext(load_model(str(tiny_model)), Cluster.of(load_gpu("CPU"), 1), work, Calibration(),
+                       str(tmp_path), model_ref=str(tiny_model))
+    knobs = EngineKnobs(max_num_seqs=4, gpu_memory_utilization=0.3, block_size=128, num_gpu_blocks_override=8)
+    try:
+        events = list(vllm_backend.VllmBackend().run(TrialSpec(0, Layout(), knobs), ctx))
+    finally:
+        taken.close()
+    logs = [e.payload for e in events if e.kind == "log"]
+    result = events[-1].payload
+    assert any(line.startswith("port taken") for line in logs), logs
+    assert result.ok, result.reason
+    assert not vllm_processes()

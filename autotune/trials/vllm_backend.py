@@ -41,7 +41,10 @@ FAILURES = (
     (("error: argument", "unrecognized arguments", "invalid choice", "error: the following arguments"),
      "invalid argument"),
     (("Available memory on node",), "not enough host memory"),
+    (("address already in use", "Address already in use"), "port taken"),
 )
+# The free port is picked before the server binds it, so another process can take it in between: try again.
+PORT_TRIES = 3
 
 
 def classify(log_tail: str, phase: str) -> str:
@@ -167,8 +170,6 @@ class VllmBackend:
     # ---- one trial ------------------------------------------------------------------------
     def run(self, spec: TrialSpec, ctx: StudyContext) -> Iterator[Event]:
         host = node_address()
-        port = free_port(host)
-        base = f"http://{host}:{port}"
         log_path = Path(ctx.study_dir) / "logs" / f"trial-{spec.number}.server.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
@@ -180,18 +181,26 @@ class VllmBackend:
         except ValueError as exc:
             yield Event("result", TrialResult(spec.number, False, f"invalid argument: {exc}"))
             return
-        cmd = self.command(spec, ctx, host, port)
         sampler = _nvml()
         if sampler:
             self._baseline_used = sum(r["mem_used_bytes"] for r in sampler.sample())
             sampler.close()
-        yield Event("log", "starting: " + " ".join(cmd))
         started = time.time()
-        with open(log_path, "w") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         result = Event("result", TrialResult(spec.number, False, "the trial ended without a result"))
         try:
-            problem = self._wait_healthy(base, log_path)
+            for attempt in range(PORT_TRIES):
+                port = free_port(host)
+                base = f"http://{host}:{port}"
+                cmd = self.command(spec, ctx, host, port)
+                yield Event("log", "starting: " + " ".join(cmd))
+                with open(log_path, "w") as log:
+                    self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                                 start_new_session=True)
+                problem = self._wait_healthy(base, log_path)
+                if not (problem and problem.startswith("port taken")) or attempt == PORT_TRIES - 1:
+                    break
+                yield Event("log", f"{problem}; starting again on another port")
+                self._kill(self.proc)
             if problem:
                 yield Event("log", problem)
                 result = Event("result", TrialResult(spec.number, False, problem))
