@@ -35,10 +35,18 @@ def model_detail(m: ModelSpec) -> Table:
     t = Table(title=m.name, show_header=False)
     t.add_column("field")
     t.add_column("value", justify="right")
+    mla = ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
+    moe = ("num_experts", "experts_per_token", "num_shared_experts", "first_dense_layers", "moe_intermediate_size",
+           "expert_dtype")
+    # Show the fields that mean something for this architecture: MLA caches a latent, not KV heads of head_dim.
+    hidden = {"derived", *(("num_kv_heads", "head_dim") if m.is_mla else mla), *(() if m.is_moe else moe)}
+    if not m.sliding_window:
+        hidden |= {"sliding_window", "num_sliding_layers"}
     for k, v in m.to_dict().items():
-        if k == "derived":
-            continue
-        t.add_row(k, str(v))
+        if k not in hidden and not (k == "expert_dtype" and v is None):
+            t.add_row(k, str(v))
+    if m.is_mla:
+        t.add_row("[b]attention", f"MLA latent {m.kv_lora_rank} + rope {m.qk_rope_head_dim} per token, all TP ranks")
     d = m.derived()
     t.add_row("[b]total parameters", f"{d['total_params']:,} ({human_count(d['total_params'])})")
     t.add_row("[b]active parameters", f"{d['active_params']:,} ({human_count(d['active_params'])})")

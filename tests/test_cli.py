@@ -23,6 +23,9 @@ def test_models_list_and_show():
     show = json.loads(autotune("models", "show", "DeepSeek-V3", "--json").stdout)
     assert show["derived"]["kv_bytes_per_token"] == 70272 and show["derived"]["attention"] == "MLA"
     assert "Model catalog" in autotune("models").stdout
+    mla, gqa = autotune("models", "show", "DeepSeek-V3").stdout, autotune("models", "show", "Llama-3.1-8B").stdout
+    assert "MLA latent 512" in mla and "│ num_kv_heads" not in mla and "│ head_dim " not in mla
+    assert "│ num_kv_heads" in gqa and "kv_lora_rank" not in gqa and "num_experts" not in gqa
 
 
 def test_predict_json_has_the_stable_keys():
