@@ -56,12 +56,9 @@ def allreduce_s(nbytes, ranks: int, bw: float, nccl_latency: float, custom_laten
     """One all-reduce of nbytes (a scalar or an array): vLLM's custom kernel (two shots over peer memory, the same
     2(p-1)/p traffic as a ring at a fraction of NCCL's latency) up to its buffer size, NCCL's ring above it or
     where the custom kernel does not apply (custom_latency None)."""
-    nccl = ring_allreduce_s(nbytes, ranks, bw, nccl_latency)
-    if custom_latency is None:
-        return nccl
-    custom = ring_allreduce_s(nbytes, ranks, bw, custom_latency)
-    return np.where(nbytes <= CUSTOM_ALLREDUCE_MAX_BYTES, custom, nccl) if isinstance(nbytes, np.ndarray) \
-        else (custom if nbytes <= CUSTOM_ALLREDUCE_MAX_BYTES else nccl)
+    latency = nccl_latency if custom_latency is None else \
+        np.where(nbytes <= CUSTOM_ALLREDUCE_MAX_BYTES, custom_latency, nccl_latency)
+    return ring_allreduce_s(nbytes, ranks, bw, latency)
 
 
 def touched_fraction(tokens: float, experts: int, top_k: int) -> float:
@@ -142,20 +139,21 @@ class StepCost:
             # Two all-reduces per layer: after attention and after the MLP (Megatron-LM, Shoeybi et al. 2019).
             t += 2 * s.layers * allreduce_s(tokens * m.hidden_size * BF16, self.tp, self.tp_bw, self.tp_lat,
                                             self.tp_custom_lat)
-        if self.ep > 1:
-            # Dispatch and combine all-to-all per MoE layer; DP ranks step in lockstep, so tokens come from all.
-            moved = tokens * m.experts_per_token * m.hidden_size * BF16 * (self.ep - 1) / self.ep / self.tp
-            t += 2 * s.moe_layers * (e.alltoall_latency_s + moved / self.ep_bw)
-        elif m.is_moe and self.dp > 1:
-            # Without EP the DP ranks' tokens are all-gathered into every rank's expert slices and the partial sums
-            # reduce-scattered back (vLLM's allgather_reducescatter all2all backend): (dp-1)/dp of them, each way.
-            moved = tokens * self.dp * m.hidden_size * BF16 * (self.dp - 1) / self.dp
-            t += 2 * s.moe_layers * (e.alltoall_latency_s + moved / self.ep_bw)
         if m.is_moe:
+            moved = None
+            if self.ep > 1:
+                # Dispatch and combine all-to-all; DP ranks step in lockstep, so tokens come from all.
+                moved = tokens * m.experts_per_token * m.hidden_size * BF16 * (self.ep - 1) / self.ep / self.tp
+            elif self.dp > 1:
+                # Without EP the DP ranks' tokens are all-gathered into every rank's expert slices and the partial
+                # sums reduce-scattered back (vLLM's allgather_reducescatter all2all backend): (dp-1)/dp, each way.
+                moved = tokens * self.dp * m.hidden_size * BF16 * (self.dp - 1) / self.dp
+            if moved is not None:
+                t += 2 * s.moe_layers * (e.alltoall_latency_s + moved / self.ep_bw)
             t += s.moe_layers * e.moe_routing_s
         if self.tp > 1:
-            # The sampled rows' bf16 logits, vocab-parallel, all-gathered to every rank: (p-1)/p of them arrive.
-            t += self.tp_lat + (self.tp - 1) / self.tp * seqs * m.vocab_size * BF16 / self.tp_bw
+            # The sampled rows' bf16 logits, vocab-parallel, all-gathered to every rank.
+            t += self._tp_allgather_s(seqs * m.vocab_size * BF16)
         if self.pp > 1:
             # Hand hidden states and residual to the next stage: metadata over the CPU group, then each TP rank sends
             # its 1/tp slice and the receiving ranks all-gather them (send_tensor_dict with all_gather_group,
@@ -163,8 +161,12 @@ class StepCost:
             handoff = 2 * tokens * m.hidden_size * BF16
             t += e.p2p_latency_s + handoff / self.tp / self.pp_bw
             if self.tp > 1:
-                t += self.tp_lat + (self.tp - 1) / self.tp * handoff / self.tp_bw
+                t += self._tp_allgather_s(handoff)
         return t
+
+    def _tp_allgather_s(self, nbytes):
+        # An all-gather over the TP group: (p-1)/p of the gathered buffer arrives at each rank.
+        return self.tp_lat + (self.tp - 1) / self.tp * nbytes / self.tp_bw
 
     def _coeffs(self, num_seqs, prefill_tokens, microbatches) -> StepLines:
         """The step's lines for a running-sequence count, or an array of them (the one place the formula lives)."""

@@ -8,6 +8,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 
 import ray
@@ -108,13 +109,14 @@ class TrialRunner:
         failure = None
         try:
             ready = run.pg.ready()
-            waited = 0.0
-            while not ray.wait([ready], timeout=1.0)[0]:
-                waited += 1.0
-                if run.cancelled.is_set() or waited >= PLACEMENT_TIMEOUT_S:
-                    raise TimeoutError(f"no placement for {spec.gpus} GPU(s) after {waited:.0f} s")
+            deadline = time.monotonic() + PLACEMENT_TIMEOUT_S
+            placed = False
+            while not (placed or run.cancelled.is_set() or time.monotonic() >= deadline):
+                placed = bool(ray.wait([ready], timeout=1.0)[0])
             if run.cancelled.is_set():
                 raise InterruptedError
+            if not placed:
+                raise TimeoutError(f"no placement for {spec.gpus} GPU(s) after {PLACEMENT_TIMEOUT_S:.0f} s")
             first = self.bundles(spec)[0]
             run.actor = TrialActor.options(
                 num_cpus=first.get("CPU", 0), num_gpus=first.get("GPU", 0),
@@ -138,12 +140,12 @@ class TrialRunner:
             self.events.put((spec.number, Event("result", TrialResult(spec.number, False, failure.splitlines()[0]))))
 
     def _teardown(self, run: _Running) -> None:
-        if run.actor is not None and run.cancelled.is_set():
-            try:     # killing the actor before its stop returns would orphan the server it started
-                ray.get(run.stopping or run.actor.stop.remote(), timeout=STOP_TIMEOUT_S)
+        if run.actor is not None:
+            try:
+                if run.cancelled.is_set():   # killing the actor before its stop returns would orphan its server
+                    ray.get(run.stopping or run.actor.stop.remote(), timeout=STOP_TIMEOUT_S)
             except Exception:
                 pass
-        if run.actor is not None:
             try:
                 ray.kill(run.actor)
             except Exception:
