@@ -242,9 +242,11 @@ def run_study(space: SearchSpace, opts: Options) -> int:
                 if result.ok:
                     writer.add("trial_metrics", _metric_row(number, "backend", result.metrics))
                 values, meets = tuner.score(result)
-                state = "COMPLETE" if result.ok else "FAIL"
+                unmeasured = [o.metric for o in space.objectives if result.ok and result.metrics.get(o.metric) is None]
+                state = "COMPLETE" if result.ok and not unmeasured else "FAIL"
+                reason = result.reason or (f"objective not measured: {', '.join(unmeasured)}" if unmeasured else None)
                 writer.add("trials", _trial_row(spec, state, started_at=started.pop(number), finished_at=time.time(),
-                                                reason=result.reason or None, feasible_slo=meets,
+                                                reason=reason, feasible_slo=meets,
                                                 values_json=None if values is None else str(values),
                                                 log_path=str(logs_dir / f"trial-{number}.log"),
                                                 serve_command=result.serve_command or None))
@@ -254,7 +256,7 @@ def run_study(space: SearchSpace, opts: Options) -> int:
                 pool.give(spec.gpu_ids)
                 del active[number]
                 done += 1
-                if result.ok and meets:
+                if values is not None and meets:
                     v = result.metrics[first.metric]
                     if best_value is None or (v > best_value if first.direction == "maximize" else v < best_value):
                         best_value = v

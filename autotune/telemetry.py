@@ -3,6 +3,7 @@ library or the driver it reports one clear state instead of raising."""
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 
@@ -51,6 +52,21 @@ class NvmlSampler:
             rows.append({"number": number, "node": self.node, "gpu": i, "wall": now, "mem_used_bytes": float(mem.used),
                          "mem_total_bytes": float(mem.total), "util": util, "power_w": power})
         return rows
+
+    def energy_j(self) -> float | None:
+        """Joules the GPUs this process may use (CUDA_VISIBLE_DEVICES, as Ray sets it for a trial; all of the node's
+        otherwise) have drawn since the driver loaded (NVML's total-energy counter, Volta and later); None when a
+        GPU does not count it."""
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        try:
+            indices = [int(i) for i in visible.split(",") if i.strip()] if visible else range(self.count)
+        except ValueError:      # UUIDs rather than indices
+            indices = range(self.count)
+        nv = self._nvml
+        try:
+            return sum(nv.nvmlDeviceGetTotalEnergyConsumption(nv.nvmlDeviceGetHandleByIndex(i)) for i in indices) / 1e3
+        except nv.NVMLError:
+            return None
 
     def close(self) -> None:
         try:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from autotune.spec.metrics import LATENCY_KEYS
+from autotune.spec.metrics import COST_KEYS, LATENCY_KEYS
 
 SCHEMA_VERSION = 1
 
@@ -26,6 +26,7 @@ TABLES: dict[str, tuple[tuple[str, str], ...]] = {
         ("kv_capacity_tokens", "BIGINT"), ("kv_peak_frac", "DOUBLE"), ("kv_mean_frac", "DOUBLE"),
         ("bottleneck", "VARCHAR"), ("roofline_frac", "DOUBLE"), ("num_requests", "INTEGER"),
         ("offered_rate", "DOUBLE"), ("overloaded", "BOOLEAN"), ("sustainable_rate", "DOUBLE"),
+        *((key, "DOUBLE") for key in COST_KEYS),
     ),
     "trial_series": (
         ("number", "INTEGER"), ("engine", "INTEGER"), ("t", "DOUBLE"), ("wall", "DOUBLE"), ("kv_frac", "DOUBLE"),

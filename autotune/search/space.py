@@ -23,6 +23,7 @@ OBJECTIVE_METRICS = {
     "output_tok_s_per_gpu": "maximize", "output_tok_s": "maximize", "total_tok_s": "maximize",
     "tpot_p50_s": "minimize", "tpot_p99_s": "minimize", "ttft_p50_s": "minimize", "ttft_p99_s": "minimize",
     "e2e_p50_s": "minimize", "e2e_p99_s": "minimize", "itl_p99_s": "minimize", "preemptions": "minimize",
+    "usd_per_mtok": "minimize", "joules_per_token": "minimize",
 }
 CONSTRAINT_METRICS = {"tpot_p99_ms": "tpot_p99_s", "ttft_p99_ms": "ttft_p99_s", "e2e_p99_ms": "e2e_p99_s",
                       "tpot_p50_ms": "tpot_p50_s", "ttft_p50_ms": "ttft_p50_s"}
@@ -36,6 +37,7 @@ class ClusterCfg(_Strict):
     gpu: str
     nodes: int = Field(1, ge=1)
     gpus_per_node: int = Field(8, ge=1)
+    usd_per_gpu_hour: float | None = Field(None, gt=0)   # default: the built-in public price of the GPU
 
 
 class LayoutCfg(_Strict):
@@ -234,7 +236,11 @@ def _build(cfg: SpaceCfg, path: Path, text: str, lines: dict) -> SearchSpace:
         gpu = load_gpu(cfg.cluster.gpu)
     except UserError as exc:
         fail(("cluster", "gpu"), str(exc))
-    cluster = Cluster(gpu, cfg.cluster.nodes, cfg.cluster.gpus_per_node)
+    cluster = Cluster.of(gpu, cfg.cluster.nodes * cfg.cluster.gpus_per_node, cfg.cluster.gpus_per_node,
+                         cfg.cluster.usd_per_gpu_hour)
+    if cluster.usd_per_gpu_hour is None and any(o.metric == "usd_per_mtok" for o in cfg.objectives):
+        fail(("cluster", "usd_per_gpu_hour"), f"objective usd_per_mtok needs a price: there is no built-in price "
+                                              f"for {gpu.name}")
     try:
         workload = PRESETS[cfg.workload] if isinstance(cfg.workload, str) and cfg.workload in PRESETS else (
             workload_from_dict(cfg.workload, f"{path}: workload") if isinstance(cfg.workload, dict)

@@ -115,7 +115,10 @@ class Tuner:
         if not result.ok:
             return None, False
         meets = all(v <= 0 for v in self.space.slo_violation(result.metrics).values())
-        return [float(result.metrics[o.metric]) for o in self.space.objectives], meets
+        values = [result.metrics.get(o.metric) for o in self.space.objectives]
+        if any(v is None for v in values):     # e.g. energy where the GPUs have no NVML energy counter
+            return None, False
+        return [float(v) for v in values], meets
 
     def tell(self, trial: optuna.trial.Trial, result: TrialResult) -> None:
         """Record the outcome: a failure is FAIL (never a score), SLOs go in as constraints (<= 0 is met)."""

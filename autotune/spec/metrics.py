@@ -9,6 +9,8 @@ LATENCIES = ("ttft", "tpot", "itl", "e2e")
 STATS = ("mean", "p50", "p90", "p99")
 LATENCY_KEYS = tuple(f"{name}_{stat}_s" for name in LATENCIES for stat in STATS)
 # The ones a user may rank or plot by.
+# What serving costs, per output token: money at the cluster's price per GPU-hour, and energy.
+COST_KEYS = ("usd_per_mtok", "joules_per_token")
 LATENCY_METRICS = ("tpot_p99_s", "ttft_p99_s", "e2e_p99_s", "tpot_p50_s", "ttft_p50_s", "e2e_p50_s", "itl_p99_s",
                    "ttft_mean_s", "tpot_mean_s", "itl_mean_s", "e2e_mean_s")
 
@@ -28,3 +30,13 @@ def latency_stats(name: str, values: np.ndarray, weights: np.ndarray | None = No
     vals, cum = values[order], np.cumsum(w[order])
     pct = [float(vals[min(int(np.searchsorted(cum, q / 100 * cum[-1])), len(vals) - 1)]) for q in (50, 90, 99)]
     return dict(zip(keys, [float(np.dot(values, w) / w.sum()), *pct]))
+
+
+def cost_stats(gpus: int, seconds: float, output_tokens: float, usd_per_gpu_hour: float | None,
+               joules: float | None) -> dict[str, float | None]:
+    """USD per million output tokens (every GPU of the layout billed for the whole run) and joules per output
+    token; None where the price or the energy is unknown."""
+    if output_tokens <= 0:
+        return dict.fromkeys(COST_KEYS)
+    usd = gpus * seconds / 3600 * usd_per_gpu_hour / output_tokens * 1e6 if usd_per_gpu_hour else None
+    return {"usd_per_mtok": usd, "joules_per_token": joules / output_tokens if joules is not None else None}

@@ -21,6 +21,7 @@ from typing import Iterator
 
 from autotune.deploy import engine_args
 from autotune.sim.predict import Scenario, predict
+from autotune.spec.metrics import cost_stats
 from autotune.spec.trial import TrialResult, TrialSpec
 from autotune.trials.backend import Event, StudyContext
 from autotune.trials.loadgen import drive, summarise
@@ -246,6 +247,7 @@ class VllmBackend:
             finally:
                 done.set()
         sampler = _nvml()
+        energy0 = sampler.energy_j() if sampler else None
         t0 = time.time()
         worker = threading.Thread(target=load, daemon=True)
         worker.start()
@@ -275,6 +277,7 @@ class VllmBackend:
             if done.is_set():
                 break
         worker.join(timeout=REQUEST_TIMEOUT_S)
+        energy1 = sampler.energy_j() if sampler else None
         if sampler:
             sampler.close()
         if self._stopped.is_set():
@@ -292,6 +295,10 @@ class VllmBackend:
             return
         metrics.update({"preemptions": preemptions, "kv_peak_frac": kv_peak, "kv_capacity_tokens": capacity,
                         "bottleneck": "KV capacity" if preemptions else None})
+        # Energy over the load window, from NVML's counters read before the first request and after the last.
+        joules = energy1 - energy0 if energy0 is not None and energy1 is not None else None
+        metrics.update(cost_stats(spec.gpus, metrics["makespan_s"], metrics["output_tok_s"] * metrics["makespan_s"],
+                                  ctx.cluster.usd_per_gpu_hour, joules))
         predicted = predict(Scenario(ctx.model, ctx.cluster, ctx.workload, ctx.calibration), spec.layout, spec.knobs)
         yield Event("log", f"measured {metrics['output_tok_s']:,.1f} output tok/s, {preemptions} preemptions; "
                            f"{metrics['failed_requests']} failed requests")
