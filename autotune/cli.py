@@ -7,6 +7,7 @@ import json
 import sys
 
 from autotune.errors import UserError
+from autotune.sim.recommend import GOALS, TOLERANCE
 from autotune.spec.metrics import LATENCY_METRICS
 from autotune.spec.workload import MODES
 
@@ -31,6 +32,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--router", choices=("least-loaded", "round-robin"), default="least-loaded")
     p.add_argument("--calibration", default=None, help="calibration file from `autotune calibrate` or gpu_probe")
+    p.add_argument("--prices", default=None, help="USD per GPU-hour by GPU (YAML); default: public on-demand prices")
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
@@ -54,8 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--slo-tpot-ms", type=float, default=None, help="p99 TPOT limit")
     p.add_argument("--slo-ttft-ms", type=float, default=None, help="p99 TTFT limit")
-    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--top", type=int, default=10, help="layouts to show")
     p.add_argument("--latency-metric", default="tpot_p99_s", choices=LATENCY_METRICS)
+    p.add_argument("--goal", choices=GOALS, default="throughput",
+                   help="throughput on the load as given, or goodput: the highest request rate served within the SLOs")
+    p.add_argument("--tolerance", type=float, default=TOLERANCE,
+                   help="within this share of the best, the lowest latency wins (default %(default)s)")
     p = sub.add_parser("run", help="tune: a study over a search space, headless")
     p.add_argument("space", help="a search space YAML (see search_spaces/)")
     p.add_argument("--trials", type=int, default=None, help="budget (default: the space's)")
@@ -101,14 +107,18 @@ def _scenario(args):
     from autotune.sim.predict import Scenario
     from autotune.spec.hardware import Cluster, load_gpu
     from autotune.spec.models import load_model
+    from autotune.spec.prices import load_prices
     from autotune.spec.workload import load_workload
 
     if args.gpus < 1:
         raise UserError("--gpus must be at least 1")
     workload = load_workload(args.workload).with_(num_requests=args.requests, mode=args.mode,
                                                   concurrency=args.concurrency, rate=args.rate, seed=args.seed)
-    return Scenario(load_model(args.model), Cluster.of(load_gpu(args.gpu), args.gpus, args.gpus_per_node), workload,
-                    Calibration.load(args.calibration), args.router, args.allow_cross_node_tp)
+    gpu = load_gpu(args.gpu)
+    price = load_prices(args.prices).get(gpu.name)
+    return Scenario(load_model(args.model), Cluster.of(gpu, args.gpus, args.gpus_per_node,
+                                                       price.usd_per_gpu_hour if price else None),
+                    workload, Calibration.load(args.calibration), args.router, args.allow_cross_node_tp)
 
 
 def _knobs(args):
@@ -125,7 +135,7 @@ def _knobs(args):
 
 
 def cmd_predict(args, console) -> int:
-    from autotune.report import predictions_table
+    from autotune.report import load_caption, predictions_table
     from autotune.sim.predict import predict
     from autotune.spec.layout import Layout, structural_problem
 
@@ -146,27 +156,40 @@ def cmd_predict(args, console) -> int:
     if args.json:
         print(json.dumps([p.to_json(with_series=args.series) for p in preds], indent=2))
     else:
-        console.print(predictions_table(preds, f"{scenario.model.name} on {scenario.cluster.describe()}, "
-                                               f"{scenario.workload.name} ({scenario.workload.num_requests:,} requests)"))
+        table = predictions_table(preds, f"{scenario.model.name} on {scenario.cluster.describe()}, "
+                                         f"{scenario.workload.name} ({scenario.workload.num_requests:,} requests)")
+        table.caption = load_caption(scenario.workload)
+        console.print(table)
     return 0
 
 
 def cmd_recommend(args, console) -> int:
     from autotune.deploy import serve_commands
     from autotune.report import print_recommendation
-    from autotune.sim.recommend import Slo, recommend
+    from autotune.sim.recommend import recommend
 
+    if args.top < 1:
+        raise UserError("--top must be at least 1")
+    if not 0 <= args.tolerance < 1:
+        raise UserError("--tolerance must be in [0, 1)")
     scenario = _scenario(args)
-    slo = Slo(args.slo_tpot_ms / 1e3 if args.slo_tpot_ms else None, args.slo_ttft_ms / 1e3 if args.slo_ttft_ms else None)
-    rec = recommend(scenario, slo, args.latency_metric, _knobs(args))
+    slo = _slo(args)
+    if args.goal == "goodput" and not slo.any:
+        raise UserError("--goal goodput needs an SLO to serve within: --slo-tpot-ms and/or --slo-ttft-ms")
+    rec = recommend(scenario, slo, args.latency_metric, _knobs(args), goal=args.goal, tolerance=args.tolerance)
     if args.json:
         w = rec.winner
+
+        def row(p):
+            g = rec.goodput_of(p)
+            return {**p.to_json(), **({"goodput": _goodput_json(g, p.layout.world_size)} if g else {})}
         print(json.dumps({
             "model": scenario.model.name, "cluster": scenario.cluster.describe(), "workload": scenario.workload.to_dict(),
             "slo": {"tpot_p99_s": slo.tpot_p99_s, "ttft_p99_s": slo.ttft_p99_s},
-            "winner": w.to_json() if w else None,
+            "goal": rec.goal, "tolerance": rec.tolerance, "usd_per_gpu_hour": scenario.cluster.usd_per_gpu_hour,
+            "winner": row(w) if w else None,
             "serve_command": serve_commands(scenario.model, scenario.cluster, w.layout, w.knobs) if w else None,
-            "ranked": [p.to_json() for p in rec.ranked[:args.top]],
+            "ranked": [row(p) for p in rec.distinct_layouts()[:args.top]],
             "pareto": [p.to_json() for p in rec.pareto],
             "infeasible": [{"layout": p.layout.to_dict(), "label": p.layout.label(), "reason": p.reason}
                            for p in rec.infeasible],
@@ -176,6 +199,20 @@ def cmd_recommend(args, console) -> int:
     else:
         print_recommendation(console, rec, args.top)
     return 0 if rec.winner else 1
+
+
+def _slo(args):
+    from autotune.sim.slo import Slo
+
+    for name in ("slo_tpot_ms", "slo_ttft_ms"):
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
+            raise UserError(f"--{name.replace('_', '-')} must be a positive number of milliseconds")
+    return Slo(args.slo_tpot_ms / 1e3 if args.slo_tpot_ms else None, args.slo_ttft_ms / 1e3 if args.slo_ttft_ms else None)
+
+
+def _goodput_json(g, gpus: int) -> dict:
+    return {"rate_rps": g.rate, "output_tok_s": g.tok_s, "rate_rps_per_gpu": g.per_gpu(gpus), "binding": g.binding,
+            "at_rate": g.at_rate.to_json() if g.at_rate else None}
 
 
 def cmd_models(args, console) -> int:

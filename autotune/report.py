@@ -55,32 +55,58 @@ def model_detail(m: ModelSpec) -> Table:
     return t
 
 
-def predictions_table(preds: list[Prediction], title: str) -> Table:
+def _usd(v: float | None) -> str:
+    return "-" if v is None else f"{v:,.2f}"
+
+
+def predictions_table(preds: list[Prediction], title: str, goodput=None) -> Table:
+    """One row per prediction; `goodput` (prediction -> Goodput or None) adds the goodput columns."""
     t = Table(title=title)
-    for col in ("layout", "seqs", "tok/s", "/GPU", "TTFT avg s", "TTFT99 s", "TPOT avg ms", "TPOT99 ms", "E2E avg s",
-                "E2E99 s", "preempt", "KV peak", "bound by"):
+    cols = ["layout", "seqs", "tok/s", "/GPU", "$/Mtok", *(("goodput req/s", "/GPU req/s") if goodput else ()),
+            "TTFT avg s", "TTFT99 s", "TPOT avg ms", "TPOT99 ms", "E2E avg s", "E2E99 s", "preempt", "KV peak",
+            "bound by"]
+    for col in cols:
         t.add_column(col, justify="left" if col in ("layout", "bound by") else "right")
     for p in preds:
         if not p.feasible:
-            t.add_row(p.layout.label(), str(p.knobs.max_num_seqs), *["-"] * 10, f"[red]infeasible: {p.reason}")
+            t.add_row(p.layout.label(), str(p.knobs.max_num_seqs), *["-"] * (len(cols) - 3),
+                      f"[red]infeasible: {p.reason}")
             continue
         g = p.get
         bound = g("bottleneck")
         if g("overloaded"):
             bound = f"[red]overloaded: sustains {g('sustainable_rate'):.2f} of {g('offered_rate'):g} req/s[/red]; {bound}"
+        extra = ()
+        if goodput:
+            gp = goodput(p)
+            extra = (f"{gp.rate:.3g}", f"{gp.per_gpu(p.layout.world_size):.3g}") if gp and gp.rate else ("-", "-")
         t.add_row(p.layout.label(), str(p.knobs.max_num_seqs), f"{g('output_tok_s'):,.0f}",
-                  f"{g('output_tok_s_per_gpu'):,.0f}", _s(g("ttft_mean_s")), _s(g("ttft_p99_s")), _ms(g("tpot_mean_s")),
-                  _ms(g("tpot_p99_s")), _s(g("e2e_mean_s")), _s(g("e2e_p99_s")), f"{g('preemptions'):,}",
-                  f"{g('kv_peak_frac'):.0%}", bound)
+                  f"{g('output_tok_s_per_gpu'):,.0f}", _usd(g("usd_per_mtok")), *extra, _s(g("ttft_mean_s")),
+                  _s(g("ttft_p99_s")), _ms(g("tpot_mean_s")), _ms(g("tpot_p99_s")), _s(g("e2e_mean_s")),
+                  _s(g("e2e_p99_s")), f"{g('preemptions'):,}", f"{g('kv_peak_frac'):.0%}", bound)
     return t
+
+
+def load_caption(workload) -> str | None:
+    """What TTFT means under this load, beside the tables."""
+    if workload.mode == "batch":
+        return "batch sent at t=0: TTFT is mostly queueing for a free slot"
+    return None
 
 
 def print_recommendation(console: Console, rec: Recommendation, top: int) -> None:
     sc = rec.scenario
-    console.print(predictions_table(rec.ranked[:top], f"{sc.model.name} on {sc.cluster.describe()}, "
-                                                      f"{sc.workload.name} ({sc.workload.num_requests:,} requests): "
-                                                      f"best {min(top, len(rec.ranked))} of {len(rec.evaluated)} "
-                                                      "feasible configurations"))
+    rows = rec.distinct_layouts()[:top]
+    table = predictions_table(rows, f"{sc.model.name} on {sc.cluster.describe()}, {sc.workload.name} "
+                                    f"({sc.workload.num_requests:,} requests), {rec.slo.describe()}: best "
+                                    f"{len(rows)} layout{'' if len(rows) == 1 else 's'} by {rec.goal} of {len(rec.evaluated)} feasible "
+                                    "configurations", rec.goodput_of if rec.goal == "goodput" else None)
+    load = (f"each at its goodput rate ({'constant' if sc.workload.mode == 'constant' else 'Poisson'} arrivals)"
+            if rec.goal == "goodput" else load_caption(sc.workload))
+    table.caption = "; ".join(c for c in (load, "one row per layout, at its best max_num_seqs",
+                                          f"$/Mtok at ${sc.cluster.usd_per_gpu_hour:g} per GPU-hour"
+                                          if sc.cluster.usd_per_gpu_hour else None) if c)
+    console.print(table)
     front = Table(title=f"Pareto front: output tok/s per GPU against {rec.latency_metric}")
     for col in ("layout", "seqs", "per GPU", rec.latency_metric):
         front.add_column(col, justify="left" if col == "layout" else "right")

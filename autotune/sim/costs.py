@@ -301,13 +301,25 @@ def decode_phase(cost: StepCost, n, context0, steps, ln: StepLines | None = None
 
 def steps_within(cost: StepCost, n: int, context0: float, budget_s: float, max_steps: int) -> int:
     """The fewest decode steps whose time reaches budget_s (at most max_steps): the step an arrival lands in."""
-    lo, hi = 1, max_steps
-    if decode_phase(cost, n, context0, hi)[TOTAL] < budget_s:
-        return hi
-    while lo < hi:
+    def total(k: int) -> float:
+        return decode_phase(cost, n, context0, k)[TOTAL]
+    first = total(1)
+    if first >= budget_s:
+        return 1
+    # A step never takes less than the one before it (the context only grows), so k steps take at least k first
+    # steps, and at most k of the last: the answer lies in a narrow bracket, found in a few evaluations.
+    hi = math.ceil(budget_s / first)
+    if hi >= max_steps:
+        if total(max_steps) < budget_s:
+            return max_steps
+        hi = max_steps
+    top = total(hi)
+    last = top - total(hi - 1)
+    lo = max(1, min(hi - 1, math.floor(budget_s / last)))     # total(lo) <= lo x last <= budget_s
+    while hi - lo > 1:
         mid = (lo + hi) // 2
-        if decode_phase(cost, n, context0, mid)[TOTAL] >= budget_s:
+        if total(mid) >= budget_s:
             hi = mid
         else:
-            lo = mid + 1
-    return lo
+            lo = mid
+    return hi

@@ -1,5 +1,5 @@
-"""Every valid layout with the knobs that matter, ranked by throughput under the SLOs, with the Pareto front
-of throughput per GPU against latency and the reason each alternative lost."""
+"""Every valid layout with the knobs that matter, ranked by throughput (or goodput) under the SLOs, with the Pareto
+front of throughput per GPU against latency and the reason each alternative lost."""
 
 from __future__ import annotations
 
@@ -7,25 +7,21 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from autotune.sim.goodput import HEADROOM, Goodput, capacity_rps, goodput, kv_safe_seqs, mean_running_ctx
 from autotune.sim.predict import Prediction, Scenario, infeasibility, predict
+from autotune.sim.slo import Slo
 from autotune.spec.layout import EngineKnobs, Layout, enumerate_layouts
 
 SEQ_GRID = (32, 64, 128, 256, 512, 1024, 2048)
 # Past this many times the KV-safe concurrency a layout is deep in the capacity trap: preemption storms that
 # lose and are the slowest to simulate, so the search does not spend time there.
 TRAP_FACTOR = 2
-
-
-@dataclass(frozen=True)
-class Slo:
-    tpot_p99_s: float | None = None
-    ttft_p99_s: float | None = None
-
-    def violation(self, p: Prediction) -> str | None:
-        for key, limit in (("tpot_p99_s", self.tpot_p99_s), ("ttft_p99_s", self.ttft_p99_s)):
-            if limit is not None and p.get(key) is not None and p.get(key) > limit:
-                return f"{key[:-2].replace('_', ' ').upper()} {p.get(key) * 1e3:,.0f} ms > SLO {limit * 1e3:,.0f} ms"
-        return None
+# The guard against crowning a configuration that thrashes or queues for a sliver of throughput: among the
+# configurations within this share of the best throughput, the one with the lowest latency wins.
+TOLERANCE = 0.05
+GOALS = ("throughput", "goodput")
+# With --goal goodput, a layout's goodput is searched at its best few configurations by capacity estimate.
+GOODPUT_CANDIDATES = 2
 
 
 @dataclass
@@ -33,11 +29,14 @@ class Recommendation:
     scenario: Scenario
     slo: Slo
     latency_metric: str
+    goal: str = "throughput"
+    tolerance: float = TOLERANCE
     evaluated: list[Prediction] = field(default_factory=list)
     ranked: list[Prediction] = field(default_factory=list)       # feasible and within the SLOs, best first
     pareto: list[Prediction] = field(default_factory=list)
     infeasible: list[Prediction] = field(default_factory=list)
     explanation: list[str] = field(default_factory=list)
+    goodputs: dict[tuple[Layout, int], Goodput] = field(default_factory=dict)   # with goal goodput
 
     @property
     def winner(self) -> Prediction | None:
@@ -50,21 +49,17 @@ class Recommendation:
                 best[p.layout] = p
         return best
 
+    def distinct_layouts(self) -> list[Prediction]:
+        """The ranking with one row per layout (its best configuration): rows that differ only in a knob are one."""
+        seen: set[Layout] = set()
+        return [p for p in self.ranked if not (p.layout in seen or seen.add(p.layout))]
+
+    def goodput_of(self, p: Prediction) -> Goodput | None:
+        return self.goodputs.get((p.layout, p.knobs.max_num_seqs))
+
 
 def _score(p: Prediction, slo: Slo) -> tuple[int, float]:
     return (0 if slo.violation(p) else 1, p.get("output_tok_s") or 0.0)
-
-
-def mean_running_ctx(requests) -> float:
-    """A request stays in the batch in proportion to its length, so the running set's mean context is the
-    size-biased mean E[L^2] / (2 E[L]) of the total lengths L (renewal theory's mean age)."""
-    total = (requests.prompt + requests.output).astype(float)
-    return float(np.mean(total**2) / (2 * np.mean(total)))
-
-
-def kv_safe_seqs(kv_capacity_tokens: int, mean_context: float) -> int:
-    """How many sequences the KV cache holds at the mean running context."""
-    return max(1, int(kv_capacity_tokens / mean_context))
 
 
 def _seq_grid(safe: int, default: int) -> list[int]:
@@ -73,22 +68,35 @@ def _seq_grid(safe: int, default: int) -> list[int]:
     return grid or [SEQ_GRID[0]]
 
 
+def guarded_order(preds: list[Prediction], value, latency, tolerance: float) -> list[Prediction]:
+    """Best first by value(p), except that among those within `tolerance` of the best, the lowest latency(p) leads:
+    a few percent of throughput never buys a configuration that thrashes or queues."""
+    order = sorted(preds, key=value, reverse=True)
+    if not order:
+        return order
+    close = [p for p in order if value(p) >= (1 - tolerance) * value(order[0])]
+    lead = min(close, key=lambda p: (latency(p) is None, latency(p) or 0.0))
+    return [lead] + [p for p in order if p is not lead]
+
+
 def recommend(scenario: Scenario, slo: Slo = Slo(), latency_metric: str = "tpot_p99_s", base: EngineKnobs = EngineKnobs(),
-              refine_top: int = 3) -> Recommendation:
-    """Stage 1: every layout at vLLM's default max_num_seqs and at the largest grid value the KV cache holds.
-    Stage 2: the best few layouts over the whole max_num_seqs grid."""
-    rec = Recommendation(scenario, slo, latency_metric)
+              refine_top: int = 3, goal: str = "throughput", tolerance: float = TOLERANCE) -> Recommendation:
+    """Stage 1: every layout at vLLM's default max_num_seqs and at the largest grid value the KV cache holds, and
+    at smaller values while those break an SLO. Stage 2: the best few layouts over the whole max_num_seqs grid.
+    With goal goodput, stage 3 searches the rate each layout's best configurations sustain within the SLOs."""
+    rec = Recommendation(scenario, slo, latency_metric, goal, tolerance)
     requests = scenario.workload.sample()
     layouts = enumerate_layouts(scenario.model, scenario.cluster, allow_cross_node_tp=scenario.allow_cross_node_tp)
     mean_running_context = mean_running_ctx(requests)
-    tried: set[tuple[Layout, int]] = set()
+    tried: dict[tuple[Layout, int], Prediction] = {}
 
     def run(layout: Layout, seqs: int | None) -> Prediction:
         knobs = EngineKnobs(**{**base.to_dict(), "max_num_seqs": seqs}) if seqs else base
-        p = predict(scenario, layout, knobs, requests)
-        tried.add((layout, p.knobs.max_num_seqs))
-        (rec.evaluated if p.feasible else rec.infeasible).append(p)
-        return p
+        key = (layout, scenario.resolve(knobs).max_num_seqs)
+        if key not in tried:
+            p = tried[key] = predict(scenario, layout, knobs, requests)
+            (rec.evaluated if p.feasible else rec.infeasible).append(p)
+        return tried[key]
 
     safe_seqs: dict[Layout, int] = {}
     for layout in layouts:
@@ -99,19 +107,47 @@ def recommend(scenario: Scenario, slo: Slo = Slo(), latency_metric: str = "tpot_
         default = scenario.resolve(base).max_num_seqs
         safe_seqs[layout] = kv_safe_seqs(plan.kv_capacity_tokens, mean_running_context)
         grid = _seq_grid(safe_seqs[layout], default)
-        # Stage 1: the largest value the KV cache holds at the mean running context, and vLLM's default.
-        for seqs in {max([s for s in grid if s <= safe_seqs[layout]] or grid[:1]), grid[-1]}:
-            run(layout, seqs)
+        # Stage 1: the largest value the KV cache holds at the mean running context, and vLLM's default; below a
+        # value that breaks an SLO, the next smaller one, until one meets them (fewer sequences, shorter steps).
+        for seqs in sorted({max([s for s in grid if s <= safe_seqs[layout]] or grid[:1]), grid[-1]}):
+            below = [s for s in grid if s < seqs]
+            while slo.violation(run(layout, seqs)) and below:
+                seqs = below.pop()
     leaders = sorted(rec.best_per_layout().values(), key=lambda p: _score(p, slo), reverse=True)[:refine_top]
     for p in leaders if not base.max_num_seqs else []:
         for seqs in _seq_grid(safe_seqs[p.layout], max(scenario.resolve(base).max_num_seqs, 1024)):
-            if (p.layout, seqs) not in tried:
-                run(p.layout, seqs)
-    ok = [p for p in rec.evaluated if not slo.violation(p)]
-    rec.ranked = sorted(ok, key=lambda p: p.get("output_tok_s"), reverse=True)
+            run(p.layout, seqs)
+    if goal == "goodput":
+        # A batch's TTFT is queueing: the SLOs are judged under a rate, on each layout's best candidates.
+        rec.ranked = _rank_by_goodput(rec, mean_running_context)
+    else:
+        ok = [p for p in rec.evaluated if not slo.violation(p)]
+        rec.ranked = guarded_order(ok, lambda p: p.get("output_tok_s"), lambda p: p.get(latency_metric), tolerance)
     rec.pareto = pareto_front(rec.evaluated, latency_metric)
     rec.explanation = explain(rec)
     return rec
+
+
+def _rank_by_goodput(rec: Recommendation, mean_context: float) -> list[Prediction]:
+    """Goodput of each layout's best configurations by capacity estimate, highest first (ties by the guard).
+    Layouts are searched best estimate first; the search stops once no estimate left, with the bracket's headroom,
+    can beat the best goodput found."""
+    bound = {id(p): capacity_rps(p, mean_context) for p in rec.evaluated}
+    per_layout: dict[Layout, list[Prediction]] = {}
+    for p in sorted(rec.evaluated, key=lambda p: bound[id(p)], reverse=True):
+        per_layout.setdefault(p.layout, []).append(p)
+    candidates = sorted((p for ps in per_layout.values() for p in ps[:GOODPUT_CANDIDATES]),
+                        key=lambda p: bound[id(p)], reverse=True)
+    best = 0.0
+    for p in candidates:
+        if bound[id(p)] * HEADROOM < best:
+            break
+        g = rec.goodputs[(p.layout, p.knobs.max_num_seqs)] = goodput(rec.scenario, p.layout, p.knobs, rec.slo, p,
+                                                                     mean_context)
+        best = max(best, g.rate or 0.0)
+    # Each served configuration is shown as it runs at its goodput rate.
+    served = [g.at_rate for g in rec.goodputs.values() if g.rate]
+    return guarded_order(served, lambda p: rec.goodput_of(p).rate, lambda p: p.get(rec.latency_metric), rec.tolerance)
 
 
 def pareto_front(preds: list[Prediction], latency_metric: str) -> list[Prediction]:
@@ -149,6 +185,10 @@ def _limit_detail(p: Prediction) -> str:
 def explain(rec: Recommendation) -> list[str]:
     w = rec.winner
     if w is None:
+        if rec.goal == "goodput" and rec.goodputs:
+            return ["no configuration serves any rate within the SLOs: "
+                    + "; ".join(f"{layout.label()} (max_num_seqs {seqs}): {g.binding}"
+                                for (layout, seqs), g in list(rec.goodputs.items())[:3])]
         if rec.evaluated:
             return ["no layout meets the SLOs; the closest: "
                     + "; ".join(f"{p.layout.label()}: {rec.slo.violation(p)}" for p in rec.evaluated[:3])]
@@ -157,15 +197,53 @@ def explain(rec: Recommendation) -> list[str]:
              f"tok/s ({w.get('output_tok_s_per_gpu'):,.0f} per GPU), TPOT p99 {w.get('tpot_p99_s') * 1e3:,.0f} ms; "
              f"it is bound by {_limit_detail(w)}; KV peak {w.get('kv_peak_frac'):.0%} of "
              f"{w.get('kv_capacity_tokens'):,} tokens per replica, {w.get('preemptions'):,} preemptions."]
-    for layout, p in sorted(rec.best_per_layout().items(), key=lambda kv: -kv[1].get("output_tok_s")):
-        if layout == w.layout:
-            continue
-        gap = 1 - p.get("output_tok_s") / w.get("output_tok_s")
-        why = rec.slo.violation(p) or _limit_detail(p)
-        lines.append(f"{layout.label()}: {gap:.0%} slower at best (max_num_seqs {p.knobs.max_num_seqs}); {why}")
+    if rec.goal == "goodput":
+        lines += _goodput_lines(rec)
+    else:
+        lines.append(_guard_line(rec))
+        for layout, p in sorted(rec.best_per_layout().items(), key=lambda kv: -kv[1].get("output_tok_s")):
+            if layout == w.layout:
+                continue
+            gap = 1 - p.get("output_tok_s") / w.get("output_tok_s")
+            why = rec.slo.violation(p) or _limit_detail(p)
+            lines.append(f"{layout.label()}: {gap:.0%} slower at best (max_num_seqs {p.knobs.max_num_seqs}); {why}")
     seen = set(rec.best_per_layout())
     for p in rec.infeasible:
         if p.layout not in seen:
             seen.add(p.layout)
             lines.append(f"{p.layout.label()}: infeasible, {p.reason}")
+    if rec.scenario.workload.mode == "batch" and rec.goal != "goodput":
+        lines.append("the load is a batch sent at t=0: TTFT is mostly the wait for a free slot (queueing), not the "
+                     "response time of a server under a request rate (--mode poisson --rate R, or --goal goodput)")
+    return lines
+
+
+def _guard_line(rec: Recommendation) -> str:
+    w, fastest = rec.winner, max(rec.ranked, key=lambda p: p.get("output_tok_s"))
+    rule = (f"guard: within {rec.tolerance:.0%} of the best throughput the lowest {rec.latency_metric} wins "
+            f"(--tolerance)")
+    if fastest is w:
+        return rule
+    return (f"{rule}: {fastest.layout.label()} at max_num_seqs {fastest.knobs.max_num_seqs} makes "
+            f"{fastest.get('output_tok_s') / w.get('output_tok_s') - 1:.1%} more tok/s at {rec.latency_metric} "
+            f"{fastest.get(rec.latency_metric):,.3f} s against {w.get(rec.latency_metric):,.3f} s, "
+            f"{fastest.get('preemptions'):,} preemptions against {w.get('preemptions'):,}")
+
+
+def _goodput_lines(rec: Recommendation) -> list[str]:
+    gpus = rec.winner.layout.world_size
+    g = rec.goodput_of(rec.winner)
+    lines = [f"goodput: it serves {g.rate:.3g} req/s ({g.tok_s:,.0f} output tok/s, {g.per_gpu(gpus):.3g} req/s per GPU) "
+             f"with {rec.slo.describe()} at p99 and a queue that does not grow; above that, {g.binding}",
+             f"guard: within {rec.tolerance:.0%} of the best goodput the lowest {rec.latency_metric} wins (--tolerance)"]
+    for (layout, seqs), other in rec.goodputs.items():
+        if (layout, seqs) == (rec.winner.layout, rec.winner.knobs.max_num_seqs):
+            continue
+        what = f"{other.rate:.3g} req/s, then {other.binding}" if other.rate else other.binding
+        lines.append(f"{layout.label()} (max_num_seqs {seqs}): {what}")
+    skipped = {p.layout for p in rec.ranked} | {k[0] for k in rec.goodputs}
+    rest = [layout for layout in rec.best_per_layout() if layout not in skipped]
+    if rest:
+        lines.append(f"not searched, their capacity estimate cannot reach the best goodput: "
+                     f"{', '.join(layout.label() for layout in rest)}")
     return lines
