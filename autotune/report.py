@@ -8,6 +8,7 @@ from rich.table import Table
 from autotune.deploy import serve_commands
 from autotune.sim.predict import Prediction
 from autotune.sim.recommend import Recommendation
+from autotune.spec.metrics import cost_stats
 from autotune.spec.models import ModelSpec, human_bytes, human_count
 
 
@@ -59,8 +60,10 @@ def _usd(v: float | None) -> str:
     return "-" if v is None else f"{v:,.2f}"
 
 
-def predictions_table(preds: list[Prediction], title: str, goodput=None) -> Table:
-    """One row per prediction; `goodput` (prediction -> Goodput or None) adds the goodput columns."""
+def predictions_table(preds: list[Prediction], title: str, goodput=None, usd_per_gpu_hour: float | None = None
+                      ) -> Table:
+    """One row per prediction; `goodput` (prediction -> Goodput or None) adds the goodput columns, and then the
+    throughput and cost columns are those of the steady state at the goodput rate."""
     t = Table(title=title)
     cols = ["layout", "seqs", "tok/s", "/GPU", "$/Mtok", *(("goodput req/s", "/GPU req/s") if goodput else ()),
             "TTFT avg s", "TTFT99 s", "TPOT avg ms", "TPOT99 ms", "E2E avg s", "E2E99 s", "preempt", "KV peak",
@@ -76,12 +79,17 @@ def predictions_table(preds: list[Prediction], title: str, goodput=None) -> Tabl
         bound = g("bottleneck")
         if g("overloaded"):
             bound = f"[red]overloaded: sustains {g('sustainable_rate'):.2f} of {g('offered_rate'):g} req/s[/red]; {bound}"
-        extra = ()
-        if goodput:
-            gp = goodput(p)
-            extra = (f"{gp.rate:.3g}", f"{gp.per_gpu(p.layout.world_size):.3g}") if gp and gp.rate else ("-", "-")
-        t.add_row(p.layout.label(), str(p.knobs.max_num_seqs), f"{g('output_tok_s'):,.0f}",
-                  f"{g('output_tok_s_per_gpu'):,.0f}", _usd(g("usd_per_mtok")), *extra, _s(g("ttft_mean_s")),
+        tok_s, usd, extra = g("output_tok_s"), g("usd_per_mtok"), ()
+        gp = goodput(p) if goodput else None
+        if gp and gp.rate:
+            # In steady state at the goodput rate the layout makes rate x mean output tokens/s.
+            tok_s = gp.tok_s
+            usd = cost_stats(p.layout.world_size, 1.0, tok_s, usd_per_gpu_hour, None)["usd_per_mtok"]
+            extra = (f"{gp.rate:.3g}", f"{gp.per_gpu(p.layout.world_size):.3g}")
+        elif goodput:
+            extra = ("-", "-")
+        t.add_row(p.layout.label(), str(p.knobs.max_num_seqs), f"{tok_s:,.0f}",
+                  f"{tok_s / p.layout.world_size:,.0f}", _usd(usd), *extra, _s(g("ttft_mean_s")),
                   _s(g("ttft_p99_s")), _ms(g("tpot_mean_s")), _ms(g("tpot_p99_s")), _s(g("e2e_mean_s")),
                   _s(g("e2e_p99_s")), f"{g('preemptions'):,}", f"{g('kv_peak_frac'):.0%}", bound)
     return t
@@ -99,8 +107,9 @@ def print_recommendation(console: Console, rec: Recommendation, top: int) -> Non
     rows = rec.distinct_layouts()[:top]
     table = predictions_table(rows, f"{sc.model.name} on {sc.cluster.describe()}, {sc.workload.name} "
                                     f"({sc.workload.num_requests:,} requests), {rec.slo.describe()}: best "
-                                    f"{len(rows)} layout{'' if len(rows) == 1 else 's'} by {rec.goal} of {len(rec.evaluated)} feasible "
-                                    "configurations", rec.goodput_of if rec.goal == "goodput" else None)
+                                    f"{len(rows)} layout{'' if len(rows) == 1 else 's'} by {rec.goal} of {len(rec.evaluated)} simulated "
+                                    "configurations", rec.goodput_of if rec.goal == "goodput" else None,
+                              sc.cluster.usd_per_gpu_hour)
     load = (f"each at its goodput rate ({'constant' if sc.workload.mode == 'constant' else 'Poisson'} arrivals)"
             if rec.goal == "goodput" else load_caption(sc.workload))
     table.caption = "; ".join(c for c in (load, "one row per layout, at its best max_num_seqs",

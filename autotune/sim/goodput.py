@@ -3,11 +3,12 @@ grow, found by bisection over the rate with the simulator (DistServe's goodput, 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
 
-from autotune.sim.predict import Prediction, Scenario, predict
+from autotune.sim.predict import Prediction, Scenario, infeasibility, predict, step_cost
 from autotune.sim.slo import Slo
 from autotune.spec.layout import EngineKnobs, Layout
 
@@ -16,9 +17,7 @@ from autotune.spec.layout import EngineKnobs, Layout
 # what the search costs.
 LIFETIMES = 3
 MIN_REQUESTS, MAX_REQUESTS = 400, 3000
-BISECTIONS = 5          # the rate to within 1/32 of the bracket
-HEADROOM = 1.25         # the bracket's top over the mean-value capacity estimate
-GROWTH, GROWTH_TRIES = 1.5, 3   # the bracket grows while its top is still served
+BISECTIONS = 5          # the rate to within 1/32 of the capacity
 
 
 @dataclass(frozen=True)
@@ -56,39 +55,117 @@ def kv_safe_seqs(kv_capacity_tokens: int, mean_context: float) -> int:
     return max(1, int(kv_capacity_tokens / mean_context))
 
 
-def capacity_rps(batch: Prediction, mean_context: float) -> float:
-    """Mean-value estimate of the rate a configuration sustains: each replica runs as many sequences as both
-    max_num_seqs and its KV cache allow, each producing a token per step of the batch's mean TPOT, so it finishes
-    requests at n / (mean output x TPOT) (Little's law)."""
-    n = min(batch.knobs.max_num_seqs, kv_safe_seqs(batch.get("kv_capacity_tokens"), mean_context))
-    mean_output = batch.get("output_tok_s") * batch.get("makespan_s") / batch.get("num_requests")
-    return batch.layout.dp * n / (mean_output * batch.get("tpot_mean_s"))
+@dataclass(frozen=True)
+class LoadShape:
+    """The lengths of a load, as the mean-value estimate needs them."""
+    mean_prompt: float
+    mean_output: float
+    mean_context: float     # of the running set (mean_running_ctx)
+    output_cv2: float       # squared coefficient of variation of the output lengths: of the requests' lifetimes
+
+    @classmethod
+    def of(cls, requests) -> "LoadShape":
+        out = requests.output.astype(float)
+        return cls(float(requests.prompt.mean()), float(out.mean()), mean_running_ctx(requests),
+                   float(out.var() / out.mean() ** 2))
 
 
-def goodput(scenario: Scenario, layout: Layout, knobs: EngineKnobs, slo: Slo, batch: Prediction,
-            mean_context: float) -> Goodput:
-    """Bisect the rate below HEADROOM x the mean-value capacity of the configuration (`batch`, its prediction on a
-    batch of the same requests), growing the bracket while its top is still served."""
-    mean_output = batch.get("output_tok_s") * batch.get("makespan_s") / batch.get("num_requests")
-    # A request lives about its output length times the time per token; the run must last a few such lifetimes.
-    lifetime = mean_output * batch.get("tpot_mean_s")
+@dataclass(frozen=True)
+class Capacity:
+    rate: float         # requests/s the configuration finishes in steady state (0: it cannot meet the TPOT SLO)
+    seqs: int           # sequences each replica runs at that rate
+    tpot_s: float       # the time per output token there
+    limit: str          # what caps the rate: max_num_seqs, the KV cache, the TPOT SLO or the TTFT SLO
+
+    def describe(self) -> str:
+        return (f"capacity: {self.seqs} sequences per replica at {self.tpot_s * 1e3:,.1f} ms per token, "
+                f"limited by the {self.limit}")
+
+
+def estimate_capacity(scenario: Scenario, layout: Layout, knobs: EngineKnobs, load: LoadShape, slo: Slo) -> Capacity:
+    """Mean-value estimate of the steady state, from the simulator's own step-time model: each replica runs as many
+    sequences as max_num_seqs, its KV cache (at the running set's mean context) and the TPOT SLO allow, each
+    producing a token per step, and so finishes requests at n / (mean output x TPOT) (Little's law). Each step also
+    prefills the prompts of the requests that replace the finished ones."""
+    knobs = scenario.resolve(knobs)
+    problem, plan = infeasibility(scenario, layout, knobs)
+    if problem:
+        return Capacity(0.0, 0, float("inf"), problem)
+    cost, _ = step_cost(scenario, layout, knobs)
+
+    def tpot(n: int) -> float:
+        prefill = round(n * load.mean_prompt / load.mean_output)
+        return cost.step_time(n, n * load.mean_context, prefill, prefill * load.mean_prompt / 2)[0]
+    kv = kv_safe_seqs(plan.kv_capacity_tokens, load.mean_context)
+    n, limit = (knobs.max_num_seqs, "max_num_seqs") if knobs.max_num_seqs <= kv else (kv, "KV cache")
+    if slo.tpot_p99_s is not None and tpot(n) > slo.tpot_p99_s:
+        lo, hi = 0, n          # tpot grows with n: the most sequences within the SLO
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if tpot(mid) <= slo.tpot_p99_s else (lo, mid)
+        n, limit = lo, "TPOT SLO"
+    if n == 0:
+        return Capacity(0.0, 0, tpot(1), limit)
+    t = tpot(n)
+    rate = layout.dp * n / (load.mean_output * t)
+    if slo.ttft_p99_s is not None:
+        # Near that rate arrivals wait for one of the n slots: the most rate whose p99 wait, plus the first step,
+        # fits the TTFT SLO.
+        service = load.mean_output * t
+
+        def ttft99(r: float) -> float:
+            return wait_p99(r / layout.dp, n, service, load.output_cv2) + t + cost.frontend_s
+        if ttft99(rate * (1 - 1e-9)) > slo.ttft_p99_s:
+            lo, hi = 0.0, rate
+            for _ in range(40):
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if ttft99(mid) <= slo.ttft_p99_s else (lo, mid)
+            rate, limit = lo, f"TTFT SLO (queueing for a slot: p99 wait {ttft99(lo) - t - cost.frontend_s:,.2f} s)"
+    return Capacity(rate, n, t, limit)
+
+
+def erlang_c(c: int, a: float) -> float:
+    """The probability that an arrival waits in an M/M/c queue with offered load a (Erlang C), from the stable
+    Erlang B recursion B(k) = a B(k-1) / (k + a B(k-1))."""
+    if a >= c:
+        return 1.0
+    b = 1.0
+    for k in range(1, c + 1):
+        b = a * b / (k + a * b)
+    return c * b / (c - a * (1 - b))
+
+
+def wait_p99(rate: float, slots: int, service_s: float, cv2: float) -> float:
+    """The 99th percentile of the wait for a free slot: M/M/c's tail P(W > t) = C e^(-(c/S - rate) t) (Kleinrock,
+    Queueing Systems I, 1975), scaled by (1 + CV^2) / 2 for general service times (Allen-Cunneen)."""
+    a = rate * service_s
+    if a >= slots:
+        return float("inf")
+    waits = erlang_c(slots, a)
+    if waits <= 0.01:
+        return 0.0
+    return math.log(waits / 0.01) / (slots / service_s - rate) * (1 + cv2) / 2
+
+
+def goodput(scenario: Scenario, layout: Layout, knobs: EngineKnobs, slo: Slo, load: LoadShape) -> Goodput:
+    """The steady-state capacity estimate bounds the rate (a finite simulated run is too short to show that a
+    reasoning load above it never settles); below it, the simulator judges the SLOs at p99, by bisection."""
+    cap = estimate_capacity(scenario, layout, knobs, load, slo)
+    if not cap.rate:
+        return Goodput(None, f"no rate meets the SLOs: one sequence alone takes {cap.tpot_s * 1e3:,.1f} ms per "
+                             "token", None, load.mean_output)
+    # A request lives about its output length times the time per token; the run lasts a few such lifetimes.
+    lifetime = load.mean_output * cap.tpot_s
 
     def at(rate: float) -> Prediction:
         n = int(min(MAX_REQUESTS, max(MIN_REQUESTS, LIFETIMES * rate * lifetime)))
         return predict(open_loop(scenario, rate, n), layout, knobs)
 
-    lo, hi = 0.0, HEADROOM * capacity_rps(batch, mean_context)
-    best: Prediction | None = None
-    p = at(hi)
+    p = at(cap.rate)
     binding = slo.miss_under_load(p)
-    for _ in range(GROWTH_TRIES):
-        if binding:
-            break
-        lo, best, hi = hi, p, hi * GROWTH
-        p = at(hi)
-        binding = slo.miss_under_load(p)
     if binding is None:
-        return Goodput(hi, f"not bounded up to {hi:.3g} req/s", p, mean_output)
+        return Goodput(cap.rate, cap.describe(), p, load.mean_output)
+    lo, hi, best = 0.0, cap.rate, None
     for _ in range(BISECTIONS):
         mid = (lo + hi) / 2
         p = at(mid)
@@ -98,5 +175,5 @@ def goodput(scenario: Scenario, layout: Layout, knobs: EngineKnobs, slo: Slo, ba
         else:
             hi, binding = mid, reason
     if best is None:
-        return Goodput(None, f"no rate meets the SLOs; at {hi:.3g} req/s: {binding}", None, mean_output)
-    return Goodput(lo, binding, best, mean_output)
+        return Goodput(None, f"no rate meets the SLOs; at {hi:.3g} req/s: {binding}", None, load.mean_output)
+    return Goodput(lo, binding, best, load.mean_output)

@@ -9,7 +9,7 @@ import numpy as np
 from autotune.sim.calibration import Calibration
 from autotune.sim.costs import PHASE_FIELDS, StepCost
 from autotune.sim.engine import EngineLimits, Replica, RequestTable, drive
-from autotune.sim.memory import MemoryPlan, plan_memory, stage_shape
+from autotune.sim.memory import MemoryPlan, StageShape, plan_memory, stage_shape
 from autotune.sim.power import energy_joules
 from autotune.spec.hardware import Cluster
 from autotune.spec.layout import EngineKnobs, Layout, structural_problem
@@ -112,6 +112,13 @@ def infeasibility(scenario: Scenario, layout: Layout, knobs: EngineKnobs) -> tup
     return plan.problem, plan
 
 
+def step_cost(scenario: Scenario, layout: Layout, knobs: EngineKnobs) -> tuple[StepCost, StageShape]:
+    """The step-time model of a layout with resolved knobs, and the shape of one pipeline stage."""
+    shape = stage_shape(scenario.model, layout, knobs.kv_dtype_for(scenario.model))
+    eff = scenario.calibration.for_gpu(scenario.cluster.gpu.name)
+    return StepCost(scenario.model, scenario.cluster, layout, shape, eff, knobs), shape
+
+
 def predict(scenario: Scenario, layout: Layout, knobs: EngineKnobs = EngineKnobs(),
             requests: Requests | None = None) -> Prediction:
     """Simulate the workload on `layout`; an infeasible layout comes back with its reason and no metrics."""
@@ -122,8 +129,7 @@ def predict(scenario: Scenario, layout: Layout, knobs: EngineKnobs = EngineKnobs
         return Prediction(layout, knobs, False, problem, plan)
     assert plan is not None
     eff = scenario.calibration.for_gpu(cluster.gpu.name)
-    shape = stage_shape(model, layout, knobs.kv_dtype_for(model))
-    cost = StepCost(model, cluster, layout, shape, eff, knobs)
+    cost, shape = step_cost(scenario, layout, knobs)
     limits = EngineLimits(knobs.max_num_seqs, knobs.max_num_batched_tokens, plan.kv_capacity_tokens,
                           knobs.block_size, shape.kv_bytes_per_seq / max(shape.kv_bytes_per_token, 1.0))
     reqs_in = requests if requests is not None else workload.sample()

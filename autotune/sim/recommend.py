@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from autotune.sim.goodput import HEADROOM, Goodput, capacity_rps, goodput, kv_safe_seqs, mean_running_ctx
+from autotune.sim.goodput import Goodput, LoadShape, estimate_capacity, goodput, kv_safe_seqs, mean_running_ctx
 from autotune.sim.predict import Prediction, Scenario, infeasibility, predict
 from autotune.sim.slo import Slo
 from autotune.spec.layout import EngineKnobs, Layout, enumerate_layouts
+from autotune.spec.metrics import cost_stats
 
 SEQ_GRID = (32, 64, 128, 256, 512, 1024, 2048)
 # Past this many times the KV-safe concurrency a layout is deep in the capacity trap: preemption storms that
@@ -37,6 +38,7 @@ class Recommendation:
     infeasible: list[Prediction] = field(default_factory=list)
     explanation: list[str] = field(default_factory=list)
     goodputs: dict[tuple[Layout, int], Goodput] = field(default_factory=dict)   # with goal goodput
+    layouts: list[Layout] = field(default_factory=list)     # every valid layout considered
 
     @property
     def winner(self) -> Prediction | None:
@@ -81,12 +83,15 @@ def guarded_order(preds: list[Prediction], value, latency, tolerance: float) -> 
 
 def recommend(scenario: Scenario, slo: Slo = Slo(), latency_metric: str = "tpot_p99_s", base: EngineKnobs = EngineKnobs(),
               refine_top: int = 3, goal: str = "throughput", tolerance: float = TOLERANCE) -> Recommendation:
-    """Stage 1: every layout at vLLM's default max_num_seqs and at the largest grid value the KV cache holds, and
-    at smaller values while those break an SLO. Stage 2: the best few layouts over the whole max_num_seqs grid.
-    With goal goodput, stage 3 searches the rate each layout's best configurations sustain within the SLOs."""
+    """Goal throughput, on the load as given. Stage 1: every layout at vLLM's default max_num_seqs and at the
+    largest grid value the KV cache holds, and at smaller values while those break the TPOT SLO. Stage 2: the best
+    few layouts over the whole max_num_seqs grid. Goal goodput: see _recommend_goodput."""
     rec = Recommendation(scenario, slo, latency_metric, goal, tolerance)
     requests = scenario.workload.sample()
-    layouts = enumerate_layouts(scenario.model, scenario.cluster, allow_cross_node_tp=scenario.allow_cross_node_tp)
+    layouts = rec.layouts = enumerate_layouts(scenario.model, scenario.cluster,
+                                              allow_cross_node_tp=scenario.allow_cross_node_tp)
+    if goal == "goodput":
+        return _recommend_goodput(rec, layouts, base, LoadShape.of(requests))
     mean_running_context = mean_running_ctx(requests)
     tried: dict[tuple[Layout, int], Prediction] = {}
 
@@ -108,46 +113,57 @@ def recommend(scenario: Scenario, slo: Slo = Slo(), latency_metric: str = "tpot_
         safe_seqs[layout] = kv_safe_seqs(plan.kv_capacity_tokens, mean_running_context)
         grid = _seq_grid(safe_seqs[layout], default)
         # Stage 1: the largest value the KV cache holds at the mean running context, and vLLM's default; below a
-        # value that breaks an SLO, the next smaller one, until one meets them (fewer sequences, shorter steps).
+        # value that breaks the TPOT SLO, the next smaller one, until one meets it (fewer sequences, shorter steps;
+        # fewer slots never shorten a queue, so a TTFT miss does not descend).
         for seqs in sorted({max([s for s in grid if s <= safe_seqs[layout]] or grid[:1]), grid[-1]}):
             below = [s for s in grid if s < seqs]
-            while slo.violation(run(layout, seqs)) and below:
+            while slo.tpot_missed(run(layout, seqs)) and below:
                 seqs = below.pop()
     leaders = sorted(rec.best_per_layout().values(), key=lambda p: _score(p, slo), reverse=True)[:refine_top]
     for p in leaders if not base.max_num_seqs else []:
         for seqs in _seq_grid(safe_seqs[p.layout], max(scenario.resolve(base).max_num_seqs, 1024)):
             run(p.layout, seqs)
-    if goal == "goodput":
-        # A batch's TTFT is queueing: the SLOs are judged under a rate, on each layout's best candidates.
-        rec.ranked = _rank_by_goodput(rec, mean_running_context)
-    else:
-        ok = [p for p in rec.evaluated if not slo.violation(p)]
-        rec.ranked = guarded_order(ok, lambda p: p.get("output_tok_s"), lambda p: p.get(latency_metric), tolerance)
+    ok = [p for p in rec.evaluated if not slo.violation(p)]
+    rec.ranked = guarded_order(ok, lambda p: p.get("output_tok_s"), lambda p: p.get(latency_metric), tolerance)
     rec.pareto = pareto_front(rec.evaluated, latency_metric)
     rec.explanation = explain(rec)
     return rec
 
 
-def _rank_by_goodput(rec: Recommendation, mean_context: float) -> list[Prediction]:
-    """Goodput of each layout's best configurations by capacity estimate, highest first (ties by the guard).
-    Layouts are searched best estimate first; the search stops once no estimate left, with the bracket's headroom,
-    can beat the best goodput found."""
-    bound = {id(p): capacity_rps(p, mean_context) for p in rec.evaluated}
-    per_layout: dict[Layout, list[Prediction]] = {}
-    for p in sorted(rec.evaluated, key=lambda p: bound[id(p)], reverse=True):
-        per_layout.setdefault(p.layout, []).append(p)
-    candidates = sorted((p for ps in per_layout.values() for p in ps[:GOODPUT_CANDIDATES]),
-                        key=lambda p: bound[id(p)], reverse=True)
+def _recommend_goodput(rec: Recommendation, layouts: list[Layout], base: EngineKnobs, load: LoadShape
+                       ) -> Recommendation:
+    """Every layout over the max_num_seqs grid, by the steady-state capacity estimate (no simulation); the best
+    few configurations of each layout, best estimate first, get their goodput searched with the simulator. The
+    estimate bounds goodput, so the search stops once no estimate left can beat the best goodput found. Ranked by
+    goodput (ties by the guard), each configuration shown as it runs at its goodput rate."""
+    sc, slo = rec.scenario, rec.slo
+    candidates: list[tuple[float, Layout, EngineKnobs]] = []
+    for layout in layouts:
+        problem, plan = infeasibility(sc, layout, sc.resolve(base))
+        if problem:
+            rec.infeasible.append(predict(sc, layout, base))
+            continue
+        default = sc.resolve(base).max_num_seqs
+        grid = [base.max_num_seqs] if base.max_num_seqs else sorted(
+            {*_seq_grid(kv_safe_seqs(plan.kv_capacity_tokens, load.mean_context), default), default})
+        options = []
+        for seqs in grid:
+            knobs = EngineKnobs(**{**base.to_dict(), "max_num_seqs": seqs})
+            options.append((estimate_capacity(sc, layout, knobs, load, slo).rate, layout, knobs))
+        candidates += sorted(options, key=lambda o: o[0], reverse=True)[:GOODPUT_CANDIDATES]
     best = 0.0
-    for p in candidates:
-        if bound[id(p)] * HEADROOM < best:
+    for bound, layout, knobs in sorted(candidates, key=lambda o: o[0], reverse=True):
+        if bound <= best or not bound:
             break
-        g = rec.goodputs[(p.layout, p.knobs.max_num_seqs)] = goodput(rec.scenario, p.layout, p.knobs, rec.slo, p,
-                                                                     mean_context)
+        g = rec.goodputs[(layout, sc.resolve(knobs).max_num_seqs)] = goodput(sc, layout, knobs, slo, load)
         best = max(best, g.rate or 0.0)
-    # Each served configuration is shown as it runs at its goodput rate.
-    served = [g.at_rate for g in rec.goodputs.values() if g.rate]
-    return guarded_order(served, lambda p: rec.goodput_of(p).rate, lambda p: p.get(rec.latency_metric), rec.tolerance)
+        if g.at_rate is not None:
+            rec.evaluated.append(g.at_rate)
+    rec.ranked = guarded_order(rec.evaluated, lambda p: rec.goodput_of(p).rate,
+                               lambda p: p.get(rec.latency_metric), rec.tolerance)
+    rec.pareto = pareto_front(rec.evaluated, rec.latency_metric)
+    rec.explanation = explain(rec)
+    return rec
 
 
 def pareto_front(preds: list[Prediction], latency_metric: str) -> list[Prediction]:
@@ -193,13 +209,14 @@ def explain(rec: Recommendation) -> list[str]:
             return ["no layout meets the SLOs; the closest: "
                     + "; ".join(f"{p.layout.label()}: {rec.slo.violation(p)}" for p in rec.evaluated[:3])]
         return ["no layout fits: " + "; ".join(f"{p.layout.label()}: {p.reason}" for p in rec.infeasible[:4])]
-    lines = [f"{w.layout.label()} with max_num_seqs {w.knobs.max_num_seqs} wins: {w.get('output_tok_s'):,.0f} output "
-             f"tok/s ({w.get('output_tok_s_per_gpu'):,.0f} per GPU), TPOT p99 {w.get('tpot_p99_s') * 1e3:,.0f} ms; "
-             f"it is bound by {_limit_detail(w)}; KV peak {w.get('kv_peak_frac'):.0%} of "
-             f"{w.get('kv_capacity_tokens'):,} tokens per replica, {w.get('preemptions'):,} preemptions."]
     if rec.goal == "goodput":
-        lines += _goodput_lines(rec)
+        lines = _goodput_lines(rec)
     else:
+        lines = [f"{w.layout.label()} with max_num_seqs {w.knobs.max_num_seqs} wins: {w.get('output_tok_s'):,.0f} "
+                 f"output tok/s ({w.get('output_tok_s_per_gpu'):,.0f} per GPU), TPOT p99 "
+                 f"{w.get('tpot_p99_s') * 1e3:,.0f} ms; it is bound by {_limit_detail(w)}; KV peak "
+                 f"{w.get('kv_peak_frac'):.0%} of {w.get('kv_capacity_tokens'):,} tokens per replica, "
+                 f"{w.get('preemptions'):,} preemptions."]
         lines.append(_guard_line(rec))
         for layout, p in sorted(rec.best_per_layout().items(), key=lambda kv: -kv[1].get("output_tok_s")):
             if layout == w.layout:
@@ -231,19 +248,24 @@ def _guard_line(rec: Recommendation) -> str:
 
 
 def _goodput_lines(rec: Recommendation) -> list[str]:
-    gpus = rec.winner.layout.world_size
-    g = rec.goodput_of(rec.winner)
-    lines = [f"goodput: it serves {g.rate:.3g} req/s ({g.tok_s:,.0f} output tok/s, {g.per_gpu(gpus):.3g} req/s per GPU) "
-             f"with {rec.slo.describe()} at p99 and a queue that does not grow; above that, {g.binding}",
+    w = rec.winner
+    g = rec.goodput_of(w)
+    cost = cost_stats(w.layout.world_size, 1.0, g.tok_s, rec.scenario.cluster.usd_per_gpu_hour, None)["usd_per_mtok"]
+    lines = [f"{w.layout.label()} with max_num_seqs {w.knobs.max_num_seqs} wins: it serves {g.rate:.3g} req/s "
+             f"({g.tok_s:,.0f} output tok/s, {g.per_gpu(w.layout.world_size):.3g} req/s per GPU"
+             + (f", ${cost:,.2f} per million output tokens" if cost else "") + f") with {rec.slo.describe()} at p99; "
+             f"simulated at that rate: TPOT p99 {w.get('tpot_p99_s') * 1e3:,.1f} ms, TTFT p99 "
+             f"{w.get('ttft_p99_s'):,.2f} s, {w.get('preemptions'):,} preemptions",
+             f"what stops a higher rate: {g.binding}",
              f"guard: within {rec.tolerance:.0%} of the best goodput the lowest {rec.latency_metric} wins (--tolerance)"]
     for (layout, seqs), other in rec.goodputs.items():
-        if (layout, seqs) == (rec.winner.layout, rec.winner.knobs.max_num_seqs):
-            continue
-        what = f"{other.rate:.3g} req/s, then {other.binding}" if other.rate else other.binding
-        lines.append(f"{layout.label()} (max_num_seqs {seqs}): {what}")
-    skipped = {p.layout for p in rec.ranked} | {k[0] for k in rec.goodputs}
-    rest = [layout for layout in rec.best_per_layout() if layout not in skipped]
+        if (layout, seqs) != (w.layout, w.knobs.max_num_seqs):
+            what = f"{other.rate:.3g} req/s; then {other.binding}" if other.rate else other.binding
+            lines.append(f"{layout.label()} (max_num_seqs {seqs}): {what}")
+    searched = {layout for layout, _ in rec.goodputs}
+    infeasible = {p.layout for p in rec.infeasible}
+    rest = [layout for layout in rec.layouts if layout not in searched | infeasible]
     if rest:
-        lines.append(f"not searched, their capacity estimate cannot reach the best goodput: "
-                     f"{', '.join(layout.label() for layout in rest)}")
+        lines.append("not simulated, their steady-state capacity estimate is below the winner's goodput: "
+                     + ", ".join(layout.label() for layout in rest))
     return lines

@@ -30,6 +30,9 @@ class Slo:
                 return f"{key[:-2].replace('_', ' ').upper()} {p.get(key) * 1e3:,.1f} ms > SLO {limit * 1e3:,.0f} ms"
         return None
 
+    def tpot_missed(self, p) -> bool:
+        return self.tpot_p99_s is not None and p.get("tpot_p99_s") is not None and p.get("tpot_p99_s") > self.tpot_p99_s
+
     def miss_under_load(self, p) -> str | None:
         """What stops a rate-driven load from being served: an SLO, a queue that grows for the whole run, or the
         capacity trap (the KV cache full, requests preempted and recomputed: a load no server holds for long)."""
