@@ -9,7 +9,7 @@ import sys
 from autotune.errors import UserError
 from autotune.sim.recommend import GOALS, TOLERANCE
 from autotune.spec.metrics import LATENCY_METRICS
-from autotune.spec.workload import MODES
+from autotune.spec.workload import MODES, OPEN_LOOP
 
 
 class _Parser(argparse.ArgumentParser):
@@ -22,15 +22,24 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu", required=True, help="GPU type: H100-SXM, H200, A100-80GB, B200, MI300X, L40S")
     p.add_argument("--gpus", type=int, required=True, help="number of GPUs")
     p.add_argument("--gpus-per-node", type=int, default=None, help="default: the GPU's usual node (8)")
+    _load_args(p, modes=MODES)
+    _engine_args(p)
+
+
+def _load_args(p: argparse.ArgumentParser, modes: tuple[str, ...]) -> None:
     p.add_argument("--workload", default="natural-reasoning", help="preset (natural-reasoning, chat, long-context) "
                                                                    "or a workload YAML")
     p.add_argument("--requests", type=int, default=None, help="number of requests (default: the workload's)")
-    p.add_argument("--mode", choices=MODES, default=None, help="batch (all at t=0), concurrency (a closed loop of "
+    p.add_argument("--mode", choices=modes, default=None, help="batch (all at t=0), concurrency (a closed loop of "
                    "--concurrency clients), poisson or constant (--rate requests/s)")
-    p.add_argument("--concurrency", type=int, default=None)
-    p.add_argument("--rate", type=float, default=None, help="requests/s for --mode poisson or constant")
+    if "concurrency" in modes:
+        p.add_argument("--concurrency", type=int, default=None)
+        p.add_argument("--rate", type=float, default=None, help="requests/s for --mode poisson or constant")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--router", choices=("least-loaded", "round-robin"), default="least-loaded")
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration", default=None, help="calibration file from `autotune calibrate` or gpu_probe")
     p.add_argument("--prices", default=None, help="USD per GPU-hour by GPU (YAML); default: public on-demand prices")
     p.add_argument("--max-num-seqs", type=int, default=None)
@@ -44,6 +53,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
+def _slo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--slo-tpot-ms", type=float, default=None, help="p99 TPOT limit")
+    p.add_argument("--slo-ttft-ms", type=float, default=None, help="p99 TTFT limit")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="autotune", description="Find the best parallel layout for serving reasoning workloads "
                                                   "with vLLM.")
@@ -54,14 +68,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--series", action="store_true", help="include the KV/queue time series in --json")
     p = sub.add_parser("recommend", help="rank every valid layout and explain the winner")
     _common(p)
-    p.add_argument("--slo-tpot-ms", type=float, default=None, help="p99 TPOT limit")
-    p.add_argument("--slo-ttft-ms", type=float, default=None, help="p99 TTFT limit")
+    _slo_args(p)
     p.add_argument("--top", type=int, default=10, help="layouts to show")
     p.add_argument("--latency-metric", default="tpot_p99_s", choices=LATENCY_METRICS)
     p.add_argument("--goal", choices=GOALS, default="throughput",
                    help="throughput on the load as given, or goodput: the highest request rate served within the SLOs")
     p.add_argument("--tolerance", type=float, default=TOLERANCE,
                    help="within this share of the best, the lowest latency wins (default %(default)s)")
+    p = sub.add_parser("size", help="the fewest GPUs of each type that serve a request rate within the SLOs")
+    p.add_argument("--model", required=True, help="catalog name, a model directory or a config.json")
+    p.add_argument("--rate", type=float, required=True, help="requests/s to serve")
+    p.add_argument("--gpu", default=None, help="GPU types, comma-separated (default: every priced one)")
+    p.add_argument("--max-gpus", type=int, default=64, help="the largest count to consider (default %(default)s)")
+    p.add_argument("--gpus-per-node", type=int, default=None, help="default: each GPU's usual node (8)")
+    _slo_args(p)
+    _load_args(p, modes=OPEN_LOOP)
+    _engine_args(p)
     p = sub.add_parser("run", help="tune: a study over a search space, headless")
     p.add_argument("space", help="a search space YAML (see search_spaces/)")
     p.add_argument("--trials", type=int, default=None, help="budget (default: the space's)")
@@ -102,18 +124,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _load(args):
+    from autotune.spec.workload import load_workload
+
+    return load_workload(args.workload).with_(num_requests=args.requests, mode=args.mode,
+                                              concurrency=getattr(args, "concurrency", None),
+                                              rate=getattr(args, "rate", None), seed=args.seed)
+
+
 def _scenario(args):
     from autotune.sim.calibration import Calibration
     from autotune.sim.predict import Scenario
     from autotune.spec.hardware import Cluster, load_gpu
     from autotune.spec.models import load_model
     from autotune.spec.prices import load_prices
-    from autotune.spec.workload import load_workload
 
     if args.gpus < 1:
         raise UserError("--gpus must be at least 1")
-    workload = load_workload(args.workload).with_(num_requests=args.requests, mode=args.mode,
-                                                  concurrency=args.concurrency, rate=args.rate, seed=args.seed)
+    workload = _load(args)
     gpu = load_gpu(args.gpu)
     price = load_prices(args.prices).get(gpu.name)
     return Scenario(load_model(args.model), Cluster.of(gpu, args.gpus, args.gpus_per_node,
@@ -213,6 +241,65 @@ def _slo(args):
 def _goodput_json(g, gpus: int) -> dict:
     return {"rate_rps": g.rate, "output_tok_s": g.tok_s, "rate_rps_per_gpu": g.per_gpu(gpus), "binding": g.binding,
             "at_rate": g.at_rate.to_json() if g.at_rate else None}
+
+
+def cmd_size(args, console) -> int:
+    from autotune.report import sizing_table
+    from autotune.sim.calibration import Calibration
+    from autotune.sim.predict import Scenario
+    from autotune.sim.size import size
+    from autotune.spec.hardware import GPUS, Cluster, load_gpu
+    from autotune.spec.models import load_model
+    from autotune.spec.prices import load_prices
+
+    if not args.rate > 0 or args.rate == float("inf"):
+        raise UserError("--rate must be a positive number of requests/s")
+    if args.max_gpus < 1:
+        raise UserError("--max-gpus must be at least 1")
+    slo = _slo(args)
+    prices = load_prices(args.prices)
+    gpus = [load_gpu(name.strip()) for name in args.gpu.split(",") if name.strip()] if args.gpu else \
+        [GPUS[name] for name in GPUS if name in prices]
+    if not gpus:
+        raise UserError("--gpu names no GPU type")
+    model = load_model(args.model)
+    # The load's lengths at the asked rate; each count's search sizes its own runs.
+    load = _load(args).with_(mode=args.mode or "poisson", rate=args.rate)
+    knobs = _knobs(args)
+    answers = []
+    for gpu in gpus:
+        price = prices.get(gpu.name)
+        base = Scenario(model, Cluster.of(gpu, 1), load, Calibration.load(args.calibration), args.router,
+                        args.allow_cross_node_tp)
+        answers.append(size(base, gpu, args.rate, slo, args.max_gpus, price.usd_per_gpu_hour if price else None,
+                            args.gpus_per_node, knobs))
+    # Cheapest per million output tokens first; unpriced answers after priced ones, then those that found no count.
+    answers.sort(key=lambda a: (a.gpus is None, a.usd_per_mtok is None, a.usd_per_mtok or 0.0, a.gpus or 0))
+    if args.json:
+        print(json.dumps({
+            "model": model.name, "rate_rps": args.rate, "workload": load.to_dict(),
+            "slo": {"tpot_p99_s": slo.tpot_p99_s, "ttft_p99_s": slo.ttft_p99_s},
+            "answers": [_sizing_json(a, model, prices) for a in answers],
+        }, indent=2))
+    else:
+        console.print(sizing_table(answers, f"{model.name} at {args.rate:g} req/s ({load.name}), {slo.describe()}"))
+        for a in answers:
+            if a.gpus is None:
+                console.print(f"  {a.gpu}: none up to {args.max_gpus} GPUs; {a.reason}", highlight=False)
+    return 0 if any(a.gpus for a in answers) else 1
+
+
+def _sizing_json(a, model, prices) -> dict:
+    from autotune.deploy import serve_commands
+    from autotune.spec.hardware import Cluster, load_gpu
+
+    p = a.prediction
+    price = prices.get(a.gpu)
+    return {"gpu": a.gpu, "gpus": a.gpus, "usd_per_gpu_hour": a.usd_per_gpu_hour,
+            "price_source": price.source if price else None, "price_date": price.date if price else None,
+            "usd_per_hour": a.usd_per_hour, "usd_per_mtok": a.usd_per_mtok, "reason_below": a.reason,
+            "prediction": p.to_json() if p else None,
+            "serve_command": serve_commands(model, Cluster.of(load_gpu(a.gpu), a.gpus), p.layout, p.knobs) if p else None}
 
 
 def cmd_models(args, console) -> int:
@@ -401,7 +488,7 @@ def cmd_tui(args, console) -> int:
     return run_tui(args.study_dir, args.root, args.gpus)
 
 
-COMMANDS = {"calibrate": cmd_calibrate, "tui": cmd_tui, "predict": cmd_predict, "recommend": cmd_recommend, "models": cmd_models, "run": cmd_run,
+COMMANDS = {"calibrate": cmd_calibrate, "tui": cmd_tui, "predict": cmd_predict, "recommend": cmd_recommend, "size": cmd_size, "models": cmd_models, "run": cmd_run,
             "best": cmd_best, "pareto": cmd_pareto, "export": cmd_export, "studies": cmd_studies}
 
 

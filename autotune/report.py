@@ -95,6 +95,22 @@ def predictions_table(preds: list[Prediction], title: str, goodput=None, usd_per
     return t
 
 
+def sizing_table(answers, title: str) -> Table:
+    t = Table(title=title, caption="cheapest per million output tokens first; $/h and $/Mtok at the listed price "
+                                   "per GPU-hour (--prices)")
+    for col in ("GPU", "GPUs", "layout", "seqs", "$/h", "$/Mtok", "TTFT99 s", "TPOT99 ms", "preempt", "KV peak"):
+        t.add_column(col, justify="left" if col in ("GPU", "layout") else "right")
+    for a in answers:
+        p = a.prediction
+        if p is None:
+            t.add_row(a.gpu, "-", "[red]none fits the rate", *["-"] * 7)
+            continue
+        t.add_row(a.gpu, str(a.gpus), p.layout.label(), str(p.knobs.max_num_seqs), _usd(a.usd_per_hour),
+                  _usd(a.usd_per_mtok), _s(p.get("ttft_p99_s")), _ms(p.get("tpot_p99_s")), f"{p.get('preemptions'):,}",
+                  f"{p.get('kv_peak_frac'):.0%}")
+    return t
+
+
 def load_caption(workload) -> str | None:
     """What TTFT means under this load, beside the tables."""
     if workload.mode == "batch":

@@ -35,6 +35,11 @@ class Goodput:
         return None if self.rate is None else self.rate / gpus
 
 
+def steady_requests(rate: float, lifetime_s: float) -> int:
+    """Requests for a run at `rate` to last LIFETIMES request lifetimes (within the bounds)."""
+    return int(min(MAX_REQUESTS, max(MIN_REQUESTS, LIFETIMES * rate * lifetime_s)))
+
+
 def open_loop(scenario: Scenario, rate: float, num_requests: int) -> Scenario:
     """The scenario's lengths sent at `rate` (constant arrivals if the workload's mode says so, else Poisson). The
     same seed draws the same lengths and unit gaps at every rate, so rates compare on the same requests."""
@@ -125,14 +130,18 @@ def estimate_capacity(scenario: Scenario, layout: Layout, knobs: EngineKnobs, lo
 
 
 def erlang_c(c: int, a: float) -> float:
-    """The probability that an arrival waits in an M/M/c queue with offered load a (Erlang C), from the stable
-    Erlang B recursion B(k) = a B(k-1) / (k + a B(k-1))."""
+    """The probability that an arrival waits in an M/M/c queue with offered load a < c (Erlang C):
+    (a^c/c! x c/(c-a)) / (sum_{k<c} a^k/k! + a^c/c! x c/(c-a)), in logs so that c may be in the thousands."""
     if a >= c:
         return 1.0
-    b = 1.0
-    for k in range(1, c + 1):
-        b = a * b / (k + a * b)
-    return c * b / (c - a * (1 - b))
+    if a <= 0:
+        return 0.0
+    k = np.arange(c + 1)
+    log_terms = k * math.log(a) - np.concatenate(([0.0], np.cumsum(np.log(np.arange(1, c + 1)))))
+    log_terms[c] += math.log(c / (c - a))
+    top = log_terms.max()
+    weights = np.exp(log_terms - top)
+    return float(weights[c] / weights.sum())
 
 
 def wait_p99(rate: float, slots: int, service_s: float, cv2: float) -> float:
@@ -158,8 +167,7 @@ def goodput(scenario: Scenario, layout: Layout, knobs: EngineKnobs, slo: Slo, lo
     lifetime = load.mean_output * cap.tpot_s
 
     def at(rate: float) -> Prediction:
-        n = int(min(MAX_REQUESTS, max(MIN_REQUESTS, LIFETIMES * rate * lifetime)))
-        return predict(open_loop(scenario, rate, n), layout, knobs)
+        return predict(open_loop(scenario, rate, steady_requests(rate, lifetime)), layout, knobs)
 
     p = at(cap.rate)
     binding = slo.miss_under_load(p)
