@@ -1,5 +1,6 @@
-"""Simulator speed on one core: one 2,000-request prediction (target < 20 ms) and `recommend` over the whole
-layout space (target < 2 s) for DeepSeek-R1 on 64 H200 and Llama-3.1-70B on 8 H100.
+"""Simulator speed on one core: one 2,000-request prediction (target < 20 ms, also in the capacity trap),
+`recommend` over the whole layout space (DeepSeek-R1 on 64 H200 under 2 s; Qwen3-32B on 8 H100 and DeepSeek-R1 on
+16 H200 under 1 s), `recommend --goal goodput`, and `size` for DeepSeek-R1 up to 64 H200 (target < 5 s).
 
     python bench/sim_speed.py [--repeat N]
 """
@@ -13,6 +14,8 @@ import time
 
 from autotune.sim.predict import Scenario, predict
 from autotune.sim.recommend import recommend
+from autotune.sim.size import size
+from autotune.sim.slo import Slo
 from autotune.spec.hardware import Cluster, load_gpu
 from autotune.spec.layout import EngineKnobs, Layout
 from autotune.spec.models import load_model
@@ -51,12 +54,29 @@ def main() -> None:
         print(f"  {model} {layout.label()} seqs {p.knobs.max_num_seqs}: {dt * 1e3:7.1f} ms "
               f"({p.get('preemptions'):,} preemptions; {what})")
     print("\nrecommend over the whole space (median wall time):")
-    for model, gpu, gpus in (("DeepSeek-R1", "H200", 64), ("Llama-3.1-70B", "H100-SXM", 8)):
+    for model, gpu, gpus in (("DeepSeek-R1", "H200", 64), ("Qwen3-32B", "H100-SXM", 8), ("DeepSeek-R1", "H200", 16),
+                             ("Llama-3.1-70B", "H100-SXM", 8)):
         sc = _scenario(model, gpu, gpus)
         dt, rec = _time(lambda: recommend(sc), max(1, args.repeat // 2))
         print(f"  {model} on {gpus} {gpu}: {dt:5.2f} s for {len(rec.evaluated)} simulations of "
               f"{len({p.layout for p in rec.evaluated})} feasible layouts ({len(rec.infeasible)} infeasible checked); "
               f"winner {rec.winner.layout.label()} at max_num_seqs {rec.winner.knobs.max_num_seqs}")
+    slo = Slo(tpot_p99_s=0.05, ttft_p99_s=10)
+    print(f"\nrecommend --goal goodput ({slo.describe()}), median wall time:")
+    for model, gpu, gpus in (("Qwen3-32B", "H100-SXM", 8), ("DeepSeek-R1", "H200", 16)):
+        sc = _scenario(model, gpu, gpus)
+        dt, rec = _time(lambda: recommend(sc, slo, goal="goodput"), max(1, args.repeat // 2))
+        g = rec.goodput_of(rec.winner)
+        print(f"  {model} on {gpus} {gpu}: {dt:5.2f} s, {len(rec.goodputs)} goodput searches; winner "
+              f"{rec.winner.layout.label()} at max_num_seqs {rec.winner.knobs.max_num_seqs}: {g.rate:.3g} req/s")
+    print(f"\nsize ({slo.describe()}), median wall time:")
+    for model, gpu, rate in (("DeepSeek-R1", "H200", 5.0), ("DeepSeek-R1", "H200", 20.0), ("Llama-3.1-70B", "H100-SXM", 2.0)):
+        spec = load_gpu(gpu)
+        sc = _scenario(model, gpu, 1)
+        dt, answer = _time(lambda: size(sc, spec, rate, slo, 64, sc.cluster.usd_per_gpu_hour), max(1, args.repeat // 2))
+        found = (f"{answer.gpus} GPUs, {answer.prediction.layout.label()} at max_num_seqs "
+                 f"{answer.prediction.knobs.max_num_seqs}" if answer.gpus else f"none: {answer.reason}")
+        print(f"  {model} at {rate:g} req/s on up to 64 {gpu}: {dt:5.2f} s; {found}")
 
 
 if __name__ == "__main__":

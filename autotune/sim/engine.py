@@ -132,17 +132,20 @@ class Replica:
             if future:
                 self.clock = max(self.clock, future[0][0])
             return []
-        if t_limit == INF and self.drain_ok and not future and not self.waiting and self._drain():
-            return [self.reqs.finish[rid] for rid in self._drained]
         cap = self.lim.kv_capacity_tokens
         used = self.used()
         k_full = int((cap - used) // self.n_dec)
+        while self.heap[0][2] != self.version.get(self.heap[0][1]):
+            heapq.heappop(self.heap)
+        # The vectorised drain needs the KV cache to last at least until the first completion (cheap to check, and
+        # in the capacity trap it never does).
+        if t_limit == INF and self.drain_ok and not future and not self.waiting \
+                and self.heap[0][0] - self.G <= k_full and self._drain():
+            return [self.reqs.finish[rid] for rid in self._drained]
         if k_full <= 0:
             self._preempt()
             self.just_preempted = True
             return []
-        while self.heap[0][2] != self.version.get(self.heap[0][1]):
-            heapq.heappop(self.heap)
         k = min(self.heap[0][0] - self.G, k_full)
         t_next = min(t_limit, future[0][0] if future else INF)
         if t_next < INF:
