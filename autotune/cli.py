@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="throughput on the load as given, or goodput: the highest request rate served within the SLOs")
     p.add_argument("--tolerance", type=float, default=TOLERANCE,
                    help="within this share of the best, the lowest latency wins (default %(default)s)")
+    p.add_argument("--emit-space", default=None, metavar="FILE",
+                   help="write a search space over the winner and the layouts too close to call, for autotune run")
     p = sub.add_parser("size", help="the fewest GPUs of each type that serve a request rate within the SLOs")
     p.add_argument("--model", required=True, help="catalog name, a model directory or a config.json")
     p.add_argument("--rate", type=float, required=True, help="requests/s to serve")
@@ -163,7 +165,7 @@ def _knobs(args):
 
 
 def cmd_predict(args, console) -> int:
-    from autotune.report import load_caption, predictions_table
+    from autotune.report import load_caption, predictions_table, uncertainty_caption
     from autotune.sim.predict import predict
     from autotune.spec.layout import Layout, structural_problem
 
@@ -186,7 +188,7 @@ def cmd_predict(args, console) -> int:
     else:
         table = predictions_table(preds, f"{scenario.model.name} on {scenario.cluster.describe()}, "
                                          f"{scenario.workload.name} ({scenario.workload.num_requests:,} requests)")
-        table.caption = load_caption(scenario.workload)
+        table.caption = "; ".join(c for c in (load_caption(scenario.workload), uncertainty_caption(preds)) if c)
         console.print(table)
     return 0
 
@@ -205,6 +207,8 @@ def cmd_recommend(args, console) -> int:
     if args.goal == "goodput" and not slo.any:
         raise UserError("--goal goodput needs an SLO to serve within: --slo-tpot-ms and/or --slo-ttft-ms")
     rec = recommend(scenario, slo, args.latency_metric, _knobs(args), goal=args.goal, tolerance=args.tolerance)
+    if args.emit_space:
+        _emit_space(args, rec, console)
     if args.json:
         w = rec.winner
 
@@ -227,6 +231,33 @@ def cmd_recommend(args, console) -> int:
     else:
         print_recommendation(console, rec, args.top)
     return 0 if rec.winner else 1
+
+
+def _emit_space(args, rec, console) -> None:
+    import yaml
+
+    from autotune.search.space import space_around
+    from autotune.sim.recommend import SEQ_GRID
+
+    if rec.winner is None:
+        raise UserError("--emit-space: no configuration meets the SLOs, so there is nothing to measure around")
+    picks = [rec.winner, *rec.close_calls()]
+    # Each pick's max_num_seqs and its neighbours on the grid: the real optimum may sit one step away.
+    seqs = {s for p in picks for s in SEQ_GRID if p.knobs.max_num_seqs / 2 <= s <= p.knobs.max_num_seqs * 2}
+    slo = rec.slo
+    doc = space_around(f"{rec.scenario.model.name}-{rec.winner.layout.label()}-measure".lower(), rec.scenario.cluster,
+                       rec.scenario.model.hf_id or args.model, rec.scenario.workload, [p.layout for p in picks],
+                       sorted(seqs | {p.knobs.max_num_seqs for p in picks}),
+                       {k: v * 1e3 for k, v in (("tpot_p99_ms", slo.tpot_p99_s), ("ttft_p99_ms", slo.ttft_p99_s)) if v})
+    try:
+        with open(args.emit_space, "w") as f:
+            f.write(f"# Written by `autotune recommend --emit-space`: the winner and the layouts the simulator cannot\n"
+                    f"# rank against it with confidence. Run it on the cluster: autotune run {args.emit_space}\n")
+            yaml.safe_dump(doc, f, sort_keys=False, default_flow_style=None)
+    except OSError as exc:
+        raise UserError(f"--emit-space: cannot write {args.emit_space} ({exc.strerror})") from None
+    print(f"wrote {args.emit_space}: {len(picks)} layout(s) x {len(doc['dimensions']['max_num_seqs'])} max_num_seqs "
+          f"values, backend vllm", file=sys.stderr)
 
 
 def _slo(args):

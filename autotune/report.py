@@ -60,12 +60,36 @@ def _usd(v: float | None) -> str:
     return "-" if v is None else f"{v:,.2f}"
 
 
+def _compact(v: float) -> str:
+    return f"{v / 1e3:,.1f}k" if v >= 1e3 else f"{v:,.0f}"
+
+
+def _range(p: Prediction, key: str, value: float) -> str:
+    """The prediction's interval for `key`, moved to `value` when the row shows another figure of the same kind."""
+    iv = (p.get("intervals") or {}).get(key)
+    if not iv or not p.get(key):
+        return "-"
+    scale = value / p.get(key)
+    return f"{_compact(iv[0] * scale)}-{_compact(iv[1] * scale)}"
+
+
+def uncertainty_caption(preds: list[Prediction]) -> str | None:
+    """What the ranges are, and which rows extrapolate beyond the validated runs."""
+    if not any(p.get("intervals") for p in preds):
+        return None
+    cover = next((p.get("interval_coverage") for p in preds if p.get("interval_coverage")), {})
+    text = (f"range: the measured value, from the model's residuals on the validation set (held-out coverage "
+            f"{cover.get('throughput', 0):.0%} for throughput)")
+    far = sorted({why for p in preds for why in (p.get("extrapolation") or [])})
+    return text + (f"; * extrapolation ({'; '.join(far)}): wider range" if far else "")
+
+
 def predictions_table(preds: list[Prediction], title: str, goodput=None, usd_per_gpu_hour: float | None = None
                       ) -> Table:
     """One row per prediction; `goodput` (prediction -> Goodput or None) adds the goodput columns, and then the
     throughput and cost columns are those of the steady state at the goodput rate."""
     t = Table(title=title)
-    cols = ["layout", "seqs", "tok/s", "/GPU", "$/Mtok", *(("goodput req/s", "/GPU req/s") if goodput else ()),
+    cols = ["layout", "seqs", "tok/s", "90% range", "/GPU", "$/Mtok", *(("goodput req/s", "/GPU req/s") if goodput else ()),
             "TTFT avg s", "TTFT99 s", "TPOT avg ms", "TPOT99 ms", "E2E avg s", "E2E99 s", "preempt", "KV peak",
             "bound by"]
     for col in cols:
@@ -88,7 +112,8 @@ def predictions_table(preds: list[Prediction], title: str, goodput=None, usd_per
             extra = (f"{gp.rate:.3g}", f"{gp.per_gpu(p.layout.world_size):.3g}")
         elif goodput:
             extra = ("-", "-")
-        t.add_row(p.layout.label(), str(p.knobs.max_num_seqs), f"{tok_s:,.0f}",
+        mark = "" if g("near_validated", True) else "*"
+        t.add_row(p.layout.label() + mark, str(p.knobs.max_num_seqs), f"{tok_s:,.0f}", _range(p, "output_tok_s", tok_s),
                   f"{tok_s / p.layout.world_size:,.0f}", _usd(usd), *extra, _s(g("ttft_mean_s")),
                   _s(g("ttft_p99_s")), _ms(g("tpot_mean_s")), _ms(g("tpot_p99_s")), _s(g("e2e_mean_s")),
                   _s(g("e2e_p99_s")), f"{g('preemptions'):,}", f"{g('kv_peak_frac'):.0%}", bound)
@@ -130,7 +155,7 @@ def print_recommendation(console: Console, rec: Recommendation, top: int) -> Non
             if rec.goal == "goodput" else load_caption(sc.workload))
     table.caption = "; ".join(c for c in (load, "one row per layout, at its best max_num_seqs",
                                           f"$/Mtok at ${sc.cluster.usd_per_gpu_hour:g} per GPU-hour"
-                                          if sc.cluster.usd_per_gpu_hour else None) if c)
+                                          if sc.cluster.usd_per_gpu_hour else None, uncertainty_caption(rows)) if c)
     console.print(table)
     front = Table(title=f"Pareto front: output tok/s per GPU against {rec.latency_metric}")
     for col in ("layout", "seqs", "per GPU", rec.latency_metric):

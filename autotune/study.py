@@ -88,7 +88,10 @@ def _trial_row(spec: TrialSpec, state: str, **extra) -> dict:
 
 
 def _metric_row(number: int, source: str, metrics: dict) -> dict:
-    return {"number": number, "source": source, **{c: metrics.get(c) for c in schema.METRIC_COLUMNS}}
+    intervals = metrics.get("intervals") or {}
+    bounds = {f"{k}_{end}": intervals[k][i] for k in schema.INTERVAL_KEYS if k in intervals
+              for i, end in enumerate(("lo", "hi"))}
+    return {"number": number, "source": source, **{c: bounds.get(c, metrics.get(c)) for c in schema.METRIC_COLUMNS}}
 
 
 class Progress:

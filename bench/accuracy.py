@@ -28,9 +28,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from validation_set import FAMILY, ROWS_DIR, Run, load_rows, load_simreal, predicted_value  # noqa: E402
+from validation_set import ROWS_DIR, Run, load_rows, load_simreal, predicted_value  # noqa: E402
 
 from autotune.sim.calibration import PRIOR_EFFICIENCY, Calibration, Efficiency  # noqa: E402
+from autotune.spec.metrics import FIGURES, figure_of  # noqa: E402
 
 # The factors fitted, each by multiplicative steps within bounds: the hardware efficiencies and the CPU-side costs.
 # The upper bounds are what a kernel can reach (about 95% of peak HBM bandwidth, 80% of peak tensor FLOP/s on
@@ -41,12 +42,12 @@ FITTED = {"hbm": (0.3, 0.95), "kv_read": (0.2, 1.0), "flops": (0.2, 0.8), "gemm_
           "tp_bw_loss": (0.0, 0.3), "allreduce_latency_s": (5e-6, 1e-4)}
 STEPS = (0.5, 0.8, 1.25, 2.0)
 ROUNDS = 3
-FAMILIES = ("throughput", "TTFT", "TPOT/ITL", "E2E")
+FAMILIES = FIGURES
 TRAIN_LIST = ROWS_DIR / "train_sources.txt"
 
 
 def family(key: str) -> str:
-    return FAMILY.get(key) or FAMILY[key.split("_")[0]]
+    return figure_of(key)
 
 
 def errors(runs: list[Run], cal: Calibration) -> list[tuple[Run, str, float, float | None]]:

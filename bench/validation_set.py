@@ -16,6 +16,7 @@ from autotune.sim.calibration import Calibration
 from autotune.sim.predict import Prediction, Scenario, predict
 from autotune.spec.hardware import Cluster, load_gpu
 from autotune.spec.layout import EngineKnobs, Layout
+from autotune.spec.metrics import figure_of
 from autotune.spec.models import ModelSpec, load_model
 from autotune.spec.workload import LengthDist, SharedPrefix, Stage, Workload
 
@@ -25,8 +26,6 @@ SHARED = HERE.parents[1] / "shared" / "validation"
 
 # A measured figure -> the prediction key it compares with, and the figure family it is scored in.
 STAT = {"mean": "mean", "median": "p50", "p50": "p50", "p90": "p90", "p99": "p99"}
-FAMILY = {"output_tok_s": "throughput", "total_tok_s": "throughput", "req_s": "throughput",
-          "ttft": "TTFT", "tpot": "TPOT/ITL", "itl": "TPOT/ITL", "e2e": "E2E"}
 # Replays of long constant-rate stages are shortened to this many requests (the same rates, so the same steady
 # state; a stage of 600 s at 6 req/s becomes 50 s) to keep the leave-one-source-out fit within minutes.
 MAX_STAGE_REQUESTS = 300
@@ -111,7 +110,7 @@ def load_rows(rows_dir: Path = ROWS_DIR, train_sources: frozenset[str] = frozens
                 key = metric
             else:
                 name = metric.removesuffix("_ms")
-                if name not in FAMILY or stat not in STAT:
+                if figure_of(name) is None or stat not in STAT:
                     raise SystemExit(f"{path.name}:{line}: unknown metric/statistic {metric}/{stat}")
                 key = f"{name}_{STAT[stat]}_s"
             value = float(r["value"]) / (1e3 if metric.endswith("_ms") else 1.0)

@@ -7,6 +7,9 @@ from autotune.spec.metrics import COST_KEYS, LATENCY_KEYS
 SCHEMA_VERSION = 1
 
 # Trials are event-sourced: a row per state change; the latest row (by seq) is the trial's current state.
+# The predicted figures stored with their interval (key_lo, key_hi: autotune/sim/uncertainty.py), for the TUI.
+INTERVAL_KEYS = ("output_tok_s", "tpot_p50_s", "tpot_p99_s", "ttft_p99_s", "e2e_p99_s")
+
 TABLES: dict[str, tuple[tuple[str, str], ...]] = {
     "trials": (
         ("number", "INTEGER"), ("seq", "BIGINT"), ("state", "VARCHAR"), ("updated_at", "DOUBLE"),
@@ -27,6 +30,7 @@ TABLES: dict[str, tuple[tuple[str, str], ...]] = {
         ("bottleneck", "VARCHAR"), ("roofline_frac", "DOUBLE"), ("num_requests", "INTEGER"),
         ("offered_rate", "DOUBLE"), ("overloaded", "BOOLEAN"), ("sustainable_rate", "DOUBLE"),
         *((key, "DOUBLE") for key in COST_KEYS),
+        *((f"{key}_{end}", "DOUBLE") for key in INTERVAL_KEYS for end in ("lo", "hi")), ("near_validated", "BOOLEAN"),
     ),
     "trial_series": (
         ("number", "INTEGER"), ("engine", "INTEGER"), ("t", "DOUBLE"), ("wall", "DOUBLE"), ("kv_frac", "DOUBLE"),

@@ -223,3 +223,45 @@ def test_size_command_json_and_table(tmp_path):
     assert h100["prediction"]["tpot_p99_s"] <= 0.04 and "vllm serve" in h100["serve_command"][0]
     human = autotune("size", "--model", "Llama-3.1-8B", "--rate", "1", "--gpu", "H200", "--slo-tpot-ms", "40")
     assert human.returncode == 0 and "$/Mtok" in human.stdout and "H200" in human.stdout
+
+
+def test_every_prediction_carries_intervals_and_extrapolations_are_wider():
+    seen = predict(scenario("Llama-3.1-8B", gpu="H100-SXM", gpus=1, num_requests=200), Layout())
+    unseen = predict(scenario("Llama-3.1-8B", gpu="L40S", gpus=1, num_requests=200), Layout())
+    assert seen.get("near_validated") and not seen.get("extrapolation")
+    assert not unseen.get("near_validated") and "no validated runs on L40S" in unseen.get("extrapolation")
+
+    def spread(p, key):
+        lo, hi = p.get("intervals")[key]
+        return hi / lo
+    for key in ("output_tok_s", "tpot_p99_s", "ttft_p99_s", "e2e_p99_s"):
+        assert spread(unseen, key) > spread(seen, key) > 1, key
+    assert set(seen.get("interval_coverage")) == {"throughput", "TTFT", "TPOT/ITL", "E2E"}
+    # Cost per token moves against throughput.
+    lo, hi = seen.get("intervals")["usd_per_mtok"]
+    t_lo, t_hi = seen.get("intervals")["output_tok_s"]
+    assert lo == pytest.approx(seen.get("usd_per_mtok") * seen.get("output_tok_s") / t_hi)
+    # A parallelism kind no validated run of that model class used is an extrapolation too.
+    pp_mla = predict(scenario("DeepSeek-R1", gpus=16, num_requests=100), Layout(dp=2, pp=8))
+    assert pp_mla.get("extrapolation") == ["no validated PP runs of a mla model"]
+    ep_mla = predict(scenario("DeepSeek-R1", gpus=16, num_requests=100), Layout(dp=16, ep=16))
+    assert ep_mla.get("near_validated")
+
+
+def test_recommend_names_the_close_calls_and_emits_a_space_that_loads(tmp_path):
+    from autotune.search.space import load_space
+    out = autotune("recommend", "--model", "Llama-3.1-8B", "--gpu", "H100", "--gpus", "8", "--requests", "400",
+                   "--emit-space", str(tmp_path / "space.yaml"), "--json")
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert "intervals" in doc["winner"] and doc["winner"]["near_validated"] is True
+    close = [line for line in doc["explanation"] if line.startswith("too close to call")]
+    space = load_space(tmp_path / "space.yaml")
+    assert space.backend == "vllm" and space.scenario.workload.num_requests == 400
+    winner = Layout(**doc["winner"]["layout"])
+    assert winner in space.layouts and doc["winner"]["knobs"]["max_num_seqs"] in space.knob_grid["max_num_seqs"]
+    if close:
+        assert len(space.layouts) > 1
+    bad = autotune("recommend", "--model", "Llama-3.1-8B", "--gpu", "H100", "--gpus", "1", "--requests", "50",
+                   "--emit-space", str(tmp_path / "nodir" / "x.yaml"))
+    assert bad.returncode == 2 and "cannot write" in bad.stderr

@@ -156,3 +156,24 @@ def test_the_tui_imports_neither_ray_nor_vllm_and_the_runner_not_textual():
                              "print(sorted(m for m in sys.modules if m.split('.')[0] == 'textual'))"],
                             capture_output=True, text=True, check=True)
     assert runner.stdout.strip() == "[]"
+
+
+async def test_detail_shows_the_simulators_range_and_flags_an_extrapolation(study):
+    from store.writer import StudyWriter
+    w = StudyWriter(study, flush_s=0.1)
+    w.add("trial_metrics", {"number": 4, "source": "simulator", "output_tok_s": 5000.0, "output_tok_s_lo": 3000.0,
+                            "output_tok_s_hi": 9000.0, "tpot_p99_s": 0.05, "tpot_p99_s_lo": 0.03,
+                            "tpot_p99_s_hi": 0.08, "near_validated": False})
+    w.flush()
+    w.close()
+    app = AutotuneApp(study, interval=3600)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await wait_loaded(pilot)
+        app.load_detail(4)
+        for _ in range(100):
+            if isinstance(app.screen, TrialDetail):
+                break
+            await pilot.pause(0.05)
+        text = text_of(app.screen.query_one("#detail-metrics"))
+        assert "5,000 (3,000-9,000)" in text and "50.0 (30.0-80.0)" in text
+        assert "extrapolates" in text

@@ -298,3 +298,23 @@ def _layouts(cfg: SpaceCfg, model, cluster: Cluster, fail) -> list[Layout]:
         fail(("dimensions", "layout"), "no valid layout is left after the validity checks"
              + (f" ({'; '.join(reasons[:3])})" if reasons else ""))
     return chosen
+
+
+def space_around(name: str, cluster: Cluster, model_ref: str, workload, layouts: list[Layout], seqs: list[int],
+                 constraints_ms: dict[str, float]) -> dict:
+    """The YAML document of a search space over these layouts and max_num_seqs values, for a real (vllm) study
+    of what the simulator cannot rank with confidence."""
+    dims = {"layout": {"dp": sorted({l.dp for l in layouts}), "tp": sorted({l.tp for l in layouts}),
+                       "pp": sorted({l.pp for l in layouts}), "ep": sorted({l.ep > 1 for l in layouts}),
+                       "gpus_per_trial": sorted({l.world_size for l in layouts})},
+            "max_num_seqs": sorted(set(seqs))}
+    doc = {"name": name,
+           "cluster": {"gpu": cluster.gpu.name, "nodes": cluster.num_nodes, "gpus_per_node": cluster.gpus_per_node,
+                       **({"usd_per_gpu_hour": cluster.usd_per_gpu_hour} if cluster.usd_per_gpu_hour else {})},
+           "model": model_ref, "workload": workload.to_dict(), "dimensions": dims,
+           "objectives": [{"metric": "output_tok_s_per_gpu", "direction": "maximize"},
+                          {"metric": "tpot_p99_s", "direction": "minimize"}],
+           "constraints": dict(constraints_ms),
+           "budget": {"trials": len(layouts) * len(dims["max_num_seqs"]), "parallel": 1},
+           "backend": "vllm"}
+    return doc

@@ -11,6 +11,7 @@ from autotune.sim.costs import PHASE_FIELDS, StepCost
 from autotune.sim.engine import EngineLimits, Replica, RequestTable, drive
 from autotune.sim.memory import MemoryPlan, StageShape, plan_memory, stage_shape
 from autotune.sim.power import energy_joules
+from autotune.sim.uncertainty import intervals
 from autotune.spec.hardware import Cluster
 from autotune.spec.layout import EngineKnobs, Layout, structural_problem
 from autotune.spec.metrics import COST_KEYS, LATENCY_KEYS, cost_stats, latency_stats
@@ -55,7 +56,8 @@ class Prediction:
         keys = ("makespan_s", "output_tok_s", "output_tok_s_per_gpu", "total_tok_s", "total_tok_s_per_gpu",
                 *LATENCY_KEYS, "preemptions", "kv_capacity_tokens", "kv_peak_frac", "kv_mean_frac", "bottleneck",
                 "roofline_frac", "time_share", "num_requests", "gpus", "offered_rate", "overloaded",
-                "sustainable_rate", *COST_KEYS)
+                "sustainable_rate", *COST_KEYS, "intervals", "near_validated", "extrapolation", "interval_basis",
+                "interval_coverage")
         out.update({k: self.metrics.get(k) for k in keys})
         if self.memory is not None:
             out["memory_per_gpu"] = {k: self.memory.to_dict()[k] for k in
@@ -143,6 +145,7 @@ def predict(scenario: Scenario, layout: Layout, knobs: EngineKnobs = EngineKnobs
                            metrics["makespan_s"])
     metrics.update(cost_stats(layout.world_size, metrics["makespan_s"], float(sum(table.output)),
                               cluster.usd_per_gpu_hour, joules))
+    metrics.update(intervals(model, cluster.gpu, layout, workload.mode, metrics))
     metrics.update(load_verdict(workload, np.array(table.arrival), np.array(table.first_token),
                                 np.array(table.finish), np.array(table.output)))
     return Prediction(layout, knobs, True, "", plan, metrics, series, engine_series)

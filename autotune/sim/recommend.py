@@ -5,11 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import math
+
 import numpy as np
 
 from autotune.sim.goodput import Goodput, LoadShape, estimate_capacity, goodput, kv_safe_seqs, mean_running_ctx
 from autotune.sim.predict import Prediction, Scenario, infeasibility, predict
 from autotune.sim.slo import Slo
+from autotune.sim.uncertainty import pair_spread
 from autotune.spec.layout import EngineKnobs, Layout, enumerate_layouts
 from autotune.spec.metrics import cost_stats
 
@@ -21,6 +24,7 @@ TRAP_FACTOR = 2
 # configurations within this share of the best throughput, the one with the lowest latency wins.
 TOLERANCE = 0.05
 GOALS = ("throughput", "goodput")
+CLOSE_CALLS = 3         # runners-up named as too close to call, at most
 # With --goal goodput, a layout's goodput is searched at its best few configurations by capacity estimate.
 GOODPUT_CANDIDATES = 2
 
@@ -58,6 +62,19 @@ class Recommendation:
 
     def goodput_of(self, p: Prediction) -> Goodput | None:
         return self.goodputs.get((p.layout, p.knobs.max_num_seqs))
+
+    def value(self, p: Prediction) -> float:
+        """What the ranking compares: throughput on the load, or goodput."""
+        return self.goodput_of(p).rate if self.goal == "goodput" else p.get("output_tok_s")
+
+    def close_calls(self, most: int = CLOSE_CALLS) -> list[Prediction]:
+        """The other layouts whose best is within the model's error on the ratio of two configurations measured
+        side by side (uncertainty.pair_spread): the order of these is not known well enough to skip measuring."""
+        spread = pair_spread("throughput")
+        if not self.winner or spread is None:
+            return []
+        top = self.value(self.winner)
+        return [p for p in self.distinct_layouts()[1:] if math.log(top / self.value(p)) < spread][:most]
 
 
 def _score(p: Prediction, slo: Slo) -> tuple[int, float]:
@@ -224,6 +241,14 @@ def explain(rec: Recommendation) -> list[str]:
             gap = 1 - p.get("output_tok_s") / w.get("output_tok_s")
             why = rec.slo.violation(p) or _limit_detail(p)
             lines.append(f"{layout.label()}: {gap:.0%} slower at best (max_num_seqs {p.knobs.max_num_seqs}); {why}")
+    close = rec.close_calls()
+    if close:
+        spread = math.exp(pair_spread("throughput"))
+        lines.append("too close to call: " + ", ".join(f"{p.layout.label()} at max_num_seqs {p.knobs.max_num_seqs} "
+                                                        f"({rec.value(p) / rec.value(w) - 1:+.0%})" for p in close)
+                     + f" {'is' if len(close) == 1 else 'are'} within the model's error on the ratio of two layouts "
+                     f"measured side by side (x{spread:.2f} for 90% of validated pairs): measure "
+                     f"{'both' if len(close) == 1 else 'them'} (recommend --emit-space FILE, then autotune run FILE)")
     seen = set(rec.best_per_layout())
     for p in rec.infeasible:
         if p.layout not in seen:

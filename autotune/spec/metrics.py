@@ -9,6 +9,18 @@ LATENCIES = ("ttft", "tpot", "itl", "e2e")
 STATS = ("mean", "p50", "p90", "p99")
 LATENCY_KEYS = tuple(f"{name}_{stat}_s" for name in LATENCIES for stat in STATS)
 # The ones a user may rank or plot by.
+# The figure each result key belongs to, for accuracy and intervals: throughput, TTFT, TPOT/ITL (one family: both
+# time a token of the decode) and E2E.
+FIGURES = ("throughput", "TTFT", "TPOT/ITL", "E2E")
+_FIGURE_OF = {"output": "throughput", "total": "throughput", "req": "throughput", "ttft": "TTFT", "tpot": "TPOT/ITL",
+              "itl": "TPOT/ITL", "e2e": "E2E"}
+
+
+def figure_of(key: str) -> str | None:
+    """output_tok_s -> throughput, ttft_p99_s -> TTFT, ...; None for keys that are not a validated figure."""
+    return _FIGURE_OF.get(key.split("_")[0])
+
+
 # What serving costs, per output token: money at the cluster's price per GPU-hour, and energy.
 COST_KEYS = ("usd_per_mtok", "joules_per_token")
 LATENCY_METRICS = ("tpot_p99_s", "ttft_p99_s", "e2e_p99_s", "tpot_p50_s", "ttft_p50_s", "e2e_p50_s", "itl_p99_s",

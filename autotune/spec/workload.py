@@ -40,6 +40,14 @@ class LengthDist:
         highs = np.array([b[2] for b in self.bins])[which]
         return rng.integers(lows, highs + 1)
 
+    def to_dict(self) -> dict:
+        """The mapping from_dict reads back."""
+        if self.kind == "fixed":
+            return {"kind": "fixed", "value": self.value}
+        if self.kind == "lognormal":
+            return {"kind": "lognormal", "median": self.median, "sigma": self.sigma, "min": self.low, "max": self.high}
+        return {"kind": "bins", "bins": [list(b) for b in self.bins]}
+
     @property
     def bounds(self) -> tuple[int, int]:
         """The shortest and the longest length it can draw."""
@@ -177,7 +185,8 @@ class Workload:
                         prefix_tokens=self.prefix.tokens)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "mode": self.mode, "num_requests": self.num_requests,
+        return {"name": self.name, "prompt": self.prompt.to_dict(), "output": self.output.to_dict(),
+                "mode": self.mode, "num_requests": self.num_requests,
                 "concurrency": self.concurrency, "rate": self.rate, "seed": self.seed,
                 "stages": [{"rate": s.rate, "duration_s": s.duration_s} for s in self.stages],
                 "shared_prefix": {"tokens": self.prefix.tokens, "distinct": self.prefix.distinct}}

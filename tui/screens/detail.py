@@ -50,7 +50,15 @@ class TrialDetail(Screen):
             for src in (measured, predicted):
                 v = src.get(key)
                 cells.append("-" if v is None else str(v) if scale is None else format(v * scale, fmt))
+            lo, hi = predicted.get(f"{key}_lo"), predicted.get(f"{key}_hi")
+            if lo is not None and hi is not None:
+                cells[1] += f" ({format(lo * scale, fmt)}-{format(hi * scale, fmt)})"
             table.add_row(label, *cells)
+        if predicted.get("near_validated") is False:
+            table.caption = "* the simulator extrapolates here (no validated runs like it): a wider range"
+            table.title = "predicted against measured *"
+        elif any(predicted.get(f"{k}_lo") is not None for _, k, _, _ in PREDICTED_VS_MEASURED):
+            table.caption = "predicted (range): the simulator's 90% interval from its validation residuals"
         return table
 
     def on_mount(self) -> None:
