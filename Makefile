@@ -32,5 +32,6 @@ test: install install-vllm
 bench: install
 	$(PY) bench/sim_speed.py
 	$(PY) bench/accuracy.py
+	$(PY) bench/intervals.py
 	$(PY) bench/search_efficiency.py
 	$(PY) bench/tui_refresh.py

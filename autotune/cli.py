@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from autotune.errors import UserError
@@ -370,8 +371,8 @@ def cmd_run(args, console) -> int:
     for name in ("trials", "parallel"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1")
-    if args.pace < 0:
-        raise UserError("--pace must be >= 0")
+    if not (math.isfinite(args.pace) and args.pace >= 0):
+        raise UserError("--pace must be a finite number >= 0")
     study_dir = Path(args.study_dir or Path("studies") / space.name)
     return run_study(space, Options(study_dir, args.trials, args.backend, args.resume, args.pace, args.ray_address,
                                     args.parallel))

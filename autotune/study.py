@@ -3,8 +3,13 @@ onto free GPUs, resume, and a clean stop on SIGINT/SIGTERM. Knows nothing of Tex
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
+import os
 import queue
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -130,6 +135,36 @@ class Progress:
             self.bar.stop()
 
 
+def lock_study(study_dir: Path):
+    """One runner per study: an exclusive OS lock on STUDY/runner.lock, released when the process exits (even when
+    killed), so a second runner, or a --resume beside a live one, is refused before it writes anything."""
+    f = open(study_dir / "runner.lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise UserError(f"{study_dir} is being run by another runner ({holder}); wait for it to finish or use "
+                        "another --study-dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    f.flush()
+    return f
+
+
+def study_definition(space: SearchSpace, backend: str) -> str:
+    """What makes two runs the same study (not the budget, which a resume may raise): a hash of the model, cluster,
+    load, layouts, knob grid, objectives, constraints and backend."""
+    sc = space.scenario
+    doc = {"model": sc.model.name, "cluster": sc.cluster.describe(), "gpu": sc.cluster.gpu.name,
+           "workload": sc.workload.to_dict(), "layouts": [l.label() for l in space.layouts],
+           "grid": {k: list(v) for k, v in space.knob_grid.items()},
+           "objectives": [o.__dict__ for o in space.objectives], "constraints": space.constraints, "backend": backend}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def run_study(space: SearchSpace, opts: Options) -> int:
     study_dir = opts.study_dir
     backend = opts.backend or space.backend
@@ -140,11 +175,23 @@ def run_study(space: SearchSpace, opts: Options) -> int:
     budget = opts.trials or space.trials
     parallel = opts.parallel or space.parallel
     header_path = study_dir / "study.json"
-    if header_path.exists() and not opts.resume:
-        raise UserError(f"{study_dir} already holds a study; use --resume to continue it or another --study-dir")
+    if study_dir.exists() and not study_dir.is_dir():
+        raise UserError(f"{study_dir} is a file, not a study directory")
     if opts.resume and not header_path.exists():
         raise UserError(f"{study_dir} is not a study directory (no study.json) to resume")
-    study_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        study_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the study directory {study_dir} ({exc.strerror})") from None
+    lock = lock_study(study_dir)    # held until this process exits, however it exits
+    if header_path.exists() and not opts.resume:
+        raise UserError(f"{study_dir} already holds a study; use --resume to continue it or another --study-dir")
+    definition = study_definition(space, backend)
+    if opts.resume:
+        recorded = StudyReader(study_dir).header().get("definition")
+        if recorded is not None and recorded != definition:
+            raise UserError(f"{study_dir} was run with another space or backend (its model, cluster, load, dimensions, "
+                            "objectives or backend differ): resuming it would mix trials of two studies")
     writer = StudyWriter(study_dir)
     previous: list[dict] = StudyReader(study_dir).trials() if opts.resume else []
     stale = [t for t in previous if t["state"] == "RUNNING"]
@@ -157,7 +204,8 @@ def run_study(space: SearchSpace, opts: Options) -> int:
               "gpu": space.scenario.cluster.gpu.name, "nodes": space.scenario.cluster.num_nodes,
               "gpus_per_node": space.scenario.cluster.gpus_per_node,
               "objectives": [o.__dict__ for o in space.objectives], "constraints": space.constraints,
-              "budget_trials": budget, "status": "running", "started_at": time.time(), "pace": opts.pace}
+              "budget_trials": budget, "status": "running", "started_at": time.time(), "pace": opts.pace,
+              "definition": definition}
     if opts.resume:
         old = StudyReader(study_dir).header()
         header["started_at"] = old.get("started_at", header["started_at"])

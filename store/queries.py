@@ -45,7 +45,11 @@ def export(reader: StudyReader, fmt: str, out: Path) -> list[Path]:
     the study's DuckDB file."""
     if fmt not in ("parquet", "csv", "json"):
         raise UserError(f"unknown export format '{fmt}' (parquet, csv, json)")
-    out.mkdir(parents=True, exist_ok=True)
+    reader.header()     # a directory without a study header is not exported
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot write the export to {out} ({exc.strerror})") from None
     consolidate(reader.dir)
     written = []
     con = duckdb.connect(str(reader.dir / "study.duckdb"), read_only=True)
@@ -54,7 +58,7 @@ def export(reader: StudyReader, fmt: str, out: Path) -> list[Path]:
             source = "trials_latest" if table == "trials" else table
             path = out / f"{table}.{fmt}"
             option = {"parquet": "FORMAT parquet", "csv": "FORMAT csv, HEADER", "json": "FORMAT json, ARRAY true"}[fmt]
-            con.execute(f"COPY (SELECT * FROM {source}) TO '{path}' ({option})")
+            con.execute(f"COPY (SELECT * FROM {source}) TO {schema.sql_string(path)} ({option})")
             written.append(path)
     finally:
         con.close()

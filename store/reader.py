@@ -39,16 +39,21 @@ class StudyReader:
 
     def header(self) -> dict:
         try:
-            return json.loads((self.dir / "study.json").read_text())
-        except (json.JSONDecodeError, OSError) as exc:
+            header = json.loads((self.dir / "study.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
             raise UserError(f"{self.dir}/study.json is unreadable: {exc}") from None
+        objectives = header.get("objectives") if isinstance(header, dict) else None
+        if not (isinstance(objectives, list) and objectives and all(isinstance(o, dict) and "metric" in o
+                                                                    for o in objectives)):
+            raise UserError(f"{self.dir}/study.json is not a study header (no name and objectives)")
+        return header
 
     def _connect(self) -> duckdb.DuckDBPyConnection:
         con = duckdb.connect()
         for table in schema.TABLES:
             files = [str(p) for _, _, p in list_segments(self.dir, table)]
             if files:
-                source = f"read_parquet({files!r}, union_by_name=true)"
+                source = f"read_parquet({schema.sql_list(files)}, union_by_name=true)"
                 con.execute(f"CREATE VIEW {table} AS {schema.select_sql(table, source)}")
             else:
                 con.execute(schema.create_sql(table))

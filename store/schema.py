@@ -48,6 +48,16 @@ METRIC_COLUMNS = tuple(name for name, _ in TABLES["trial_metrics"][2:])
 PREDICTED_COLUMNS = ("output_tok_s", "tpot_p99_s", "ttft_p99_s", "e2e_p99_s", "preemptions", "kv_peak_frac")
 
 
+def sql_string(value) -> str:
+    """A path or name as a DuckDB string literal (quotes doubled), where SQL cannot take a parameter (COPY ... TO,
+    a view's file list): no value ever becomes SQL text."""
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def sql_list(values) -> str:
+    return "[" + ", ".join(sql_string(v) for v in values) + "]"
+
+
 def columns(table: str) -> list[str]:
     return [name for name, _ in TABLES[table]]
 

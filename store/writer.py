@@ -84,13 +84,13 @@ class StudyWriter:
     def _copy_out(self, query: str, table: str, lo: int, hi: int) -> None:
         final = segment_path(self.dir, table, lo, hi)
         tmp = final.with_name(f".{final.name}.tmp")
-        self._con.execute(f"COPY ({query}) TO '{tmp}' (FORMAT parquet)")
+        self._con.execute(f"COPY ({query}) TO {schema.sql_string(tmp)} (FORMAT parquet)")
         os.replace(tmp, final)
 
     def _compact(self, table: str) -> None:
         segs = list_segments(self.dir, table)
-        files = ", ".join(f"'{p}'" for _, _, p in segs)
-        self._copy_out(f"SELECT * FROM read_parquet([{files}], union_by_name=true)", table, segs[0][0], segs[-1][1])
+        files = schema.sql_list(p for _, _, p in segs)
+        self._copy_out(f"SELECT * FROM read_parquet({files}, union_by_name=true)", table, segs[0][0], segs[-1][1])
         for _, _, path in segs:
             path.unlink(missing_ok=True)
 

@@ -19,7 +19,7 @@ def test_parse_layouts():
     assert Layout.parse("dp=4,tp=2,ep=8").ep == 8
 
 
-@pytest.mark.parametrize("text,msg", [("tp=x", "positive integer"), ("foo=2", "expected e.g."),
+@pytest.mark.parametrize("text,msg", [("tp=x", "an integer in 1..65536"), ("foo=2", "expected e.g."),
                                       ("", "expected e.g."), ("dp=4,ep=3", "spans dp x tp = 4")])
 def test_bad_layouts_say_what_is_wrong(text, msg):
     with pytest.raises(UserError, match=msg):

@@ -73,7 +73,7 @@ def test_workload_file_with_stages_and_a_shared_prefix():
                      ({"stages": [{"rate": 1}]}, "stages is a list"),
                      ({"mode": "batch", "stages": [{"rate": 1, "duration_s": 5}]}, "open-loop"),
                      ({"shared_prefix": {"tokens": 700}}, "shorter than every prompt"),
-                     ({"rate": float("nan"), "stages": None}, "finite rate")):
+                     ({"rate": float("nan"), "stages": None}, "finite number of requests/s")):
         with pytest.raises(UserError, match=msg):
             workload_from_dict({"prompt": 600, "output": 200, "mode": "constant", "rate": 1, **bad}, "w.yaml")
 

@@ -172,3 +172,28 @@ def test_commands_refuse_a_directory_that_is_not_a_study(tmp_path, space):
         assert out.returncode == 2 and "not a study directory" in out.stderr
     out = autotune("run", str(space), "--study-dir", str(tmp_path), "--resume")
     assert out.returncode == 2 and "no study.json" in out.stderr
+
+
+def test_one_runner_per_study_and_a_resume_never_mixes_two_studies(space, tmp_path):
+    study = tmp_path / "stu'dy; DROP"           # a quote and SQL in the path are just a path
+    run = start("run", str(space), "--study-dir", str(study), "--trials", "6", "--pace", "400")
+    wait_for(study, lambda ts: any(t["state"] == "COMPLETE" for t in ts))
+    second = autotune("run", str(space), "--study-dir", str(study), "--resume", timeout=120)
+    assert second.returncode == 2 and "being run by another runner (pid" in second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1
+    os.killpg(run.pid, signal.SIGTERM)
+    run.wait(timeout=120)
+    header = (study / "study.json").read_text()
+    segments = sorted(p.name for p in study.rglob("*.parquet"))
+    foreign = space.parent / "foreign.yaml"
+    foreign.write_text(SPACE.replace("DeepSeek-R1-Distill-Qwen-14B", "Llama-3.1-8B"))
+    out = autotune("run", str(foreign), "--study-dir", str(study), "--resume", timeout=120)
+    assert out.returncode == 2 and "another space or backend" in out.stderr
+    assert (study / "study.json").read_text() == header
+    assert sorted(p.name for p in study.rglob("*.parquet")) == segments
+    # The same space resumes, and the study reads back through the quoted path.
+    out = autotune("run", str(space), "--study-dir", str(study), "--trials", "6", "--resume")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert len(StudyReader(study).trials()) == 6
+    assert autotune("best", str(study), "--json").returncode == 0
+    assert autotune("export", str(study), "--format", "csv").returncode == 0

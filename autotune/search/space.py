@@ -4,6 +4,7 @@ Validated with pydantic; every error names the file, the line and the key."""
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -25,6 +26,7 @@ OBJECTIVE_METRICS = {
     "e2e_p50_s": "minimize", "e2e_p99_s": "minimize", "itl_p99_s": "minimize", "preemptions": "minimize",
     "usd_per_mtok": "minimize", "joules_per_token": "minimize",
 }
+MAX_SPACE_BYTES = 1 << 20
 CONSTRAINT_METRICS = {"tpot_p99_ms": "tpot_p99_s", "ttft_p99_ms": "ttft_p99_s", "e2e_p99_ms": "e2e_p99_s",
                       "tpot_p50_ms": "tpot_p50_s", "ttft_p50_ms": "ttft_p50_s"}
 
@@ -101,6 +103,14 @@ class SpaceCfg(_Strict):
     seed: int = 0
     extra_args: list[str] = Field(default_factory=list)   # more `vllm serve` flags for every trial
 
+    @field_validator("name")
+    @classmethod
+    def _a_name(cls, v):
+        # The name becomes studies/<name>: a name, not a path.
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", v):
+            raise ValueError("a study name is 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        return v
+
     @field_validator("constraints")
     @classmethod
     def _known_constraints(cls, v):
@@ -168,8 +178,13 @@ class SearchSpace:
 def _line_index(text: str) -> dict[tuple, int]:
     """Line number (1-based) of every key path in the YAML document."""
     lines: dict[tuple, int] = {}
+    seen: set[int] = set()
 
     def walk(node, path):
+        # An alias is the node it names: walked once, so anchors nested on anchors cannot blow up (billion laughs).
+        if id(node) in seen:
+            return
+        seen.add(id(node))
         if isinstance(node, yaml.MappingNode):
             for key, value in node.value:
                 p = path + (key.value,)
@@ -198,7 +213,12 @@ def load_space(path: str | Path, text: str | None = None) -> SearchSpace:
     if text is None:
         if not p.is_file():
             raise UserError(f"search space {p} does not exist")
-        text = p.read_text()
+        if p.stat().st_size > MAX_SPACE_BYTES:
+            raise UserError(f"{p}: {p.stat().st_size:,} bytes is not a search space (at most {MAX_SPACE_BYTES:,})")
+        try:
+            text = p.read_text()
+        except (UnicodeDecodeError, OSError) as exc:
+            raise UserError(f"{p}: not a readable text file ({exc})") from None
     try:
         data = yaml.safe_load(text)
         lines = _line_index(text)
@@ -250,6 +270,12 @@ def _build(cfg: SpaceCfg, path: Path, text: str, lines: dict) -> SearchSpace:
         fail(("workload",) if "workload" in str(exc) else ("calibration",), str(exc))
     scenario = Scenario(model, cluster, workload, calibration)
     dims = cfg.dimensions
+    for name in EngineKnobs.tunable():     # each value as vLLM would take it, refused here with its line
+        for value in getattr(dims, name):
+            try:
+                EngineKnobs(**{name: value})
+            except UserError as exc:
+                fail(("dimensions", name), str(exc))
     layouts = _layouts(cfg, model, cluster, fail)
     # Drop the layouts whose weights cannot fit even with the most generous knobs of the space.
     generous = EngineKnobs(gpu_memory_utilization=max(dims.gpu_memory_utilization),

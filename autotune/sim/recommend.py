@@ -15,6 +15,7 @@ from autotune.sim.slo import Slo
 from autotune.sim.uncertainty import pair_spread
 from autotune.spec.layout import EngineKnobs, Layout, enumerate_layouts
 from autotune.spec.metrics import cost_stats
+from autotune.spec.workload import OPEN_LOOP
 
 SEQ_GRID = (32, 64, 128, 256, 512, 1024, 2048)
 # Past this many times the KV-safe concurrency a layout is deep in the capacity trap: preemption storms that
@@ -140,7 +141,9 @@ def recommend(scenario: Scenario, slo: Slo = Slo(), latency_metric: str = "tpot_
     for p in leaders if not base.max_num_seqs else []:
         for seqs in _seq_grid(safe_seqs[p.layout], max(scenario.resolve(base).max_num_seqs, 1024)):
             run(p.layout, seqs)
-    ok = [p for p in rec.evaluated if not slo.violation(p)]
+    # Under a request rate a layout must also keep up with it: a growing queue or the capacity trap is a miss.
+    miss = slo.miss_under_load if scenario.workload.mode in OPEN_LOOP else slo.violation
+    ok = [p for p in rec.evaluated if not miss(p)]
     rec.ranked = guarded_order(ok, lambda p: p.get("output_tok_s"), lambda p: p.get(latency_metric), tolerance)
     rec.pareto = pareto_front(rec.evaluated, latency_metric)
     rec.explanation = explain(rec)
@@ -239,7 +242,8 @@ def explain(rec: Recommendation) -> list[str]:
             if layout == w.layout:
                 continue
             gap = 1 - p.get("output_tok_s") / w.get("output_tok_s")
-            why = rec.slo.violation(p) or _limit_detail(p)
+            why = (rec.slo.miss_under_load(p) if rec.scenario.workload.mode in OPEN_LOOP else rec.slo.violation(p)) \
+                or _limit_detail(p)
             lines.append(f"{layout.label()}: {gap:.0%} slower at best (max_num_seqs {p.knobs.max_num_seqs}); {why}")
     close = rec.close_calls()
     if close:

@@ -8,6 +8,9 @@ from dataclasses import dataclass, asdict
 from autotune.errors import UserError
 
 GIB = 1024**3
+# More GPUs than any serving deployment has: a count beyond it is a typo, refused before any work (layout
+# enumeration is linear in the count).
+MAX_GPUS = 65536
 
 
 @dataclass(frozen=True)
@@ -94,9 +97,11 @@ class Cluster:
            usd_per_gpu_hour: float | None = None) -> "Cluster":
         """`num_gpus` GPUs packed onto nodes of `gpus_per_node` (default: the GPU's usual node size), priced at
         `usd_per_gpu_hour` (default: the built-in public price of that GPU, if there is one)."""
-        per_node = gpus_per_node or gpu.gpus_per_node
-        if num_gpus < 1:
-            raise UserError(f"the number of GPUs must be at least 1, got {num_gpus}")
+        per_node = gpu.gpus_per_node if gpus_per_node is None else gpus_per_node
+        if not 1 <= num_gpus <= MAX_GPUS:
+            raise UserError(f"the number of GPUs must be in 1..{MAX_GPUS}, got {num_gpus}")
+        if not 1 <= per_node <= 64:
+            raise UserError(f"GPUs per node must be in 1..64, got {per_node}")
         if usd_per_gpu_hour is None:
             from autotune.spec.prices import BUILTIN    # the price table names its GPUs through load_gpu, here
             usd_per_gpu_hour = BUILTIN[gpu.name].usd_per_gpu_hour if gpu.name in BUILTIN else None

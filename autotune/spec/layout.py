@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, asdict, fields, replace
 
 from autotune.errors import UserError
-from autotune.spec.hardware import Cluster, GpuSpec
+from autotune.spec.hardware import MAX_GPUS, Cluster, GpuSpec
 from autotune.spec.models import ModelSpec
 
 
@@ -18,6 +18,12 @@ class Layout:
     tp: int = 1
     pp: int = 1
     ep: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("dp", "tp", "pp", "ep"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_GPUS:
+                raise UserError(f"layout: {name} must be an integer in 1..{MAX_GPUS}, got {v!r}")
 
     @property
     def world_size(self) -> int:
@@ -46,15 +52,15 @@ class Layout:
         values: dict[str, int] = {}
         ep_on = False
         for part in filter(None, (p.strip() for p in text.lower().split(","))):
-            m = re.fullmatch(r"(dp|tp|pp|ep)\s*(?:=\s*(\w+))?", part)
+            m = re.fullmatch(r"(dp|tp|pp|ep)\s*(?:=\s*(\w+))?", part, re.ASCII)
             if not m:
                 raise UserError(f"cannot parse layout '{text}': expected e.g. dp=4,tp=2 (keys dp, tp, pp, ep)")
             key, raw = m.group(1), m.group(2)
             if key == "ep" and raw in (None, "on", "true", "yes"):
                 ep_on = True
                 continue
-            if raw is None or not raw.isdigit() or int(raw) < 1:
-                raise UserError(f"cannot parse layout '{text}': {key} needs a positive integer")
+            if raw is None or not re.fullmatch(r"[0-9]{1,6}", raw) or not 1 <= int(raw) <= MAX_GPUS:
+                raise UserError(f"cannot parse layout '{text}': {key} needs an integer in 1..{MAX_GPUS}")
             values[key] = int(raw)
         if not values and not ep_on:
             raise UserError(f"cannot parse layout '{text}': expected e.g. dp=4,tp=2")
@@ -66,6 +72,12 @@ class Layout:
             raise UserError(f"layout '{text}': vLLM's expert parallelism spans dp x tp = {layout.dp * layout.tp}, "
                             f"not {ep}")
         return replace(layout, ep=ep)
+
+
+# vLLM's accepted values (vllm/config/cache.py: BlockSize and CacheDType); counts beyond MAX_KNOB are typos.
+BLOCK_SIZES = (1, 8, 16, 32, 64, 128)
+KV_CACHE_DTYPES = ("auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2", "fp8_inc")
+MAX_KNOB = 10_000_000
 
 
 @dataclass(frozen=True)
@@ -82,6 +94,22 @@ class EngineKnobs:
     num_gpu_blocks_override: int | None = None
     async_scheduling: bool | None = None     # None: vLLM's default (on, except with PP on the V1 model runner)
     api_server_count: int | None = None      # None: vLLM's default (one API server per DP rank, internal LB)
+
+    def __post_init__(self) -> None:
+        """Refuse values vLLM would refuse (or misread) before anything runs, whichever entry point built them."""
+        def count(name: str, v, low: int = 1) -> None:
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not low <= v <= MAX_KNOB):
+                raise UserError(f"{name} must be an integer in {low}..{MAX_KNOB}, got {v!r}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_gpu_blocks_override",
+                     "api_server_count"):
+            count(name, getattr(self, name))
+        if self.block_size not in BLOCK_SIZES:
+            raise UserError(f"block_size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block_size!r}")
+        u = self.gpu_memory_utilization
+        if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1:
+            raise UserError(f"gpu_memory_utilization must be in (0, 1], got {u!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise UserError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
 
     @staticmethod
     def tunable() -> tuple[str, ...]:

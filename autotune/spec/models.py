@@ -51,6 +51,32 @@ class ModelSpec:
     num_sliding_layers: int = 0
     hf_id: str = ""
 
+    def __post_init__(self) -> None:
+        """Refuse a shape no model has, whichever way it was built (catalog, config.json, code)."""
+        positive = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "vocab_size",
+                    "max_position_embeddings")
+        bad = [f for f in positive if getattr(self, f) < 1]
+        bad += [f for f in ("intermediate_size", "num_experts", "experts_per_token", "num_shared_experts",
+                            "first_dense_layers", "moe_intermediate_size", "kv_lora_rank", "q_lora_rank",
+                            "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "sliding_window",
+                            "num_sliding_layers") if getattr(self, f) < 0]
+        if bad:
+            raise UserError(f"model {self.name}: {', '.join(bad)} must be positive")
+        if self.num_heads % self.num_kv_heads:
+            raise UserError(f"model {self.name}: {self.num_heads} attention heads do not share "
+                            f"{self.num_kv_heads} KV heads evenly")
+        if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
+            raise UserError(f"model {self.name}: experts_per_token must be in 1..{self.num_experts}")
+        if self.num_experts and not self.moe_intermediate_size:
+            raise UserError(f"model {self.name}: a mixture of experts needs moe_intermediate_size")
+        if not self.num_experts and not self.intermediate_size:
+            raise UserError(f"model {self.name}: intermediate_size must be positive")
+        if self.first_dense_layers > self.num_layers or self.num_sliding_layers > self.num_layers:
+            raise UserError(f"model {self.name}: more dense or sliding layers than layers")
+        for dtype in (self.weight_dtype, self.kv_dtype, self.expert_dtype or self.weight_dtype):
+            if dtype not in DTYPE_BYTES:
+                raise UserError(f"model {self.name}: unknown dtype {dtype}")
+
     # ---- structure -------------------------------------------------------------------
     @property
     def is_moe(self) -> bool:
@@ -196,55 +222,72 @@ def _weight_dtype(cfg: dict) -> tuple[str, str | None]:
     return ("fp32" if "32" in dtype else "fp16" if "float16" == dtype else "bf16"), None
 
 
+def _int(value, key: str, source: str) -> int:
+    """A config.json count: an integer (or an integral float, as some exporters write), never a bool or a string."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (
+            float("inf"), float("-inf")) or int(value) != value:
+        raise UserError(f"{source}: {key} must be an integer, got {value!r}")
+    return int(value)
+
+
 def model_from_hf_config(cfg: dict, name: str, source: str = "config.json") -> ModelSpec:
     """Build a ModelSpec from the keys of a Hugging Face config.json (Llama, Qwen, Mixtral, DeepSeek, gpt-oss)."""
     if "text_config" in cfg:
+        if not isinstance(cfg["text_config"], dict):
+            raise UserError(f"{source}: text_config must be a mapping")
         cfg = {**cfg["text_config"], **{k: v for k, v in cfg.items() if k == "quantization_config"}}
+    if not isinstance(cfg.get("quantization_config") or {}, dict):
+        raise UserError(f"{source}: quantization_config must be a mapping")
     missing = [k for k in _REQUIRED if k not in cfg]
     if missing:
         raise UserError(f"{source} is missing required field(s): {', '.join(missing)}")
-    heads = int(cfg["num_attention_heads"])
-    hidden = int(cfg["hidden_size"])
-    num_experts = int(_first(cfg, "n_routed_experts", "num_local_experts", "num_experts", default=0) or 0)
+
+    def get(*keys, default=0) -> int:
+        value = _first(cfg, *keys, default=default)
+        return _int(value, keys[0], source)
+    heads = get("num_attention_heads")
+    hidden = get("hidden_size")
+    if heads < 1:
+        raise UserError(f"{source}: num_attention_heads must be positive")
+    num_experts = get("n_routed_experts", "num_local_experts", "num_experts")
     weight_dtype, expert_dtype = _weight_dtype(cfg)
     layer_types = cfg.get("layer_types") or []
+    if not isinstance(layer_types, list):
+        raise UserError(f"{source}: layer_types must be a list")
     sliding_layers = sum(1 for t in layer_types if t == "sliding_attention")
-    intermediate = int(_first(cfg, "intermediate_size", default=0) or 0)
-    moe_intermediate = int(_first(cfg, "moe_intermediate_size", default=0) or 0)
+    intermediate = get("intermediate_size")
+    moe_intermediate = get("moe_intermediate_size")
     if num_experts and not moe_intermediate:
         moe_intermediate = intermediate  # Mixtral and gpt-oss give the expert size as intermediate_size
     if not intermediate and not num_experts:
         raise UserError(f"{source} is missing required field: intermediate_size")
-    try:
-        return ModelSpec(
-            name=name,
-            num_layers=int(cfg["num_hidden_layers"]),
-            hidden_size=hidden,
-            num_heads=heads,
-            num_kv_heads=int(_first(cfg, "num_key_value_heads", default=heads)),
-            head_dim=int(_first(cfg, "head_dim", default=hidden // heads)),
-            intermediate_size=intermediate,
-            vocab_size=int(cfg["vocab_size"]),
-            weight_dtype=weight_dtype,
-            expert_dtype=expert_dtype,
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            max_position_embeddings=int(_first(cfg, "max_position_embeddings", default=131072)),
-            num_experts=num_experts,
-            experts_per_token=int(_first(cfg, "num_experts_per_tok", "experts_per_token", default=0) or 0),
-            num_shared_experts=int(_first(cfg, "n_shared_experts", default=0) or 0),
-            first_dense_layers=int(_first(cfg, "first_k_dense_replace", default=0) or 0),
-            moe_intermediate_size=moe_intermediate,
-            kv_lora_rank=int(_first(cfg, "kv_lora_rank", default=0) or 0),
-            q_lora_rank=int(_first(cfg, "q_lora_rank", default=0) or 0),
-            qk_rope_head_dim=int(_first(cfg, "qk_rope_head_dim", default=0) or 0),
-            qk_nope_head_dim=int(_first(cfg, "qk_nope_head_dim", default=0) or 0),
-            v_head_dim=int(_first(cfg, "v_head_dim", default=0) or 0),
-            sliding_window=int(cfg.get("sliding_window") or 0) if sliding_layers else 0,
-            num_sliding_layers=sliding_layers,
-            hf_id=str(cfg.get("_name_or_path", "")),
-        )
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"{source} has a field of the wrong type: {exc}") from None
+    return ModelSpec(
+        name=name,
+        num_layers=get("num_hidden_layers"),
+        hidden_size=hidden,
+        num_heads=heads,
+        num_kv_heads=get("num_key_value_heads", default=heads),
+        head_dim=get("head_dim", default=hidden // heads),
+        intermediate_size=intermediate,
+        vocab_size=get("vocab_size"),
+        weight_dtype=weight_dtype,
+        expert_dtype=expert_dtype,
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        max_position_embeddings=get("max_position_embeddings", default=131072),
+        num_experts=num_experts,
+        experts_per_token=get("num_experts_per_tok", "experts_per_token"),
+        num_shared_experts=get("n_shared_experts"),
+        first_dense_layers=get("first_k_dense_replace"),
+        moe_intermediate_size=moe_intermediate,
+        kv_lora_rank=get("kv_lora_rank"),
+        q_lora_rank=get("q_lora_rank"),
+        qk_rope_head_dim=get("qk_rope_head_dim"),
+        qk_nope_head_dim=get("qk_nope_head_dim"),
+        v_head_dim=get("v_head_dim"),
+        sliding_window=get("sliding_window") if sliding_layers else 0,
+        num_sliding_layers=sliding_layers,
+        hf_id=str(cfg.get("_name_or_path", "")),
+    )
 
 
 # ---- catalog ------------------------------------------------------------------------------

@@ -12,6 +12,10 @@ import yaml
 from autotune.errors import UserError
 
 MODES = ("batch", "concurrency", "poisson", "constant")
+# Bounds on what a load may ask for, checked before any work: beyond them an input is a typo (a billion requests
+# would need gigabytes before the first step).
+MAX_REQUESTS = 1_000_000
+MAX_LENGTH = 10_000_000
 OPEN_LOOP = ("poisson", "constant")   # arrivals at a rate, whatever the server does
 
 
@@ -27,6 +31,21 @@ class LengthDist:
     low: int = 1
     high: int = 1
     value: int = 0
+
+    def __post_init__(self) -> None:
+        finite = all(math.isfinite(v) for v in (self.median, self.sigma, *(b[0] for b in self.bins)))
+        if not finite:
+            raise UserError("a length distribution's numbers must be finite")
+        if self.kind == "fixed" and not 1 <= self.value <= MAX_LENGTH:
+            raise UserError(f"a fixed length must be in 1..{MAX_LENGTH}, got {self.value}")
+        if self.kind == "lognormal" and not (self.median > 0 and self.sigma >= 0 and 1 <= self.low <= self.high
+                                             <= MAX_LENGTH):
+            raise UserError(f"lognormal lengths need median > 0, sigma >= 0 and 1 <= min <= max <= {MAX_LENGTH}")
+        if self.kind == "bins" and (not self.bins or any(w < 0 or lo < 1 or hi < lo or hi > MAX_LENGTH
+                                                          for w, lo, hi in self.bins)
+                                    or sum(b[0] for b in self.bins) <= 0):
+            raise UserError(f"each bin is [weight >= 0, low >= 1, high >= low, high <= {MAX_LENGTH}], with a "
+                            "positive total weight")
 
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
         if self.kind == "fixed":
@@ -59,8 +78,8 @@ class LengthDist:
 
     @classmethod
     def from_dict(cls, d: object, where: str) -> "LengthDist":
-        if isinstance(d, int):
-            return cls("fixed", value=d)
+        if isinstance(d, int) and not isinstance(d, bool):
+            d = {"kind": "fixed", "value": d}
         if not isinstance(d, dict) or "kind" not in d:
             raise UserError(f"{where}: expected a length or a mapping with 'kind' (fixed, lognormal, bins)")
         kind = d["kind"]
@@ -68,19 +87,13 @@ class LengthDist:
             if kind == "fixed":
                 return cls("fixed", value=int(d["value"]))
             if kind == "lognormal":
-                dist = cls("lognormal", median=float(d["median"]), sigma=float(d["sigma"]),
+                return cls("lognormal", median=float(d["median"]), sigma=float(d["sigma"]),
                            low=int(d.get("min", 1)), high=int(d["max"]))
-                if dist.median <= 0 or dist.sigma < 0 or dist.low > dist.high:
-                    raise ValueError("median > 0, sigma >= 0 and min <= max are required")
-                return dist
             if kind == "bins":
-                bins = tuple((float(w), int(lo), int(hi)) for w, lo, hi in d["bins"])
-                if not bins or any(w < 0 or lo < 1 or hi < lo for w, lo, hi in bins) or sum(b[0] for b in bins) <= 0:
-                    raise ValueError("each bin is [weight >= 0, low >= 1, high >= low], with a positive total weight")
-                return cls("bins", bins=bins)
+                return cls("bins", bins=tuple((float(w), int(lo), int(hi)) for w, lo, hi in d["bins"]))
         except KeyError as exc:
             raise UserError(f"{where}: missing key {exc}") from None
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError, UserError) as exc:
             raise UserError(f"{where}: {exc}") from None
         raise UserError(f"{where}: unknown kind '{kind}' (fixed, lognormal, bins)")
 
@@ -133,10 +146,14 @@ class Workload:
     def validate(self) -> None:
         if self.mode not in MODES:
             raise UserError(f"workload mode must be one of {', '.join(MODES)}, got '{self.mode}'")
-        if self.num_requests < 1:
-            raise UserError("a workload needs at least one request")
-        if self.mode == "concurrency" and self.concurrency < 1:
-            raise UserError("mode 'concurrency' needs concurrency >= 1")
+        if not 1 <= self.num_requests <= MAX_REQUESTS:
+            raise UserError(f"a workload has 1..{MAX_REQUESTS:,} requests, got {self.num_requests:,}")
+        if not 0 <= self.seed < 2**63:
+            raise UserError(f"the seed must be in 0..2^63-1, got {self.seed}")
+        if self.mode == "concurrency" and not 1 <= self.concurrency <= MAX_REQUESTS:
+            raise UserError(f"mode 'concurrency' needs concurrency in 1..{MAX_REQUESTS:,}")
+        if not math.isfinite(self.rate) or self.rate < 0:
+            raise UserError(f"the rate must be a finite number of requests/s >= 0, got {self.rate}")
         if self.stages and self.mode not in OPEN_LOOP:
             raise UserError(f"stages need an open-loop mode ({', '.join(OPEN_LOOP)}), not '{self.mode}'")
         for s in self.stages:
@@ -144,6 +161,8 @@ class Workload:
                 raise UserError("each stage needs a finite rate > 0 requests/s and duration_s > 0")
         if self.mode in OPEN_LOOP and not self.stages and not (math.isfinite(self.rate) and self.rate > 0):
             raise UserError(f"mode '{self.mode}' needs a finite rate > 0 requests/s")
+        if self.stages and sum(s.num_requests for s in self.stages) > MAX_REQUESTS:
+            raise UserError(f"the stages send more than {MAX_REQUESTS:,} requests (rate x duration_s)")
         if self.prefix.tokens < 0 or self.prefix.distinct < 1:
             raise UserError("shared_prefix needs tokens >= 0 and distinct >= 1")
         if self.prefix.tokens and self.prefix.tokens >= self.prompt.bounds[0]:
@@ -244,9 +263,10 @@ def load_workload(ref: str) -> Workload:
 def workload_from_dict(d: object, where: str) -> Workload:
     if not isinstance(d, dict):
         raise UserError(f"{where}: a workload is a mapping with prompt and output")
-    base = PRESETS.get(d.get("preset", ""), None)
-    if "preset" in d and base is None:
-        raise UserError(f"{where}: unknown preset '{d['preset']}' ({', '.join(PRESETS)})")
+    preset = d.get("preset")
+    if preset is not None and (not isinstance(preset, str) or preset not in PRESETS):
+        raise UserError(f"{where}: unknown preset {preset!r} ({', '.join(PRESETS)})")
+    base = PRESETS.get(preset) if preset else None
     try:
         w = Workload(
             name=str(d.get("name", base.name if base else Path(where).stem)),
@@ -262,11 +282,14 @@ def workload_from_dict(d: object, where: str) -> Workload:
         )
     except KeyError as exc:
         raise UserError(f"{where}: missing key {exc}") from None
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise UserError(f"{where}: {exc}") from None
     if w.stages:
         w = replace(w, num_requests=sum(s.num_requests for s in w.stages))
-    w.validate()
+    try:
+        w.validate()
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
     return w
 
 
@@ -275,7 +298,11 @@ def _stages(raw: object, where: str) -> tuple[Stage, ...]:
         return ()
     if not isinstance(raw, list) or not all(isinstance(s, dict) and set(s) == {"rate", "duration_s"} for s in raw):
         raise UserError(f"{where}: stages is a list of {{rate: requests/s, duration_s: seconds}}")
-    return tuple(Stage(float(s["rate"]), float(s["duration_s"])) for s in raw)
+    stages = tuple(Stage(float(s["rate"]), float(s["duration_s"])) for s in raw)
+    if not all(math.isfinite(s.rate) and s.rate > 0 and math.isfinite(s.duration_s) and s.duration_s > 0
+               for s in stages):
+        raise UserError(f"{where}: each stage needs a finite rate > 0 requests/s and duration_s > 0")
+    return stages
 
 
 def _prefix(raw: object, where: str) -> SharedPrefix:
