@@ -96,7 +96,10 @@ def _metric_row(number: int, source: str, metrics: dict) -> dict:
     intervals = metrics.get("intervals") or {}
     bounds = {f"{k}_{end}": intervals[k][i] for k in schema.INTERVAL_KEYS if k in intervals
               for i, end in enumerate(("lo", "hi"))}
-    return {"number": number, "source": source, **{c: bounds.get(c, metrics.get(c)) for c in schema.METRIC_COLUMNS}}
+    reasons = metrics.get("finish_reasons")
+    extra = {**bounds, "finish_reasons": json.dumps({str(k): v for k, v in reasons.items()}, sort_keys=True)
+             if reasons else None}
+    return {"number": number, "source": source, **{c: extra.get(c, metrics.get(c)) for c in schema.METRIC_COLUMNS}}
 
 
 class Progress:

@@ -29,7 +29,7 @@ TABLES: dict[str, tuple[tuple[str, str], ...]] = {
         ("kv_capacity_tokens", "BIGINT"), ("kv_peak_frac", "DOUBLE"), ("kv_mean_frac", "DOUBLE"),
         ("bottleneck", "VARCHAR"), ("roofline_frac", "DOUBLE"), ("num_requests", "INTEGER"),
         ("offered_rate", "DOUBLE"), ("overloaded", "BOOLEAN"), ("sustainable_rate", "DOUBLE"),
-        *((key, "DOUBLE") for key in COST_KEYS),
+        *((key, "DOUBLE") for key in COST_KEYS), ("failed_requests", "INTEGER"), ("finish_reasons", "VARCHAR"),
         *((f"{key}_{end}", "DOUBLE") for key in INTERVAL_KEYS for end in ("lo", "hi")), ("near_validated", "BOOLEAN"),
     ),
     "trial_series": (

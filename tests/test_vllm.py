@@ -155,3 +155,34 @@ def test_a_port_taken_before_the_server_binds_it_is_retried(tiny_model, tmp_path
     assert any(line.startswith("port taken") for line in logs), logs
     assert result.ok, result.reason
     assert not vllm_processes()
+
+
+def test_a_hung_server_fails_its_trial_with_the_failed_request_count(tiny_model, tmp_path, monkeypatch):
+    """SIGSTOP the whole server mid-load: the requests time out, the few that finished do not make the trial
+    COMPLETE, and teardown still leaves no process."""
+    from autotune.sim.calibration import Calibration
+    from autotune.spec.hardware import Cluster, load_gpu
+    from autotune.spec.layout import EngineKnobs, Layout
+    from autotune.spec.models import load_model
+    from autotune.spec.trial import TrialSpec
+    from autotune.spec.workload import LengthDist, Workload
+    from autotune.trials import vllm_backend
+    from autotune.trials.backend import StudyContext
+
+    monkeypatch.setattr(vllm_backend, "REQUEST_TIMEOUT_S", 20.0)
+    work = Workload("tiny", LengthDist("fixed", value=32), LengthDist("fixed", value=200), num_requests=60)
+    ctx = StudyContext(load_model(str(tiny_model)), Cluster.of(load_gpu("CPU"), 1), work, Calibration(),
+                       str(tmp_path), model_ref=str(tiny_model))
+    knobs = EngineKnobs(max_num_seqs=4, gpu_memory_utilization=0.3, block_size=128, num_gpu_blocks_override=8)
+    backend = vllm_backend.VllmBackend()
+    stopped = False
+    result = None
+    for event in backend.run(TrialSpec(0, Layout(), knobs), ctx):
+        if event.kind == "series" and not stopped and any(r["running"] for r in event.payload):
+            os.killpg(backend.proc.pid, signal.SIGSTOP)    # the API server and its engine core: hung, not dead
+            stopped = True
+        if event.kind == "result":
+            result = event.payload
+    assert stopped, "the load never started"
+    assert not result.ok and "requests failed" in result.reason, result.reason
+    assert not vllm_processes()

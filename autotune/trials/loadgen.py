@@ -118,6 +118,16 @@ async def drive(base_url: str, model: str, workload: Workload, timeout_s: float 
     return records
 
 
+def failed_requests_reason(records: list[RequestRecord], share: float) -> str | None:
+    """Why a trial whose requests failed beyond `share` is a failed trial (with the count and the first error), or
+    None: a server that hangs or dies mid-load still completes some requests, and their figures are not its own."""
+    failed = [r for r in records if r.error is not None or r.finish is None or r.first_token is None]
+    if len(failed) <= share * len(records):
+        return None
+    first = next((r.error for r in failed if r.error), "no response")
+    return f"{len(failed)} of {len(records)} requests failed ({first})"[:300]
+
+
 def summarise(records: list[RequestRecord], gpus: int) -> dict:
     """The result keys of `autotune predict`, from what the client measured."""
     ok = [r for r in records if r.error is None and r.finish is not None and r.first_token is not None]

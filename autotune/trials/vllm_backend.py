@@ -24,7 +24,7 @@ from autotune.sim.predict import Scenario, predict
 from autotune.spec.metrics import cost_stats
 from autotune.spec.trial import TrialResult, TrialSpec
 from autotune.trials.backend import Event, StudyContext
-from autotune.trials.loadgen import drive, summarise
+from autotune.trials.loadgen import drive, failed_requests_reason, summarise
 from autotune.trials.vllm_metrics import parse
 
 STARTUP_TIMEOUT_S = float(os.environ.get("AUTOTUNE_STARTUP_TIMEOUT_S", 300))
@@ -43,7 +43,14 @@ FAILURES = (
      "invalid argument"),
     (("Available memory on node",), "not enough host memory"),
     (("address already in use", "Address already in use"), "port taken"),
+    (("less than desired GPU memory utilization",), "gpu_memory_utilization above the free GPU memory"),
 )
+# vLLM logs the root cause well before "Engine core initialization failed. See root cause above": the classifier
+# reads this much of the log's end.
+LOG_LINES_READ = 5000
+# A trial with more of its requests failed than this share is a failed trial, whatever the others measured (a hung
+# or dying server still completes a few).
+FAILED_SHARE = 0.01
 # The free port is picked before the server binds it, so another process can take it in between: try again.
 PORT_TRIES = 3
 
@@ -293,6 +300,10 @@ class VllmBackend:
             reason = outcome.get("error") or str(exc)
             yield Event("result", TrialResult(spec.number, False, f"client: {reason}"[:300]))
             return
+        too_many = failed_requests_reason(records, FAILED_SHARE)
+        if too_many:
+            yield Event("result", TrialResult(spec.number, False, too_many))
+            return
         metrics.update({"preemptions": preemptions, "kv_peak_frac": kv_peak, "kv_capacity_tokens": capacity,
                         "bottleneck": "KV capacity" if preemptions else None})
         # Energy over the load window, from NVML's counters read before the first request and after the last.
@@ -313,7 +324,7 @@ def _knobs(spec: TrialSpec, ctx: StudyContext):
     return Scenario(ctx.model, ctx.cluster, ctx.workload, ctx.calibration).resolve(spec.knobs)
 
 
-def _tail(path: Path, lines: int = 80) -> str:
+def _tail(path: Path, lines: int = LOG_LINES_READ) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:

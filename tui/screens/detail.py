@@ -11,7 +11,8 @@ from textual_plotext import PlotextPlot
 PREDICTED_VS_MEASURED = (("output tok/s", "output_tok_s", 1, ",.0f"), ("TPOT p50 ms", "tpot_p50_s", 1e3, ",.1f"),
                          ("TPOT p99 ms", "tpot_p99_s", 1e3, ",.1f"), ("TTFT p99 s", "ttft_p99_s", 1, ",.1f"),
                          ("E2E p99 s", "e2e_p99_s", 1, ",.1f"), ("preemptions", "preemptions", 1, ",.0f"),
-                         ("KV peak", "kv_peak_frac", 100, ".0f"), ("bound by", "bottleneck", None, ""))
+                         ("KV peak", "kv_peak_frac", 100, ".0f"), ("failed requests", "failed_requests", 1, ",.0f"),
+                         ("finish reasons", "finish_reasons", None, ""), ("bound by", "bottleneck", None, ""))
 
 
 class TrialDetail(Screen):
