@@ -217,9 +217,15 @@ def run_study(space: SearchSpace, opts: Options) -> int:
 
     tuner = Tuner(space, study_dir / "optuna.journal", resume=opts.resume)
     tuner.fail_stale()
+    completed = []
     for t in previous:
-        tuner.remember({"layout": f"dp={t['dp']},tp={t['tp']},pp={t['pp']},ep={t['ep']}",
-                        **{k: t[k] for k in space.knob_grid}})
+        params = {"layout": f"dp={t['dp']},tp={t['tp']},pp={t['pp']},ep={t['ep']}", **{k: t[k] for k in space.knob_grid}}
+        tuner.remember(params)
+        if t["state"] == "COMPLETE":
+            completed.append((t["number"], params, t))
+    told = tuner.reconcile(completed)
+    for note in tuner.notes + ([f"{told} completed trial(s) of the store told to the sampler again"] if told else []):
+        print(f"resume: {note}", file=sys.stderr)
     done = sum(1 for t in previous)
     next_number = max((t["number"] for t in previous), default=-1) + 1
     if not previous:

@@ -197,3 +197,31 @@ def test_one_runner_per_study_and_a_resume_never_mixes_two_studies(space, tmp_pa
     assert len(StudyReader(study).trials()) == 6
     assert autotune("best", str(study), "--json").returncode == 0
     assert autotune("export", str(study), "--format", "csv").returncode == 0
+
+
+def optuna_completed(study: Path) -> set[int]:
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+    storage = JournalStorage(JournalFileBackend(str(study / "optuna.journal")))
+    (summary,) = optuna.get_all_study_summaries(storage)
+    loaded = optuna.load_study(study_name=summary.study_name, storage=storage)
+    return {t.user_attrs["number"] for t in loaded.get_trials() if t.state.name == "COMPLETE"}
+
+
+def test_a_torn_or_missing_journal_is_repaired_from_the_store(space, tmp_path):
+    study = tmp_path / "study"
+    assert autotune("run", str(space), "--study-dir", str(study), "--trials", "4").returncode == 0
+    with open(study / "optuna.journal", "ab") as f:
+        f.write(b'{"op_code": 5, "worker_id": "x", "trial_id": 9, "sta')     # a kill mid-write
+    out = autotune("run", str(space), "--study-dir", str(study), "--trials", "6", "--resume")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "dropped a torn last record" in out.stderr
+    store = {t["number"] for t in StudyReader(study).trials() if t["state"] == "COMPLETE"}
+    assert len(StudyReader(study).trials()) == 6 and optuna_completed(study) == store
+    (study / "optuna.journal").unlink()
+    out = autotune("run", str(space), "--study-dir", str(study), "--trials", "7", "--resume")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "rebuilt from the store" in out.stderr and "told to the sampler again" in out.stderr
+    store = {t["number"] for t in StudyReader(study).trials() if t["state"] == "COMPLETE"}
+    assert len(StudyReader(study).trials()) == 7 and optuna_completed(study) == store

@@ -37,9 +37,38 @@ def point_key(params: dict) -> str:
     return json.dumps(params, sort_keys=True)
 
 
+def repair_journal(journal: Path) -> str | None:
+    """A runner killed mid-write leaves a torn last record, which Optuna cannot load: drop it (the store, which is
+    the record, still has the trial) and say what was done; None when the journal is whole or absent."""
+    if not journal.exists():
+        return None
+    data = journal.read_bytes()
+    keep = len(data)
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+    else:
+        last = data.rstrip(b"\n").rsplit(b"\n", 1)[-1]
+        try:
+            if last:
+                json.loads(last)
+        except ValueError:
+            keep = data.rstrip(b"\n").rfind(b"\n") + 1
+    if keep == len(data):
+        return None
+    with open(journal, "r+b") as f:
+        f.truncate(keep)
+    return f"{journal.name}: dropped a torn last record ({len(data) - keep} bytes)"
+
+
 class Tuner:
     def __init__(self, space: SearchSpace, journal: Path | None, resume: bool = False, sampler: str = "tpe"):
         self.space = space
+        self.notes: list[str] = []
+        if journal and resume:
+            if not journal.exists():
+                self.notes.append(f"{journal.name} is missing: the sampler's history is rebuilt from the store")
+            elif (note := repair_journal(journal)):
+                self.notes.append(note)
         storage = JournalStorage(JournalFileBackend(str(journal))) if journal else None
         if sampler == "random":
             chosen = optuna.samplers.RandomSampler(seed=space.seed)
@@ -61,6 +90,24 @@ class Tuner:
 
     def remember(self, params: dict) -> None:
         self.seen.add(point_key(params))
+
+    def reconcile(self, completed: list[tuple[int, dict, dict]]) -> int:
+        """The store is the record: every trial it holds as COMPLETE, as (number, params, metrics), that Optuna does
+        not (a kill between the store's flush and Optuna's tell, a torn or missing journal) is told again, with its
+        measured values and constraints. Returns how many."""
+        known = {t.user_attrs.get("number"): t.state for t in self.study.get_trials(deepcopy=False)}
+        told = 0
+        for number, params, metrics in completed:
+            if known.get(number) == TrialState.COMPLETE:
+                continue
+            self.study.enqueue_trial(params, user_attrs={"origin": "reconciled", "number": number})
+            trial = self.study.ask()
+            trial.suggest_categorical("layout", list(self._layouts))
+            for name, values in self.space.knob_grid.items():
+                trial.suggest_categorical(name, list(values))
+            self.tell(trial, TrialResult(number, True, "", metrics))
+            told += 1
+        return told
 
     # ---- warm start -----------------------------------------------------------------------
     def warm_start(self, count: int) -> list[dict]:
