@@ -61,3 +61,41 @@ def test_a_model_that_fits_nowhere(tmp_path):
             .replace("gpu: H200", "gpu: H100-SXM"))
     with pytest.raises(UserError, match="no layout of the space fits in memory"):
         load_space(write(tmp_path, text))
+
+
+def test_the_sampler_learns_a_repeated_point_as_what_it_measured(tmp_path):
+    """Four points in the space, twelve asks: every repeat is told the values measured for its point (never
+    PRUNED, which TPE would read as a bad result), and a point that failed teaches nothing (FAIL)."""
+    from optuna.trial import TrialState
+
+    from autotune.search.tuner import Tuner, point_key
+    from autotune.spec.trial import TrialResult
+
+    f = tmp_path / "s.yaml"
+    f.write_text("name: tiny\ncluster: {gpu: H200, nodes: 1, gpus_per_node: 2}\nmodel: Llama-3.1-8B\n"
+                 "dimensions: {layout: {dp: [1, 2], tp: [1], pp: [1], gpus_per_trial: [1, 2]}, max_num_seqs: [64, 128]}\n"
+                 "objectives: [{metric: output_tok_s}]\nconstraints: {tpot_p99_ms: 50}\nbudget: {trials: 12}\n")
+    space = load_space(f)
+    tuner = Tuner(space, tmp_path / "optuna.journal")
+    measured = {}
+    for n in range(12):
+        asked = tuner.ask(n)
+        if asked is None:
+            break
+        trial, spec = asked
+        if spec.knobs.max_num_seqs == 128 and spec.layout.dp == 2:
+            tuner.tell(trial, TrialResult(n, False, "OOM"))
+            continue
+        metrics = {"output_tok_s": 1000.0 * spec.layout.dp + spec.knobs.max_num_seqs, "tpot_p99_s": 0.04}
+        tuner.tell(trial, TrialResult(n, True, "", metrics))
+        measured[point_key(trial.params)] = metrics["output_tok_s"]
+    trials = tuner.study.get_trials(deepcopy=False)
+    assert not [t for t in trials if t.state == TrialState.PRUNED]
+    repeats = [t for t in trials if t.user_attrs.get("repeat")]
+    assert repeats and all(t.state == TrialState.COMPLETE and t.values[0] == measured[point_key(t.params)]
+                           for t in repeats)
+    failed_point = [t for t in trials if t.params.get("max_num_seqs") == 128 and t.params.get("layout", "").startswith("dp=2")]
+    assert failed_point and all(t.state == TrialState.FAIL for t in failed_point)
+    # A resumed tuner knows what each point measured.
+    again = Tuner(space, tmp_path / "optuna.journal", resume=True)
+    assert {k: v[0][0] for k, v in again.outcomes.items()} == measured

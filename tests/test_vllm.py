@@ -141,7 +141,6 @@ def test_a_port_taken_before_the_server_binds_it_is_retried(tiny_model, tmp_path
     ports = iter([taken.getsockname()[1]])     # the first pick is already bound by someone else
     real_free_port = vllm_backend.free_port
     monkeypatch.setattr(vllm_backend, "free_port", lambda host: next(ports, None) or real_free_port(host))
-    monkeypatch.setattr(vllm_backend, "node_address", lambda: "127.0.0.1")
     work = Workload("tiny", LengthDist("fixed", value=32), LengthDist("fixed", value=16), num_requests=8)
     ctx = StudyContext(load_model(str(tiny_model)), Cluster.of(load_gpu("CPU"), 1), work, Calibration(),
                        str(tmp_path), model_ref=str(tiny_model))

@@ -79,6 +79,10 @@ class Tuner:
                                          directions=[o.direction for o in space.objectives], load_if_exists=resume)
         self._layouts = {layout_key(l): l for l in space.layouts}
         self.seen: set[str] = set()
+        # What each evaluated point measured (its objective values and SLO excesses), for the sampler's repeats.
+        self.outcomes: dict[str, tuple[list[float], dict[str, float]]] = {
+            point_key(t.params): (list(t.values), t.user_attrs.get("slo_over", {}))
+            for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values}
 
     # ---- bookkeeping --------------------------------------------------------------------
     def fail_stale(self) -> int:
@@ -146,8 +150,14 @@ class Tuner:
                 params[name] = trial.suggest_categorical(name, list(values))
             key = point_key(params)
             if key in self.seen:
-                # Never run the same point twice; PRUNED keeps it out of the sampler's model.
-                self.study.tell(trial, state=TrialState.PRUNED)
+                # Never run the same point twice. The sampler learns from a repeat what the point measured (TPE
+                # reads a PRUNED trial as a bad observation); a point still running or failed tells it nothing.
+                if key in self.outcomes:
+                    values, over = self.outcomes[key]
+                    trial.set_user_attr("repeat", True)
+                    self._tell_values(trial, values, over)
+                else:
+                    self.study.tell(trial, state=TrialState.FAIL)
                 continue
             self.seen.add(key)
             trial.set_user_attr("number", number)
@@ -173,6 +183,12 @@ class Tuner:
         if values is None:
             self.study.tell(trial, state=TrialState.FAIL)
             return
-        for metric, over in self.space.slo_violation(result.metrics).items():
-            trial.set_constraint(metric, over)
+        over = self.space.slo_violation(result.metrics)
+        self.outcomes[point_key(trial.params)] = (values, over)
+        self._tell_values(trial, values, over)
+
+    def _tell_values(self, trial: optuna.trial.Trial, values: list[float], over: dict[str, float]) -> None:
+        for metric, excess in over.items():
+            trial.set_constraint(metric, excess)
+        trial.set_user_attr("slo_over", over)
         self.study.tell(trial, values)

@@ -84,14 +84,15 @@ async def _one(session: aiohttp.ClientSession, url: str, model: str, prompt: lis
 
 
 async def drive(base_url: str, model: str, workload: Workload, timeout_s: float = 600.0,
-                warmup: int = 2) -> list[RequestRecord]:
+                warmup: int = 2, api_key: str | None = None) -> list[RequestRecord]:
     """Warm up, then send the workload: the whole batch at once, a fixed concurrency, or Poisson arrivals."""
     requests = workload.sample()
     prompts = prompts_for(requests, workload.seed)
     url = base_url.rstrip("/") + "/v1/completions"
     records = [RequestRecord(len(p), int(o)) for p, o in zip(prompts, requests.output)]
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
         for _ in range(warmup):
             await _one(session, url, model, prompts[0][:16], 4, RequestRecord(16, 4), timeout_s)
         start = time.perf_counter()

@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import queue
+import secrets
 import signal
 import socket
 import subprocess
@@ -32,6 +33,7 @@ REQUEST_TIMEOUT_S = float(os.environ.get("AUTOTUNE_REQUEST_TIMEOUT_S", 600))
 SCRAPE_S = 1.0
 FREE_SLACK_BYTES = 512 * 2**20     # GPU memory still in use after teardown that counts as given back
 SERVED_NAME = "autotune"
+LOOPBACK = "127.0.0.1"
 
 # What the server's log says, in the order we look for it, and the reason the trial fails with.
 FAILURES = (
@@ -74,16 +76,6 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def node_address() -> str:
-    try:
-        import ray
-        if ray.is_initialized():
-            return ray.util.get_node_ip_address()
-    except ImportError:
-        pass
-    return "127.0.0.1"
-
-
 def cpu_binding(world: int) -> str | None:
     """VLLM_CPU_OMP_THREADS_BIND for the CPU platform: the cores split evenly between the ranks ('0|1')."""
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
@@ -120,6 +112,7 @@ class VllmBackend:
     name = "vllm"
 
     def __init__(self) -> None:
+        self.api_key = ""
         self.proc: subprocess.Popen | None = None
         self._stopped = threading.Event()
         self._baseline_used: float | None = None    # GPU memory in use on the node before the server
@@ -128,7 +121,7 @@ class VllmBackend:
     def command(self, spec: TrialSpec, ctx: StudyContext, host: str, port: int) -> list[str]:
         executor = "ray" if spec.layout.gpus_per_replica > ctx.cluster.gpus_per_node else "mp"
         return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", ctx.model_ref,
-                "--served-model-name", SERVED_NAME, "--host", host, "--port", str(port),
+                "--served-model-name", SERVED_NAME, "--host", host, "--port", str(port), "--api-key", self.api_key,
                 "--distributed-executor-backend", executor, *engine_args(spec.layout, _knobs(spec, ctx)),
                 *ctx.extra_args]
 
@@ -177,7 +170,10 @@ class VllmBackend:
 
     # ---- one trial ------------------------------------------------------------------------
     def run(self, spec: TrialSpec, ctx: StudyContext) -> Iterator[Event]:
-        host = node_address()
+        # The load generator runs in this process, beside the server: the server listens on loopback only, and
+        # answers the completions API only with this trial's key (another user of the node cannot drive it).
+        host = LOOPBACK
+        self.api_key = secrets.token_urlsafe(24)
         log_path = Path(ctx.study_dir) / "logs" / f"trial-{spec.number}.server.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
@@ -248,7 +244,8 @@ class VllmBackend:
 
         def load() -> None:
             try:
-                outcome["records"] = asyncio.run(drive(base, SERVED_NAME, ctx.workload, REQUEST_TIMEOUT_S))
+                outcome["records"] = asyncio.run(drive(base, SERVED_NAME, ctx.workload, REQUEST_TIMEOUT_S,
+                                                       api_key=self.api_key))
             except Exception as exc:    # reported as the trial's failure below
                 outcome["error"] = f"{type(exc).__name__}: {exc}"
             finally:
