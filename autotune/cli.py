@@ -127,6 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _model(ref: str):
+    """The model, with what was assumed about it said on stderr (the tables stay on stdout)."""
+    from autotune.spec.models import load_model
+
+    model = load_model(ref)
+    for note in model.notes:
+        print(f"note: {note}", file=sys.stderr)
+    return model
+
+
 def _load(args):
     from autotune.spec.workload import load_workload
 
@@ -139,7 +149,6 @@ def _scenario(args):
     from autotune.sim.calibration import Calibration
     from autotune.sim.predict import Scenario
     from autotune.spec.hardware import Cluster, load_gpu
-    from autotune.spec.models import load_model
     from autotune.spec.prices import load_prices
 
     if args.gpus < 1:
@@ -147,7 +156,7 @@ def _scenario(args):
     workload = _load(args)
     gpu = load_gpu(args.gpu)
     price = load_prices(args.prices).get(gpu.name)
-    return Scenario(load_model(args.model), Cluster.of(gpu, args.gpus, args.gpus_per_node,
+    return Scenario(_model(args.model), Cluster.of(gpu, args.gpus, args.gpus_per_node,
                                                        price.usd_per_gpu_hour if price else None),
                     workload, Calibration.load(args.calibration), args.router, args.allow_cross_node_tp)
 
@@ -281,7 +290,6 @@ def cmd_size(args, console) -> int:
     from autotune.sim.predict import Scenario
     from autotune.sim.size import size
     from autotune.spec.hardware import GPUS, Cluster, load_gpu
-    from autotune.spec.models import load_model
     from autotune.spec.prices import load_prices
 
     if not args.rate > 0 or args.rate == float("inf"):
@@ -294,7 +302,7 @@ def cmd_size(args, console) -> int:
         [GPUS[name] for name in GPUS if name in prices]
     if not gpus:
         raise UserError("--gpu names no GPU type")
-    model = load_model(args.model)
+    model = _model(args.model)
     # The load's lengths at the asked rate; each count's search sizes its own runs.
     load = _load(args).with_(mode=args.mode or "poisson", rate=args.rate)
     knobs = _knobs(args)
@@ -379,11 +387,13 @@ def cmd_run(args, console) -> int:
 
 
 def _trial_summary(t: dict) -> dict:
+    from store.schema import commands_of
+
     keys = ("number", "state", "label", "dp", "tp", "pp", "ep", "max_num_seqs", "max_num_batched_tokens",
             "gpu_memory_utilization", "kv_cache_dtype", "enable_chunked_prefill", "output_tok_s",
             "output_tok_s_per_gpu", "tpot_p50_s", "tpot_p99_s", "ttft_p99_s", "e2e_p99_s", "preemptions",
-            "kv_peak_frac", "bottleneck", "feasible_slo", "reason", "serve_command")
-    return {k: t.get(k) for k in keys}
+            "kv_peak_frac", "bottleneck", "feasible_slo", "reason")
+    return {**{k: t.get(k) for k in keys}, "serve_command": commands_of(t.get("serve_command"))}
 
 
 def _trials_table(rows: list[dict], title: str):
@@ -413,8 +423,9 @@ def cmd_best(args, console) -> int:
         print(json.dumps(_trial_summary(row), indent=2, default=str))
     else:
         console.print(_trials_table([row], f"best of {header['name']} ({header['model']} on {header['cluster']})"))
-        if row.get("serve_command"):
-            console.print(f"deploy: {row['serve_command']}", highlight=False, soft_wrap=True)
+        from store.schema import commands_of
+        for command in commands_of(row.get("serve_command")):
+            console.print(f"deploy: {command}", highlight=False, soft_wrap=True)
     if not row.get("feasible_slo"):
         print("no completed trial meets the SLOs: the one above is the best that violates them", file=sys.stderr)
         return 1

@@ -40,20 +40,32 @@ def engine_args(layout: Layout, knobs: EngineKnobs) -> list[str]:
     return args
 
 
+def model_target(model: ModelSpec) -> str:
+    """What `vllm serve` loads: the local directory the model was read from, else its Hub id, else its name."""
+    return model.source or model.hf_id or model.name
+
+
 def serve_commands(model: ModelSpec, cluster: Cluster, layout: Layout, knobs: EngineKnobs) -> list[str]:
-    """`vllm serve` for one node; across nodes, the head's command then each other node's (vLLM's multi-node docs)."""
-    target = model.hf_id or model.name
-    base = ["vllm", "serve", target, *engine_args(layout, knobs)]
+    """One complete command per node, each pasteable as is once HEAD_IP is exported (vLLM's multi-node docs): the
+    head's first, then each other node's with its numbers filled in; a comment at the end of each says where it
+    runs."""
+    base = ["vllm", "serve", model_target(model), *engine_args(layout, knobs)]
     per_node = cluster.gpus_per_node
     if layout.world_size <= per_node:
         return [shlex.join(base)]
+    nodes = -(-layout.world_size // per_node)
     if layout.gpus_per_replica > per_node:
         # A replica spans nodes: vLLM's Ray executor over a Ray cluster started on every node.
-        return ["ray start --head   # then `ray start --address HEAD_IP:6379` on the other nodes",
-                shlex.join(base + ["--distributed-executor-backend", "ray"])]
+        return (["ray start --head --port 6379   # node 0 (head)"]
+                + [f'ray start --address "$HEAD_IP:6379"   # node {n}' for n in range(1, nodes)]
+                + [shlex.join(base + ["--distributed-executor-backend", "ray"]) + "   # node 0 (head), once all joined"])
     local = per_node // layout.gpus_per_replica
-    head = base + ["--data-parallel-size-local", str(local), "--data-parallel-address", "HEAD_IP",
-                   "--data-parallel-rpc-port", "13345"]
-    worker = base + ["--data-parallel-size-local", str(local), "--data-parallel-start-rank", "NODE_INDEX*" + str(local),
-                     "--data-parallel-address", "HEAD_IP", "--data-parallel-rpc-port", "13345", "--headless"]
-    return [shlex.join(head) + "   # head node", shlex.join(worker).replace("'", "") + "   # every other node"]
+    common = ["--data-parallel-size-local", str(local), "--data-parallel-address", "$HEAD_IP",
+              "--data-parallel-rpc-port", "13345"]
+
+    def line(args: list[str], where: str) -> str:
+        # $HEAD_IP stays a shell variable: quoted for the shell, expanded there.
+        return shlex.join(args).replace("'$HEAD_IP'", '"$HEAD_IP"') + f"   # {where}"
+    return ([line(base + common, "node 0 (head)")]
+            + [line(base + common + ["--data-parallel-start-rank", str(n * local), "--headless"], f"node {n}")
+               for n in range(1, nodes)])

@@ -309,7 +309,7 @@ def run_study(space: SearchSpace, opts: Options) -> int:
                                                 reason=reason, feasible_slo=meets,
                                                 values_json=None if values is None else str(values),
                                                 log_path=str(logs_dir / f"trial-{number}.log"),
-                                                serve_command=result.serve_command or None))
+                                                serve_command=schema.commands_text(result.serve_commands)))
                 writer.flush()    # a completed trial is on disk before Optuna hears of it: resume never loses it
                 tuner.tell(trial, result)
                 runner.finished(number)

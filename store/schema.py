@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from autotune.spec.metrics import COST_KEYS, LATENCY_KEYS
 
 SCHEMA_VERSION = 1
@@ -46,6 +48,22 @@ TABLES: dict[str, tuple[tuple[str, str], ...]] = {
 METRIC_COLUMNS = tuple(name for name, _ in TABLES["trial_metrics"][2:])
 # The simulator's prediction shown beside a measured trial, as predicted_<metric> on the trial row.
 PREDICTED_COLUMNS = ("output_tok_s", "tpot_p99_s", "ttft_p99_s", "e2e_p99_s", "preemptions", "kv_peak_frac")
+
+
+def commands_text(commands) -> str | None:
+    """A trial's deploy commands (one per node) as the serve_command column holds them: a JSON list."""
+    return json.dumps(list(commands)) if commands else None
+
+
+def commands_of(text: str | None) -> list[str]:
+    """The deploy commands back from the column (a study written before lists held one plain command)."""
+    if not text:
+        return []
+    try:
+        commands = json.loads(text)
+    except ValueError:
+        return [text]
+    return [str(c) for c in commands] if isinstance(commands, list) else [text]
 
 
 def sql_string(value) -> str:

@@ -125,3 +125,32 @@ def test_best_says_when_no_trial_meets_the_slos_and_exits_1(tmp_path):
     w.close()
     out = autotune("best", str(tmp_path / "none"))
     assert out.returncode == 1 and "no completed trial meets the SLOs" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_multi_node_commands_paste_one_per_node():
+    from autotune.deploy import serve_commands
+    from autotune.spec.hardware import Cluster, load_gpu
+    from autotune.spec.layout import EngineKnobs, Layout
+    from autotune.spec.models import load_model
+
+    r1, cluster = load_model("DeepSeek-R1"), Cluster.of(load_gpu("H200"), 24)
+    dp = serve_commands(r1, cluster, Layout(dp=24, ep=24), EngineKnobs(max_num_seqs=64))
+    assert len(dp) == 3 and "--headless" not in dp[0]
+    assert [c.split("--data-parallel-start-rank ")[1].split()[0] for c in dp[1:]] == ["8", "16"]
+    for command in dp:     # each line is one complete command: no arithmetic, no second command after a comment
+        assert command.startswith("vllm serve deepseek-ai/DeepSeek-R1 ") and "*" not in command
+        assert command.count("#") == 1 and '"$HEAD_IP"' in command
+    spans = serve_commands(r1, cluster, Layout(tp=8, pp=3), EngineKnobs())
+    assert spans[0].startswith("ray start --head") and spans[-1].startswith("vllm serve")
+    assert len([c for c in spans if c.startswith("ray start --address")]) == 2
+
+
+def test_a_config_path_model_deploys_from_its_directory_and_says_what_was_assumed(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 2, "hidden_size": 64,
+                                                      "num_attention_heads": 4, "intermediate_size": 128,
+                                                      "vocab_size": 1000}))
+    out = autotune("recommend", "--model", str(tmp_path), "--gpu", "H200", "--gpus", "1", "--requests", "20",
+                   "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["serve_command"][0].startswith(f"vllm serve {tmp_path.resolve()} ")
+    assert "no max_position_embeddings: 131,072 tokens assumed" in out.stderr

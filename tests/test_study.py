@@ -83,7 +83,7 @@ def test_forty_trial_simulated_study_end_to_end(space, tmp_path):
     assert reader.header()["status"] == "finished" and (study / "study.duckdb").is_file()
     best = json.loads(autotune("best", str(study), "--json").stdout)
     assert best["state"] == "COMPLETE" and best["feasible_slo"] and best["tpot_p99_s"] <= 0.06
-    assert best["serve_command"].startswith("vllm serve deepseek-ai/DeepSeek-R1-Distill-Qwen-14B")
+    assert best["serve_command"][0].startswith("vllm serve deepseek-ai/DeepSeek-R1-Distill-Qwen-14B")
     front = json.loads(autotune("pareto", str(study), "--json", "--latency", "e2e_p99_s").stdout)
     assert front and all(a["e2e_p99_s"] <= b["e2e_p99_s"] for a, b in zip(front, front[1:]))
     exported = autotune("export", str(study), "--format", "parquet")

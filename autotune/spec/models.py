@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass, asdict, replace
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -50,6 +50,8 @@ class ModelSpec:
     sliding_window: int = 0
     num_sliding_layers: int = 0
     hf_id: str = ""
+    source: str = ""        # the local model directory its config.json was read from ("" for the catalog)
+    notes: tuple[str, ...] = ()   # what was assumed because the config did not say
 
     def __post_init__(self) -> None:
         """Refuse a shape no model has, whichever way it was built (catalog, config.json, code)."""
@@ -261,7 +263,10 @@ def model_from_hf_config(cfg: dict, name: str, source: str = "config.json") -> M
         moe_intermediate = intermediate  # Mixtral and gpt-oss give the expert size as intermediate_size
     if not intermediate and not num_experts:
         raise UserError(f"{source} is missing required field: intermediate_size")
+    notes = () if "max_position_embeddings" in cfg else (
+        f"{source} has no max_position_embeddings: 131,072 tokens assumed as the longest context",)
     return ModelSpec(
+        notes=notes,
         name=name,
         num_layers=get("num_hidden_layers"),
         hidden_size=hidden,
@@ -320,7 +325,8 @@ def load_model(ref: str) -> ModelSpec:
             raise UserError(f"{path} is not valid JSON: {exc}") from None
         if not isinstance(cfg, dict):
             raise UserError(f"{path} is not a JSON object")
-        return model_from_hf_config(cfg, path.parent.name or path.stem, str(path))
+        model = model_from_hf_config(cfg, path.parent.name or path.stem, str(path))
+        return replace(model, source=str(path.resolve().parent))
     configs = _catalog_configs()
     by_norm = {_normalise(n): n for n in configs}
     # The Hub id each entry was taken from (what `autotune models` prints) names it too; a catalog name wins a tie.

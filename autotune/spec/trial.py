@@ -27,4 +27,4 @@ class TrialResult:
     reason: str = ""
     metrics: dict = field(default_factory=dict)      # the keys of `autotune predict`
     predicted: dict | None = None                     # the simulator's prediction beside a real measurement
-    serve_command: str = ""
+    serve_commands: tuple[str, ...] = ()           # one `vllm serve` (or `ray start`) per node, head first

@@ -27,11 +27,11 @@ class SimBackend:
     def run(self, spec: TrialSpec, ctx: StudyContext) -> Iterator[Event]:
         scenario = Scenario(ctx.model, ctx.cluster, ctx.workload, ctx.calibration)
         pred = predict(scenario, spec.layout, spec.knobs)
-        command = " && ".join(serve_commands(ctx.model, ctx.cluster, spec.layout, pred.knobs))
+        commands = tuple(serve_commands(ctx.model, ctx.cluster, spec.layout, pred.knobs))
         yield Event("log", f"simulating {spec.layout.label()} {pred.knobs.to_dict()}")
         if not pred.feasible:
             yield Event("log", f"infeasible: {pred.reason}")
-            yield Event("result", TrialResult(spec.number, False, pred.reason, serve_command=command))
+            yield Event("result", TrialResult(spec.number, False, pred.reason, serve_commands=commands))
             return
         start = time.time()
         rows = sorted(((t, engine, kv, running, waiting, pre) for engine, series in enumerate(pred.engine_series)
@@ -64,4 +64,4 @@ class SimBackend:
                                  "wall": time.time(), "mem_used_bytes": used, "mem_total_bytes": memory.gpu_bytes,
                                  "util": roof, "power_w": None} for g in spec.gpu_ids])
         yield Event("log", f"done: {pred.get('output_tok_s'):,.0f} output tok/s, {pred.get('preemptions')} preemptions")
-        yield Event("result", TrialResult(spec.number, True, "", pred.to_json(), serve_command=command))
+        yield Event("result", TrialResult(spec.number, True, "", pred.to_json(), serve_commands=commands))

@@ -20,7 +20,7 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator
 
-from autotune.deploy import engine_args
+from autotune.deploy import engine_args, serve_commands
 from autotune.sim.predict import Scenario, predict
 from autotune.spec.metrics import cost_stats
 from autotune.spec.trial import TrialResult, TrialSpec
@@ -312,8 +312,8 @@ class VllmBackend:
                            f"{metrics['failed_requests']} failed requests")
         yield Event("result", TrialResult(spec.number, True, "", metrics,
                                           predicted.to_json() if predicted.feasible else None,
-                                          " ".join(["vllm", "serve", ctx.model_ref,
-                                                    *engine_args(spec.layout, _knobs(spec, ctx))])))
+                                          tuple(serve_commands(ctx.model, ctx.cluster, spec.layout,
+                                                               _knobs(spec, ctx)))))
 
 
 def _knobs(spec: TrialSpec, ctx: StudyContext):

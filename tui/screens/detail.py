@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from rich.markup import escape
 from rich.table import Table
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -7,6 +8,8 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Footer, Static
 from textual_plotext import PlotextPlot
+
+from store.schema import commands_of
 
 PREDICTED_VS_MEASURED = (("output tok/s", "output_tok_s", 1, ",.0f"), ("TPOT p50 ms", "tpot_p50_s", 1e3, ",.1f"),
                          ("TPOT p99 ms", "tpot_p99_s", 1e3, ",.1f"), ("TTFT p99 s", "ttft_p99_s", 1, ",.1f"),
@@ -35,7 +38,8 @@ class TrialDetail(Screen):
             yield PlotextPlot(id="queue-plot")
         with VerticalScroll(id="detail-text"):
             yield Static(self._metrics_table(), id="detail-metrics")
-            yield Static(f"[b]deploy[/b] {t.get('serve_command') or '-'}", id="detail-command")
+            commands = commands_of(t.get("serve_command"))
+            yield Static("[b]deploy[/b] " + ("\n       ".join(escape(c) for c in commands) or "-"), id="detail-command")
             yield Static("log:\n" + ("\n".join(self.log_lines) or "(empty)"), id="detail-log", markup=False)
         yield Footer()
 
