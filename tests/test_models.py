@@ -92,3 +92,19 @@ def test_a_catalog_entry_is_found_by_its_hub_id():
         if spec.hf_id:
             assert load_model(spec.hf_id).name == name, spec.hf_id
     assert load_model("META-LLAMA/Llama-3.1-70B-Instruct").name == "Llama-3.1-70B"
+
+
+@pytest.mark.parametrize("name,total_b,hub", [
+    ("QwQ-32B", 32.5, "Qwen/QwQ-32B"), ("Llama-3.3-70B", 70.6, "meta-llama/Llama-3.3-70B-Instruct"),
+    ("Mistral-Small-24B", 23.6, "mistralai/Mistral-Small-24B-Instruct-2501"),
+    ("Gemma-3-27B", 27.0, "google/gemma-3-27b-it"), ("gpt-oss-20b", 20.9, "openai/gpt-oss-20b"),
+    ("Qwen3-Coder-30B-A3B", 30.5, "Qwen/Qwen3-Coder-30B-A3B-Instruct"), ("Kimi-K2", 1030, "moonshotai/Kimi-K2-Instruct"),
+])
+def test_added_catalog_models_have_their_published_sizes_and_hub_ids(name, total_b, hub):
+    m = load_model(name)
+    assert load_model(hub) == m
+    assert m.derived()["total_params"] == pytest.approx(total_b * 1e9, rel=0.03)
+    if name == "Kimi-K2":
+        assert m.is_mla and m.num_experts == 384 and m.num_heads == 64
+    if name == "Gemma-3-27B":
+        assert m.num_sliding_layers == 52 and m.sliding_window == 1024
