@@ -141,7 +141,11 @@ class Progress:
 def lock_study(study_dir: Path):
     """One runner per study: an exclusive OS lock on STUDY/runner.lock, released when the process exits (even when
     killed), so a second runner, or a --resume beside a live one, is refused before it writes anything."""
-    f = open(study_dir / "runner.lock", "a+")
+    try:
+        f = open(study_dir / "runner.lock", "a+")
+    except OSError as exc:
+        raise UserError(f"cannot write in the study directory {study_dir} ({exc.strerror}): a study needs a "
+                        "writable directory (best, pareto and the dashboard only read)") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -330,10 +334,12 @@ def run_study(space: SearchSpace, opts: Options) -> int:
     finally:
         progress.close()
         status = "interrupted" if stop.requested else "finished"
-        writer.update_header(status=status, finished_at=time.time())
-        writer.close()
-        consolidate(study_dir)
-        stop_ray()
+        try:
+            writer.update_header(status=status, finished_at=time.time())
+            writer.close()
+            consolidate(study_dir)
+        finally:
+            stop_ray()
     if stop.requested:
         return 128 + stop.signum
     return 0

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import duckdb
 
+from autotune.errors import UserError
 from store import schema
 from store.segments import list_segments, next_seq, segment_path, table_dir
 
@@ -34,11 +35,16 @@ class StudyWriter:
 
     # ---- header -----------------------------------------------------------------------
     def write_header(self, header: dict) -> None:
-        """study.json: what the study is (the space, the backend) and its status."""
+        """study.json: what the study is (the space, the backend) and its status, replaced whole or not at all."""
         doc = {"schema_version": schema.SCHEMA_VERSION, "host": socket.gethostname(), "pid": os.getpid(), **header}
         tmp = self.dir / f".study.json.{os.getpid()}"
-        tmp.write_text(json.dumps(doc, indent=2))
-        os.replace(tmp, self.dir / "study.json")
+        try:
+            tmp.write_text(json.dumps(doc, indent=2))
+            os.replace(tmp, self.dir / "study.json")
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise UserError(f"cannot write {self.dir / 'study.json'} ({exc.strerror or exc}); the previous one is "
+                            "kept") from None
 
     def update_header(self, **changes) -> None:
         doc = json.loads((self.dir / "study.json").read_text())
@@ -64,13 +70,26 @@ class StudyWriter:
             self.flush()
 
     def flush(self) -> None:
+        """Write the buffered rows as new segments. When a write fails (a full disk, a read-only directory) the rows
+        not yet written go back into the buffer, every segment written before stays, and the error is one line."""
         with self._lock:
             pending = {t: rows for t, rows in self._buffers.items() if rows}
             self._buffers = {t: [] for t in schema.TABLES}
-        for table, rows in pending.items():
-            self._write_segment(table, rows)
+        tables = list(pending)
+        for i, table in enumerate(tables):
+            try:
+                self._write_segment(table, pending[table])
+            except (duckdb.Error, OSError) as exc:
+                with self._lock:
+                    for t in tables[i:]:
+                        self._buffers[t][:0] = pending[t]
+                raise UserError(f"cannot write the study's segments in {self.dir} ({_first_line(exc)}); the rows "
+                                "are kept to retry and every segment written before is intact") from None
             if len(list_segments(self.dir, table)) > COMPACT_AFTER:
-                self._compact(table)
+                try:
+                    self._compact(table)
+                except (duckdb.Error, OSError):
+                    pass    # the small segments still hold every row; the next flush tries again
         self._last_flush = time.monotonic()
 
     def _write_segment(self, table: str, rows: list[tuple]) -> None:
@@ -84,8 +103,11 @@ class StudyWriter:
     def _copy_out(self, query: str, table: str, lo: int, hi: int) -> None:
         final = segment_path(self.dir, table, lo, hi)
         tmp = final.with_name(f".{final.name}.tmp")
-        self._con.execute(f"COPY ({query}) TO {schema.sql_string(tmp)} (FORMAT parquet)")
-        os.replace(tmp, final)
+        try:
+            self._con.execute(f"COPY ({query}) TO {schema.sql_string(tmp)} (FORMAT parquet)")
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)     # a half-written file never becomes a segment
 
     def _compact(self, table: str) -> None:
         segs = list_segments(self.dir, table)
@@ -95,8 +117,10 @@ class StudyWriter:
             path.unlink(missing_ok=True)
 
     def close(self) -> None:
-        self.flush()
-        self._con.close()
+        try:
+            self.flush()
+        finally:
+            self._con.close()
 
 
 def consolidate(study_dir: str | Path) -> Path:
@@ -104,8 +128,26 @@ def consolidate(study_dir: str | Path) -> Path:
     d = Path(study_dir)
     final = d / "study.duckdb"
     tmp = d / f".study.duckdb.{os.getpid()}.tmp"
-    tmp.unlink(missing_ok=True)
-    con = duckdb.connect(str(tmp))
+    wal = tmp.with_name(tmp.name + ".wal")
+    try:
+        tmp.unlink(missing_ok=True)
+        _fill(duckdb.connect(str(tmp)), d)
+        os.replace(tmp, final)
+    except (duckdb.Error, OSError) as exc:
+        raise UserError(f"cannot write {final} ({_first_line(exc)}); the segments hold every row and the previous "
+                        "file, if any, is kept") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+        wal.unlink(missing_ok=True)
+    return final
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def _fill(con: duckdb.DuckDBPyConnection, d: Path) -> None:
+    """Every table from its segments, the latest-trials view and the header, checkpointed into the file."""
     try:
         for table in schema.TABLES:
             files = [str(p) for _, _, p in list_segments(d, table)]
@@ -117,7 +159,6 @@ def consolidate(study_dir: str | Path) -> Path:
                     "row_number() OVER (PARTITION BY number ORDER BY seq DESC) = 1")
         con.execute("CREATE TABLE meta AS SELECT ? AS schema_version, ? AS study_json",
                     [schema.SCHEMA_VERSION, (d / "study.json").read_text()])
+        con.execute("CHECKPOINT")     # all in the file, nothing left in a WAL beside it
     finally:
         con.close()
-    os.replace(tmp, final)
-    return final

@@ -128,3 +128,47 @@ def test_segments_written_before_a_column_was_added_stay_readable(tmp_path):
     con = duckdb.connect(str(consolidate(tmp_path)), read_only=True)
     assert con.execute("SELECT count(*) FROM trials_latest").fetchone()[0] == 3
     con.close()
+
+
+def test_a_full_disk_loses_nothing_and_says_so_in_one_line(tmp_path, monkeypatch):
+    """ENOSPC injected where the machine cannot give a small tmpfs: a failed flush keeps its rows for the next one,
+    leaves no half-written segment, and a failed consolidation keeps the segments and the previous study.duckdb."""
+    import errno
+
+    import duckdb
+
+    from autotune.errors import UserError
+    from store import writer as writer_mod
+    from store.reader import StudyReader
+    from store.writer import StudyWriter, consolidate
+
+    w = StudyWriter(tmp_path, flush_s=0)
+    w.write_header({"name": "full", "objectives": [{"metric": "output_tok_s", "direction": "maximize"}]})
+    w.add("trials", {"number": 0, "state": "COMPLETE", "label": "TP1", "dp": 1, "tp": 1, "pp": 1, "ep": 1})
+    w.flush()
+    first = consolidate(tmp_path).read_bytes()
+    real_copy = StudyWriter._copy_out
+
+    def full(self, query, table, lo, hi):
+        (tmp_path / f".partial-{table}.tmp").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(StudyWriter, "_copy_out", full)
+    w.add("trials", {"number": 1, "state": "COMPLETE", "label": "TP2", "dp": 1, "tp": 2, "pp": 1, "ep": 1})
+    with pytest.raises(UserError, match="No space left on device.*rows are kept"):
+        w.flush()
+    monkeypatch.setattr(StudyWriter, "_copy_out", real_copy)
+    w.flush()                                   # space again: the kept rows are written
+    assert {t["number"] for t in StudyReader(tmp_path).trials()} == {0, 1}
+
+    def no_space(con, d):
+        con.close()
+        raise duckdb.IOException("No space left on device")
+    monkeypatch.setattr(writer_mod, "_fill", no_space)
+    with pytest.raises(UserError, match="cannot write .*study.duckdb.*segments hold every row"):
+        consolidate(tmp_path)
+    assert (tmp_path / "study.duckdb").read_bytes() == first
+    assert not list(tmp_path.glob(".study.duckdb*"))
+    with pytest.raises(UserError, match="cannot write .*study.json"):
+        monkeypatch.setattr(type(tmp_path), "write_text", lambda *a, **k: (_ for _ in ()).throw(
+            OSError(errno.ENOSPC, "No space left on device")))
+        w.write_header({"name": "full", "objectives": [{"metric": "output_tok_s"}]})
