@@ -79,9 +79,17 @@ async def test_navigation_detail_help_metric_and_sort(study):
         await pilot.press("escape")
         assert isinstance(app.screen, Dashboard)
         table = app.screen.query_one("#trials", DataTable)
+        # It opens sorted on the study's objective, best first, and the header says so.
+        assert (table.sort_key, table.reverse) == ("output_tok_s_per_gpu", True)
+        assert str(table.columns["output_tok_s_per_gpu"].label).endswith("▼")
+        rates = [t["output_tok_s_per_gpu"] for t in table._trials if t["output_tok_s_per_gpu"] is not None]
+        first = table.get_row_at(0)[0]
+        assert int(first) == max(table._trials, key=lambda t: t["output_tok_s_per_gpu"] or -1)["number"] and rates
+        await pilot.press("s")              # from the dashboard, whatever has the focus
+        assert table.sort_key == "tpot_p99_s" and str(table.columns["tpot_p99_s"].label).endswith("▼")
+        await pilot.press("r")
+        assert not table.reverse and str(table.columns["tpot_p99_s"].label).endswith("▲")
         table.focus()
-        await pilot.press("s")
-        assert table.sort_key == "state"
         await pilot.press("down", "enter")
         await pilot.pause(0.5)
         assert isinstance(app.screen, TrialDetail)

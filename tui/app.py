@@ -53,7 +53,14 @@ class DetailReady(Message):
 
 class Dashboard(Screen):
     BINDINGS = [Binding("question_mark", "app.push_screen('help')", "help"), Binding("g", "app.local_gpus", "GPUs"),
+                Binding("s", "sort", "sort trials"), Binding("r", "reverse", "reverse sort"),
                 Binding("q", "app.quit", "quit")]
+
+    def action_sort(self) -> None:
+        self.query_one(TrialsPanel).cycle_sort()
+
+    def action_reverse(self) -> None:
+        self.query_one(TrialsPanel).reverse_sort()
 
     def compose(self) -> ComposeResult:
         yield StudyHeader("loading the study...", id="header")
@@ -135,10 +142,14 @@ class AutotuneApp(App):
             return
         screen.query_one(StudyHeader).show(header_view(snap))
         screen.query_one(GpuPanel).show(list(snap.gpus))   # both readers sort by node, GPU
-        screen.query_one(KvPanel).show(kv_rows(snap))
+        screen.query_one(KvPanel).show(kv_rows(snap), [t["number"] for t in snap.trials if t["state"] == "RUNNING"])
         pareto = screen.query_one(ParetoPanel)
         pareto.show(pareto_points(snap, pareto.metric), snap.count("FAIL"))
-        screen.query_one(TrialsPanel).show(list(snap.trials))
+        trials = screen.query_one(TrialsPanel)
+        objectives = snap.header.get("objectives") or []
+        if objectives:
+            trials.sort_by_objective(objectives[0]["metric"], objectives[0].get("direction") or "maximize")
+        trials.show(list(snap.trials))
         self.refreshes += 1
 
     # ---- trial detail ---------------------------------------------------------------------

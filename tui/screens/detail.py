@@ -14,7 +14,7 @@ from store.schema import commands_of
 PREDICTED_VS_MEASURED = (("output tok/s", "output_tok_s", 1, ",.0f"), ("TPOT p50 ms", "tpot_p50_s", 1e3, ",.1f"),
                          ("TPOT p99 ms", "tpot_p99_s", 1e3, ",.1f"), ("TTFT p99 s", "ttft_p99_s", 1, ",.1f"),
                          ("E2E p99 s", "e2e_p99_s", 1, ",.1f"), ("preemptions", "preemptions", 1, ",.0f"),
-                         ("KV peak", "kv_peak_frac", 100, ".0f"), ("failed requests", "failed_requests", 1, ",.0f"),
+                         ("KV peak %", "kv_peak_frac", 100, ".0f"), ("failed requests", "failed_requests", 1, ",.0f"),
                          ("finish reasons", "finish_reasons", None, ""), ("bound by", "bottleneck", None, ""))
 
 
@@ -44,19 +44,22 @@ class TrialDetail(Screen):
         yield Footer()
 
     def _metrics_table(self) -> Table:
-        table = Table(title="predicted against measured", show_edge=False)
-        table.add_column("metric")
-        table.add_column("measured (backend)", justify="right")
-        table.add_column("predicted (simulator)", justify="right")
         measured = self.metrics.get("backend", {})
         predicted = self.metrics.get("simulator", {})
+        # A simulated trial is its own prediction: one column, no empty "predicted" beside it.
+        sources = (measured, predicted) if predicted else (measured,)
+        table = Table(title="predicted against measured" if predicted else "metrics", show_edge=False)
+        table.add_column("metric")
+        table.add_column("measured (backend)" if predicted else "value", justify="right")
+        if predicted:
+            table.add_column("predicted (simulator)", justify="right")
         for label, key, scale, fmt in PREDICTED_VS_MEASURED:
             cells = []
-            for src in (measured, predicted):
+            for src in sources:
                 v = src.get(key)
                 cells.append("-" if v is None else str(v) if scale is None else format(v * scale, fmt))
             lo, hi = predicted.get(f"{key}_lo"), predicted.get(f"{key}_hi")
-            if lo is not None and hi is not None:
+            if predicted and lo is not None and hi is not None:
                 cells[1] += f" ({format(lo * scale, fmt)}-{format(hi * scale, fmt)})"
             table.add_row(label, *cells)
         if predicted.get("near_validated") is False:

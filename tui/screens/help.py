@@ -13,7 +13,8 @@ tab / shift+tab   move between panels
 enter             open the selected trial (trials table or Pareto cursor)
 left / right      move the Pareto cursor between trials
 m                 Pareto latency metric: p99 TPOT, p99 TTFT, p99 E2E
-s / r             trials table: next sort column / reverse (or click a header)
+s / r             trials table: next sort column / reverse, from anywhere (or click a header); it opens
+                  sorted on the study's first objective, best first
 g                 this node's GPUs from NVML
 ?                 this help        escape  back        q  quit
 

@@ -11,9 +11,12 @@ from tui.widgets.render import bar, sparkline
 class KvPanel(Static):
     """KV-cache use per running trial and DP engine: gauge, sparkline, running/waiting, preemptions."""
 
-    def show(self, rows: list[KvRow]) -> None:
+    def show(self, rows: list[KvRow], running: list[int] | None = None) -> None:
         if not rows:
-            self.update("[dim]no trial running[/dim]", layout=False)
+            # A trial counted as running in the header has not sent its first KV sample yet (its server starts).
+            text = (f"trial {', '.join(f'#{n}' for n in running)} running: no KV samples yet (the server is starting)"
+                    if running else "no trial running")
+            self.update(f"[dim]{text}[/dim]", layout=False)
             return
         t = Table.grid(padding=(0, 1))
         for _ in range(6):

@@ -45,9 +45,10 @@ class ParetoPanel(PlotextPlot):
         plt.title(f"Pareto: tok/s per GPU vs {LATENCY_LABELS[self.metric]}   {self.failed} failed (not plotted)")
         plt.xlabel(LATENCY_LABELS[self.metric])
         plt.ylabel("tok/s/GPU")
-        groups = (("front", lambda p: p.on_front and p.meets_slo, "green", "dot"),
+        # Three shapes as well as three colours: the front stands out on a monochrome terminal too.
+        groups = (("front", lambda p: p.on_front and p.meets_slo, "green", "◆"),
                   ("SLO violated", lambda p: not p.meets_slo, "yellow", "x"),
-                  ("dominated", lambda p: not p.on_front and p.meets_slo, "blue", "dot"))
+                  ("dominated", lambda p: not p.on_front and p.meets_slo, "blue", "·"))
         for name, keep, color, marker in groups:
             pts = [p for p in self.points if keep(p)]
             if pts:

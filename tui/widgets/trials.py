@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from textual.binding import Binding
+from rich.text import Text
 from textual.widgets import DataTable
 
 # (title, key, width): fixed widths, so a refresh never re-measures the table.
@@ -33,20 +33,31 @@ def _sort_value(key: str, t: dict):
 
 
 class TrialsPanel(DataTable):
-    """Every trial: state, layout, knobs, metrics, failure reason. `s` cycles the sort column."""
-
-    BINDINGS = [Binding("s", "cycle_sort", "sort"), Binding("r", "reverse_sort", "reverse")]
+    """Every trial: state, layout, knobs, metrics, failure reason. Sorted by the study's first objective, best first,
+    until `s` (from anywhere on the dashboard) cycles the column or `r` reverses it; the header shows an arrow."""
 
     def __init__(self, **kwargs) -> None:
         super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
         self.sort_key = "number"
         self.reverse = False
+        self._chosen = False        # the user picked a sort: the study's objective no longer sets it
         self._signature = None
         self._trials: list[dict] = []
 
     def on_mount(self) -> None:
         for title, key, width in COLUMNS:
             self.add_column(title, key=key, width=width)
+        self._label()
+
+    def sort_by_objective(self, metric: str, direction: str) -> None:
+        """Start on the study's objective when it is a column (best first), until the user sorts otherwise."""
+        key = "output_tok_s_per_gpu" if metric in ("output_tok_s", "total_tok_s") else metric
+        if self._chosen or key not in {k for _, k, _ in COLUMNS} or (key, direction == "maximize") == (
+                self.sort_key, self.reverse):
+            return
+        self.sort_key, self.reverse = key, direction == "maximize"
+        self._label()
+        self._fill()
 
     def show(self, trials: list[dict]) -> None:
         signature = tuple((t["number"], t["state"], t["seq"]) for t in trials)
@@ -56,6 +67,12 @@ class TrialsPanel(DataTable):
         self._trials = trials
         self._fill()
 
+    def _label(self) -> None:
+        for title, key, _ in COLUMNS:
+            arrow = (" ▼" if self.reverse else " ▲") if key == self.sort_key else ""
+            self.columns[key].label = Text(title + arrow)
+        self.refresh()
+
     def _fill(self) -> None:
         keep = self.cursor_row
         self.clear()
@@ -64,17 +81,22 @@ class TrialsPanel(DataTable):
         if self.row_count:
             self.move_cursor(row=min(keep, self.row_count - 1))
 
-    def action_cycle_sort(self) -> None:
+    def cycle_sort(self) -> None:
         keys = [k for _, k, _ in COLUMNS]
         self.sort_key = keys[(keys.index(self.sort_key) + 1) % len(keys)]
+        self._chosen = True
+        self._label()
         self._fill()
-        self.notify(f"trials sorted by {self.sort_key}")
 
-    def action_reverse_sort(self) -> None:
+    def reverse_sort(self) -> None:
         self.reverse = not self.reverse
+        self._chosen = True
+        self._label()
         self._fill()
 
     def on_data_table_header_selected(self, event: DataTable.HeaderSelected) -> None:
         self.reverse = (not self.reverse) if self.sort_key == event.column_key.value else False
         self.sort_key = event.column_key.value
+        self._chosen = True
+        self._label()
         self._fill()
