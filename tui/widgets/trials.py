@@ -27,11 +27,6 @@ def _cell(key: str, t: dict) -> str:
     return str(v)
 
 
-def _sort_value(key: str, t: dict):
-    v = t.get(key)
-    return (v is None, v if v is not None else 0) if not isinstance(v, str) else (False, v)
-
-
 class TrialsPanel(DataTable):
     """Every trial: state, layout, knobs, metrics, failure reason. Sorted by the study's first objective, best first,
     until `s` (from anywhere on the dashboard) cycles the column or `r` reverses it; the header shows an arrow."""
@@ -76,7 +71,10 @@ class TrialsPanel(DataTable):
     def _fill(self) -> None:
         keep = self.cursor_row
         self.clear()
-        for t in sorted(self._trials, key=lambda t: _sort_value(self.sort_key, t), reverse=self.reverse):
+        have = [t for t in self._trials if t.get(self.sort_key) is not None]
+        # Trials without the value (failed, still running) come last whichever way the column sorts.
+        missing = [t for t in self._trials if t.get(self.sort_key) is None]
+        for t in sorted(have, key=lambda t: t[self.sort_key], reverse=self.reverse) + missing:
             self.add_row(*(_cell(key, t) for _, key, _ in COLUMNS), key=str(t["number"]))
         if self.row_count:
             self.move_cursor(row=min(keep, self.row_count - 1))
