@@ -8,6 +8,7 @@ from pathlib import Path
 from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
+from textual.css.query import NoMatches
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.screen import Screen
@@ -140,7 +141,11 @@ class AutotuneApp(App):
         screen = self.screen
         if snap is None or not isinstance(screen, Dashboard) or not screen.is_mounted:
             return
-        screen.query_one(StudyHeader).show(header_view(snap))
+        try:
+            header = screen.query_one(StudyHeader)
+        except NoMatches:     # the dashboard is being torn down (quit) as a snapshot arrives
+            return
+        header.show(header_view(snap))
         screen.query_one(GpuPanel).show(list(snap.gpus))   # both readers sort by node, GPU
         screen.query_one(KvPanel).show(kv_rows(snap), [t["number"] for t in snap.trials if t["state"] == "RUNNING"])
         pareto = screen.query_one(ParetoPanel)

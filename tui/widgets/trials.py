@@ -7,7 +7,7 @@ from textual.widgets import DataTable
 COLUMNS = (("#", "number", 4), ("state", "state", 8), ("layout", "label", 16), ("seqs", "max_num_seqs", 5),
            ("tokens", "max_num_batched_tokens", 6), ("mem", "gpu_memory_utilization", 4), ("kv", "kv_cache_dtype", 4),
            ("tok/s/GPU", "output_tok_s_per_gpu", 9), ("TPOT99 ms", "tpot_p99_s", 9), ("TTFT99 s", "ttft_p99_s", 9),
-           ("preempt", "preemptions", 8), ("SLO", "feasible_slo", 3), ("reason", "reason", 40))
+           ("preempt", "preemptions", 8), ("SLO", "feasible_slo", 3), ("reason", "reason", 28))
 
 
 def _cell(key: str, t: dict) -> str:
@@ -41,7 +41,7 @@ class TrialsPanel(DataTable):
 
     def on_mount(self) -> None:
         for title, key, width in COLUMNS:
-            self.add_column(title, key=key, width=width)
+            self.add_column(title, key=key, width=max(width, len(title) + 2))    # room for the sort arrow
         self._label()
 
     def sort_by_objective(self, metric: str, direction: str) -> None:
