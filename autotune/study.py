@@ -191,6 +191,9 @@ def run_study(space: SearchSpace, opts: Options) -> int:
     except OSError as exc:
         raise UserError(f"cannot create the study directory {study_dir} ({exc.strerror})") from None
     lock = lock_study(study_dir)    # held until this process exits, however it exits
+    # A signal from here on ends the study cleanly (Ray's start included, which may set handlers of its own).
+    stop = Stop()
+    stop.install()
     if header_path.exists() and not opts.resume:
         raise UserError(f"{study_dir} already holds a study; use --resume to continue it or another --study-dir")
     definition = study_definition(space, backend)
@@ -216,6 +219,10 @@ def run_study(space: SearchSpace, opts: Options) -> int:
     if opts.resume:
         old = StudyReader(study_dir).header()
         header["started_at"] = old.get("started_at", header["started_at"])
+    from autotune.trials.runner import TrialRunner, start_ray, stop_ray
+    start_ray(opts.ray_address)
+    stop.install()      # ours again, whatever Ray set
+    # Written once the study can start: a failed start leaves no "running" study behind, and a plain rerun works.
     writer.write_header(header)
     writer.flush()
 
@@ -235,15 +242,11 @@ def run_study(space: SearchSpace, opts: Options) -> int:
     if not previous:
         tuner.warm_start(min(WARM_START_TRIALS, max(1, budget // 4)))
 
-    from autotune.trials.runner import TrialRunner, start_ray, stop_ray
-    start_ray(opts.ray_address)
     ctx = StudyContext(space.scenario.model, space.scenario.cluster, space.scenario.workload,
                        space.scenario.calibration, str(study_dir.resolve()), opts.pace, space.model_ref,
                        space.extra_args)
     runner = TrialRunner(backend, ctx)
     pool = GpuPool(space.scenario.cluster.num_nodes, space.scenario.cluster.gpus_per_node)
-    stop = Stop()
-    stop.install()
     progress = Progress(budget, min(done, budget), f"{space.name} [{backend}]")
     deadline = time.time() + space.wall_time_s if space.wall_time_s else None
     active: dict[int, tuple[object, TrialSpec]] = {}

@@ -140,7 +140,7 @@ def hostile_inputs(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("space name path", space_case(tmp, "s4", name="../../x"), "study name"),
         ("space name empty", space_case(tmp, "s5", name='""'), "study name"),
         ("space name quote", space_case(tmp, "s6", name="\"x'); COPY (SELECT 1) TO '/tmp/pwn' --\""), "study name"),
-        ("space unknown key", space_case(tmp, "s7", extra="max_num_seq: [64]"), "max_num_seq"),
+        ("space unknown key", space_case(tmp, "s7", extra="max_num_seq: [64]"), "did you mean max_num_seqs?"),
         ("pace nan", [*space_case(tmp, "s8"), "--pace", "nan"], "--pace"),
         ("trials 0", [*space_case(tmp, "s9"), "--trials", "0"], "--trials"),
     ]
@@ -195,3 +195,13 @@ def test_inputs_that_used_to_hang_answer_at_once(tmp_path):
                              timeout=60)
         assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, (argv, out.stderr)
     assert not (tmp_path / "l").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    # More JSON than a pipe holds (about 110 KB), so the writer meets the closed pipe.
+    layouts = " ".join(f"--layout {lay}" for lay in ("dp=8", "dp=4,tp=2", "dp=2,tp=4", "tp=8", "tp=4,pp=2", "pp=8",
+                                                     "dp=2,pp=4", "dp=4,pp=2"))
+    cmd = (f"{sys.executable} -m autotune.cli predict --model Llama-3.1-8B --gpu H200 --gpus 8 --requests 300 "
+           f"{layouts} --json --series | head -c 10")
+    out = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr

@@ -227,3 +227,18 @@ def test_a_torn_or_missing_journal_is_repaired_from_the_store(space, tmp_path):
     assert "rebuilt from the store" in out.stderr and "told to the sampler again" in out.stderr
     store = {t["number"] for t in StudyReader(study).trials() if t["state"] == "COMPLETE"}
     assert len(StudyReader(study).trials()) == 7 and optuna_completed(study) == store
+
+
+def test_sigint_while_ray_starts_ends_the_study_as_interrupted(space, tmp_path):
+    study = tmp_path / "study"
+    run = start("run", str(space), "--study-dir", str(study), "--trials", "40", "--pace", "400")
+    lock = study / "runner.lock"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (lock.exists() and "pid" in lock.read_text()):
+        time.sleep(0.05)
+    assert lock.exists(), "the runner never took its study"
+    os.killpg(run.pid, signal.SIGINT)        # Ray takes seconds to start: this lands during its start-up
+    assert run.wait(timeout=180) == 130
+    header = StudyReader(study).header()
+    assert header["status"] == "interrupted"
+    assert len(StudyReader(study).trials()) < 40

@@ -3,6 +3,7 @@ Validated with pydantic; every error names the file, the line and the key."""
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import re
 from dataclasses import dataclass
@@ -129,6 +130,11 @@ class SpaceCfg(_Strict):
         return v
 
 
+# Every key a space file may hold, at any level: what a mistyped key is compared with.
+KNOWN_KEYS = sorted({name for cfg in (SpaceCfg, ClusterCfg, LayoutCfg, DimensionsCfg, ObjectiveCfg, BudgetCfg)
+                     for name in cfg.model_fields})
+
+
 @dataclass(frozen=True)
 class Objective:
     metric: str
@@ -236,6 +242,9 @@ def load_space(path: str | Path, text: str | None = None) -> SearchSpace:
         key = ".".join(str(x) for x in loc) or "(top level)"
         line = _line_of(lines, loc)
         msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden" and loc:
+            close = difflib.get_close_matches(str(loc[-1]), KNOWN_KEYS, n=1, cutoff=0.6)
+            msg += f"; did you mean {close[0]}?" if close else ""
         raise UserError(f"{p}:{line or 1}: {key}: {msg}") from None
     return _build(cfg, p, text, lines)
 
