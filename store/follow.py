@@ -26,6 +26,7 @@ class StudyFollower:
         self.metrics: dict[tuple[int, str], dict] = {}
         self.series: dict[tuple[int, int], dict[float, dict]] = {}
         self.gpus: dict[tuple[str, int], dict] = {}
+        self.problems: list[str] = []       # files skipped, each told once
 
     def _new_rows(self, table: str, keep: str = "") -> list[dict]:
         """Rows of the files not read yet; `keep` is a QUALIFY clause that leaves the rest in the file."""
@@ -37,11 +38,23 @@ class StudyFollower:
                 continue
             try:
                 cur = self._con.execute(f"{schema.select_sql(table, 'read_parquet(?)')} {keep}", [key])
+                got = cur.fetchall()
             except duckdb.IOException:
+                if Path(key).exists():
+                    self._unreadable(key, "cannot be read")
                 continue      # compacted away between listing and reading: its rows are in the new file
-            rows += [dict(zip(cols, r)) for r in cur.fetchall()]
+            except duckdb.Error as exc:
+                # A truncated or foreign file (the writer never leaves one: it renames whole files): skip it, say so
+                # once, and keep following the rest.
+                self._unreadable(key, str(exc).splitlines()[0][:120])
+                continue
+            rows += [dict(zip(cols, r)) for r in got]
             self._read.add(key)
         return rows
+
+    def _unreadable(self, key: str, why: str) -> None:
+        self._read.add(key)
+        self.problems.append(f"skipped {Path(key).relative_to(self.dir)}: {why}")
 
     def refresh(self) -> StudySnapshot:
         for row in self._new_rows("trials"):
@@ -82,8 +95,9 @@ class StudyFollower:
         for (number, engine), per in sorted(self.series.items()):
             if number in shown:
                 series.setdefault(number, []).extend(per[t] for t in sorted(per)[-SERIES_KEEP:])
+        problems, self.problems = tuple(self.problems), []
         return StudySnapshot(self.reader.header(), tuple(trials), {k: tuple(v) for k, v in series.items()},
-                             tuple(self.gpus[k] for k in sorted(self.gpus)), time.time())
+                             tuple(self.gpus[k] for k in sorted(self.gpus)), time.time(), problems)
 
     def close(self) -> None:
         self._con.close()

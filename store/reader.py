@@ -26,6 +26,7 @@ class StudySnapshot:
     series: dict[int, tuple[dict, ...]]         # time series of the running (and most recent) trials
     gpus: tuple[dict, ...]                      # the latest sample of each node and GPU
     taken_at: float = field(default_factory=time.time)
+    problems: tuple[str, ...] = ()              # what could not be read since the last snapshot (files skipped)
 
     def count(self, state: str) -> int:
         return sum(1 for t in self.trials if t["state"] == state)

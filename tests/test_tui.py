@@ -185,3 +185,24 @@ async def test_detail_shows_the_simulators_range_and_flags_an_extrapolation(stud
         text = text_of(app.screen.query_one("#detail-metrics"))
         assert "5,000 (3,000-9,000)" in text and "50.0 (30.0-80.0)" in text
         assert "extrapolates" in text
+
+
+async def test_a_junk_segment_is_reported_and_the_dashboard_keeps_following(study):
+    from store.segments import table_dir
+    bad = table_dir(study, "trials") / "99999998-99999998.parquet"
+    bad.write_bytes(b"PAR1 this is not a parquet file")
+    app = AutotuneApp(study, interval=0.1)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await wait_loaded(pilot)
+        assert app.screen.query_one("#trials", DataTable).row_count == 12     # every good row still shown
+        assert any("skipped segments/trials/99999998-99999998.parquet" in str(n.message) for n in app._notifications)
+        from store.writer import StudyWriter
+        writer = StudyWriter(study)              # the study grows: the poller is still alive and reading
+        add_trial(writer, 12, study)
+        writer.close()
+        table = app.screen.query_one("#trials", DataTable)
+        for _ in range(200):
+            if table.row_count == 13:
+                break
+            await pilot.pause(0.05)
+        assert table.row_count == 13

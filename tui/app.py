@@ -131,6 +131,8 @@ class AutotuneApp(App):
 
     def on_snapshot_ready(self, message: SnapshotReady) -> None:
         self.snapshot = message.snapshot
+        for problem in message.snapshot.problems:
+            self.notify(problem, severity="error", timeout=10)
         self.refresh_views()
 
     def on_poll_failed(self, message: PollFailed) -> None:
