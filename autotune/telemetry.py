@@ -12,6 +12,18 @@ class NvmlUnavailable(Exception):
     """NVML cannot be used here: no driver, no library, no GPU."""
 
 
+def visible_gpus(count: int) -> list[int]:
+    """The GPUs this process may use: CUDA_VISIBLE_DEVICES (Ray sets it for a trial's actor, so its samples, its
+    memory-free wait and its energy cover its own GPUs, not the node's), else all of them."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if not visible:
+        return list(range(count))
+    try:
+        return [i for i in (int(x) for x in visible.split(",") if x.strip()) if 0 <= i < count]
+    except ValueError:      # UUIDs rather than indices: NVML's order is not theirs, so take the node's
+        return list(range(count))
+
+
 class NvmlSampler:
     def __init__(self):
         try:
@@ -28,6 +40,7 @@ class NvmlSampler:
             raise NvmlUnavailable("no GPU telemetry: NVML sees no GPU on this node")
         self.node = socket.gethostname()
         self.names = [self._name(i) for i in range(self.count)]
+        self.indices = visible_gpus(self.count)
 
     def _name(self, index: int) -> str:
         name = self._nvml.nvmlDeviceGetName(self._nvml.nvmlDeviceGetHandleByIndex(index))
@@ -38,7 +51,7 @@ class NvmlSampler:
         nv = self._nvml
         rows = []
         now = time.time()
-        for i in range(self.count):
+        for i in self.indices:
             h = nv.nvmlDeviceGetHandleByIndex(i)
             mem = nv.nvmlDeviceGetMemoryInfo(h)
             try:
@@ -54,17 +67,12 @@ class NvmlSampler:
         return rows
 
     def energy_j(self) -> float | None:
-        """Joules the GPUs this process may use (CUDA_VISIBLE_DEVICES, as Ray sets it for a trial; all of the node's
-        otherwise) have drawn since the driver loaded (NVML's total-energy counter, Volta and later); None when a
-        GPU does not count it."""
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        try:
-            indices = [int(i) for i in visible.split(",") if i.strip()] if visible else range(self.count)
-        except ValueError:      # UUIDs rather than indices
-            indices = range(self.count)
+        """Joules the GPUs this process may use have drawn since the driver loaded (NVML's total-energy counter,
+        Volta and later); None when a GPU does not count it."""
         nv = self._nvml
         try:
-            return sum(nv.nvmlDeviceGetTotalEnergyConsumption(nv.nvmlDeviceGetHandleByIndex(i)) for i in indices) / 1e3
+            return sum(nv.nvmlDeviceGetTotalEnergyConsumption(nv.nvmlDeviceGetHandleByIndex(i))
+                       for i in self.indices) / 1e3
         except nv.NVMLError:
             return None
 

@@ -167,7 +167,7 @@ def test_a_gpu_without_a_price_has_no_cost_and_cannot_be_a_cost_objective(tmp_pa
     assert [o.direction for o in loaded.objectives] == ["minimize", "minimize"]
 
 
-def test_nvml_energy_counts_the_trials_gpus_only(monkeypatch):
+def test_nvml_energy_and_samples_count_the_trials_gpus_only(monkeypatch):
     """NVML without a GPU here: a stand-in module with NVML's energy counter (millijoules per device)."""
     energy_mj = {0: 1_000_000, 1: 2_000_000, 2: 4_000_000}
 
@@ -177,10 +177,14 @@ def test_nvml_energy_counts_the_trials_gpus_only(monkeypatch):
         NVMLError=NVMLError, nvmlInit=lambda: None, nvmlShutdown=lambda: None, nvmlDeviceGetCount=lambda: 3,
         nvmlDeviceGetHandleByIndex=lambda i: i, nvmlDeviceGetName=lambda h: "NVIDIA H100 80GB HBM3",
         nvmlDeviceGetTotalEnergyConsumption=lambda h: energy_mj[h])
+    fake.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(used=h * 2**30, total=80 * 2**30)
+    fake.nvmlDeviceGetUtilizationRates = lambda h: types.SimpleNamespace(gpu=50)
+    fake.nvmlDeviceGetPowerUsage = lambda h: 300_000
     monkeypatch.setitem(sys.modules, "pynvml", fake)
     from autotune.telemetry import NvmlSampler
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,2")
     assert NvmlSampler().energy_j() == pytest.approx(6000.0)
+    assert [r["gpu"] for r in NvmlSampler().sample()] == [1, 2]      # the trial's GPUs, not the node's
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert NvmlSampler().energy_j() == pytest.approx(7000.0)
 
