@@ -206,3 +206,27 @@ async def test_a_junk_segment_is_reported_and_the_dashboard_keeps_following(stud
                 break
             await pilot.pause(0.05)
         assert table.row_count == 13
+
+
+async def test_the_picker_tells_studies_of_one_name_apart_and_escape_returns_to_it(tmp_path):
+    from tui.screens.picker import StudyPicker
+    for name in ("dense-a", "dense-b"):
+        build(tmp_path / name).close()     # both are "fixture-study"
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "study.json").write_text("[]")
+    app = AutotuneApp(None, root=tmp_path, interval=0.1)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.pause()
+        assert isinstance(app.screen, StudyPicker)
+        table = app.screen.query_one(DataTable)
+        rows = [table.get_row_at(i) for i in range(table.row_count)]
+        assert [r[0] for r in rows] == ["broken", "dense-a", "dense-b"]
+        assert rows[1][1] == rows[2][1] == "fixture-study" and rows[1][5] == "12/20"
+        assert "unreadable" in rows[0][2]
+        table.focus()
+        await pilot.press("down", "enter")
+        await wait_loaded(pilot)
+        assert isinstance(app.screen, Dashboard)
+        await pilot.press("escape")
+        await pilot.pause()
+        assert isinstance(app.screen, StudyPicker)

@@ -55,7 +55,13 @@ class DetailReady(Message):
 class Dashboard(Screen):
     BINDINGS = [Binding("question_mark", "app.push_screen('help')", "help"), Binding("g", "app.local_gpus", "GPUs"),
                 Binding("s", "sort", "sort trials"), Binding("r", "reverse", "reverse sort"),
-                Binding("q", "app.quit", "quit")]
+                Binding("escape", "back", "studies"), Binding("q", "app.quit", "quit")]
+
+    def action_back(self) -> None:
+        """Back to the study picker when the dashboard was opened from it (it keeps following otherwise)."""
+        if any(isinstance(s, StudyPicker) for s in self.app.screen_stack):
+            self.app.workers.cancel_group(self.app, "poll")
+            self.app.pop_screen()
 
     def action_sort(self) -> None:
         self.query_one(TrialsPanel).cycle_sort()

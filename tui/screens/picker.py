@@ -10,6 +10,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, Static
 
+from autotune.errors import UserError
 from store.queries import list_studies
 
 
@@ -41,11 +42,19 @@ class StudyPicker(Screen):
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
-        table.add_columns("study", "status", "model", "backend")
+        # Several studies often share a space's name: the directory, what ran and when tell them apart.
+        table.add_columns("directory", "study", "status", "model", "GPUs", "trials", "started", "backend")
         for d, reader in list_studies(self.root):
-            h = reader.header()
-            table.add_row(h.get("name", d.name), h.get("status", "?"), h.get("model", "?"), h.get("backend", "?"),
-                          key=str(d))
+            try:
+                h = reader.header()
+                trials = reader.trials()
+            except UserError as exc:
+                table.add_row(d.name, "-", f"unreadable: {exc}"[:60], "-", "-", "-", "-", "-", key=str(d))
+                continue
+            done = sum(t["state"] in ("COMPLETE", "FAIL") for t in trials)
+            started = time.strftime("%Y-%m-%d %H:%M", time.localtime(h["started_at"])) if h.get("started_at") else "-"
+            table.add_row(d.name, h.get("name", "?"), h.get("status", "?"), h.get("model", "?"), h.get("cluster", "?"),
+                          f"{done}/{h.get('budget_trials', '?')}", started, h.get("backend", "?"), key=str(d))
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         self.app.open_study(Path(event.row_key.value))
