@@ -63,6 +63,7 @@ def test_a_model_that_fits_nowhere(tmp_path):
         load_space(write(tmp_path, text))
 
 
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")   # TPE's group=True, as the tuner
 def test_the_sampler_learns_a_repeated_point_as_what_it_measured(tmp_path):
     """Four points in the space, twelve asks: every repeat is told the values measured for its point (never
     PRUNED, which TPE would read as a bad result), and a point that failed teaches nothing (FAIL)."""
