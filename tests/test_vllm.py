@@ -169,7 +169,8 @@ def test_a_hung_server_fails_its_trial_with_the_failed_request_count(tiny_model,
     from autotune.trials.backend import StudyContext
 
     monkeypatch.setattr(vllm_backend, "REQUEST_TIMEOUT_S", 20.0)
-    work = Workload("tiny", LengthDist("fixed", value=32), LengthDist("fixed", value=200), num_requests=60)
+    # Far more load than the few seconds before the stop can serve: the stop always lands mid-load.
+    work = Workload("tiny", LengthDist("fixed", value=32), LengthDist("fixed", value=200), num_requests=400)
     ctx = StudyContext(load_model(str(tiny_model)), Cluster.of(load_gpu("CPU"), 1), work, Calibration(),
                        str(tmp_path), model_ref=str(tiny_model))
     knobs = EngineKnobs(max_num_seqs=4, gpu_memory_utilization=0.3, block_size=128, num_gpu_blocks_override=8)
@@ -180,7 +181,7 @@ def test_a_hung_server_fails_its_trial_with_the_failed_request_count(tiny_model,
     for event in backend.run(TrialSpec(0, Layout(), knobs), ctx):
         if event.kind == "series" and not stopped and any(r["running"] for r in event.payload):
             busy += 1
-            if busy >= 6:    # a few seconds into the load, so that some requests have usually completed
+            if busy >= 4:    # a few seconds into the load, so that some requests have usually completed
                 os.killpg(backend.proc.pid, signal.SIGSTOP)    # the API server and its engine core: hung, not dead
                 stopped = True
         if event.kind == "result":
