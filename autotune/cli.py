@@ -19,8 +19,15 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="catalog name, Hub id (catalog or local Hugging Face cache), a "
+                                                  "model directory or a config.json")
+    p.add_argument("--download", action="store_true",
+                   help="fetch a Hub model's config.json (that file only) when it is not in the local cache")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="catalog name, a model directory or a config.json")
+    _model_args(p)
     p.add_argument("--gpu", required=True, help="GPU type: H100-SXM, H200, A100-80GB, B200, MI300X, L40S")
     p.add_argument("--gpus", type=int, required=True, help="number of GPUs")
     p.add_argument("--gpus-per-node", type=int, default=None, help="default: the GPU's usual node (8)")
@@ -80,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--emit-space", default=None, metavar="FILE",
                    help="write a search space over the winner and the layouts too close to call, for autotune run")
     p = sub.add_parser("size", help="the fewest GPUs of each type that serve a request rate within the SLOs")
-    p.add_argument("--model", required=True, help="catalog name, a model directory or a config.json")
+    _model_args(p)
     p.add_argument("--rate", type=float, required=True, help="requests/s to serve")
     p.add_argument("--gpu", default=None, help="GPU types, comma-separated (default: every priced one)")
     p.add_argument("--max-gpus", type=int, default=64, help="the largest count to consider (default %(default)s)")
@@ -125,14 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", nargs="?", choices=("list", "show"), default="list")
     p.add_argument("name", nargs="?")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--download", action="store_true", help="fetch a Hub model's config.json when not cached")
     return parser
 
 
-def _model(ref: str):
+def _model(ref: str, download: bool = False):
     """The model, with what was assumed about it said on stderr (the tables stay on stdout)."""
     from autotune.spec.models import load_model
 
-    model = load_model(ref)
+    model = load_model(ref, download)
     for note in model.notes:
         print(f"note: {note}", file=sys.stderr)
     return model
@@ -157,7 +165,7 @@ def _scenario(args):
     workload = _load(args)
     gpu = load_gpu(args.gpu)
     price = load_prices(args.prices).get(gpu.name)
-    return Scenario(_model(args.model), Cluster.of(gpu, args.gpus, args.gpus_per_node,
+    return Scenario(_model(args.model, args.download), Cluster.of(gpu, args.gpus, args.gpus_per_node,
                                                        price.usd_per_gpu_hour if price else None),
                     workload, Calibration.load(args.calibration), args.router, args.allow_cross_node_tp)
 
@@ -303,7 +311,7 @@ def cmd_size(args, console) -> int:
         [GPUS[name] for name in GPUS if name in prices]
     if not gpus:
         raise UserError("--gpu names no GPU type")
-    model = _model(args.model)
+    model = _model(args.model, args.download)
     # The load's lengths at the asked rate; each count's search sizes its own runs.
     load = _load(args).with_(mode=args.mode or "poisson", rate=args.rate)
     knobs = _knobs(args)
@@ -350,7 +358,7 @@ def cmd_models(args, console) -> int:
     if args.action == "show":
         if not args.name:
             raise UserError("usage: autotune models show MODEL")
-        m = load_model(args.name)
+        m = _model(args.name, args.download)
         if args.json:
             print(json.dumps(m.to_dict(), indent=2))
         else:

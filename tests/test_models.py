@@ -108,3 +108,31 @@ def test_added_catalog_models_have_their_published_sizes_and_hub_ids(name, total
         assert m.is_mla and m.num_experts == 384 and m.num_heads == 64
     if name == "Gemma-3-27B":
         assert m.num_sliding_layers == 52 and m.sliding_window == 1024
+
+
+def test_a_hub_id_outside_the_catalog_is_read_from_the_local_cache(tmp_path):
+    """huggingface_hub's cache layout, built here: models--org--name/refs/main and snapshots/<commit>/config.json.
+    Nothing is downloaded without --download."""
+    import subprocess
+    import sys
+    repo = tmp_path / "hub" / "models--acme--tiny-reasoner"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    snap = repo / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text(json.dumps({"num_hidden_layers": 4, "hidden_size": 256,
+                                                  "num_attention_heads": 8, "intermediate_size": 512,
+                                                  "vocab_size": 32000, "max_position_embeddings": 8192}))
+    env = {**__import__("os").environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "autotune.cli", *args], capture_output=True, text=True,
+                              env=env, timeout=120)
+    shown = run("models", "show", "acme/tiny-reasoner", "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["num_layers"] == 4
+    out = run("recommend", "--model", "acme/tiny-reasoner", "--gpu", "H200", "--gpus", "1", "--requests", "20",
+              "--json")
+    assert out.returncode == 0 and json.loads(out.stdout)["serve_command"][0].startswith("vllm serve acme/tiny-reasoner ")
+    missing = run("models", "show", "acme/not-cached")
+    assert missing.returncode == 2 and "nor in the local Hugging Face cache (--download" in missing.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from dataclasses import dataclass, asdict, replace
 from functools import lru_cache
 from importlib import resources
@@ -310,33 +311,64 @@ def _normalise(name: str) -> str:
     return name.lower().replace("_", "-").split("/")[-1]
 
 
-def load_model(ref: str) -> ModelSpec:
+def load_model(ref: str, download: bool = False) -> ModelSpec:
     """A catalog name (case-insensitive, with or without an org/ prefix), the Hub id of a catalog entry, a model
-    directory or a config.json."""
+    directory, a config.json, or the Hub id of a model in the local Hugging Face cache (its config.json is fetched
+    only when `download` says so)."""
     path = Path(ref)
     if path.is_dir():
         path = path / "config.json"
     if path.suffix == ".json" or path.exists():
         if not path.is_file():
             raise UserError(f"no config.json at {path}")
-        try:
-            cfg = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UserError(f"{path} is not valid JSON: {exc}") from None
-        if not isinstance(cfg, dict):
-            raise UserError(f"{path} is not a JSON object")
-        model = model_from_hf_config(cfg, path.parent.name or path.stem, str(path))
-        return replace(model, source=str(path.resolve().parent))
+        return replace(_read_config(path), source=str(path.resolve().parent))
     configs = _catalog_configs()
     by_norm = {_normalise(n): n for n in configs}
     # The Hub id each entry was taken from (what `autotune models` prints) names it too; a catalog name wins a tie.
     by_hub = {cfg["_name_or_path"].lower(): n for n, cfg in configs.items() if cfg.get("_name_or_path")}
     key = by_norm.get(_normalise(ref)) or by_hub.get(ref.strip().lower())
-    if key is None:
-        close = difflib.get_close_matches(_normalise(ref), list(by_norm), n=3, cutoff=0.4)
-        hint = f"; did you mean {', '.join(by_norm[c] for c in close)}?" if close else "; see `autotune models`"
-        raise UserError(f"unknown model '{ref}'{hint}")
-    return model_from_hf_config(configs[key], key, f"catalog entry {key}")
+    if key is not None:
+        return model_from_hf_config(configs[key], key, f"catalog entry {key}")
+    if HUB_ID.fullmatch(ref.strip()):
+        cached = _hub_config(ref.strip(), download)
+        if cached is not None:
+            return replace(_read_config(cached), name=ref.strip().split("/")[-1], hf_id=ref.strip())
+    close = difflib.get_close_matches(_normalise(ref), list(by_norm), n=3, cutoff=0.4)
+    hint = f"; did you mean {', '.join(by_norm[c] for c in close)}?" if close else "; see `autotune models`"
+    hub = (" nor in the local Hugging Face cache (--download fetches its config.json)"
+           if HUB_ID.fullmatch(ref.strip()) else "")
+    raise UserError(f"unknown model '{ref}': not in the catalog{hub}{hint}")
+
+
+def _read_config(path: Path) -> ModelSpec:
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path} is not a JSON object")
+    return model_from_hf_config(cfg, path.parent.name or path.stem, str(path))
+
+
+# A Hugging Face repository id: owner/name.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _hub_config(repo_id: str, download: bool) -> Path | None:
+    """config.json of a Hub model from the local cache (huggingface_hub's layout and HF_HOME/HF_HUB_CACHE), or
+    fetched (that file only) when `download` is given; None when it is not cached and not to be fetched."""
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    cached = huggingface_hub.try_to_load_from_cache(repo_id, "config.json")
+    if isinstance(cached, str):
+        return Path(cached)
+    if not download:
+        return None
+    try:
+        return Path(huggingface_hub.hf_hub_download(repo_id, "config.json"))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as exc:
+        raise UserError(f"cannot fetch {repo_id}/config.json: {str(exc).splitlines()[0][:200]}") from None
 
 
 def human_count(n: float) -> str:
