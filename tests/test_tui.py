@@ -1,7 +1,9 @@
 """The dashboard under Textual's run_test (Pilot), SVG snapshots, and the import boundaries."""
 
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from textual.widgets import DataTable
@@ -230,3 +232,30 @@ async def test_the_picker_tells_studies_of_one_name_apart_and_escape_returns_to_
         await pilot.press("escape")
         await pilot.pause()
         assert isinstance(app.screen, StudyPicker)
+
+
+async def test_quitting_while_a_started_study_runs_asks_and_can_stop_it(tmp_path):
+    from tui.screens.picker import QuitWhileRunning, StudyPicker
+    space = Path(__file__).resolve().parents[1] / "search_spaces" / "dense.yaml"
+    app = AutotuneApp(None, root=tmp_path, interval=0.2)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.pause()
+        assert isinstance(app.screen, StudyPicker)
+        app.screen.query_one("#space").value = str(space)
+        app.screen.query_one("#space").focus()
+        await pilot.press("enter")
+        await pilot.pause()
+        (started,) = app.started
+        assert started.running and started.output.parent == tmp_path
+        await pilot.press("q")
+        await pilot.pause()
+        assert isinstance(app.screen, QuitWhileRunning)
+        assert str(started.study_dir) in str(app.screen.query_one("#quit-prompt").render())
+        await pilot.press("escape")                  # stay: nothing stopped
+        await pilot.pause()
+        assert not isinstance(app.screen, QuitWhileRunning) and started.running
+        await pilot.press("q")
+        await pilot.pause()
+        await pilot.press("s")                       # stop it and quit
+    # Stopped: by its runner's handler (143), or by SIGTERM itself when it landed before the runner installed one.
+    assert started.proc.wait(timeout=180) in (143, -signal.SIGTERM)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from tui.poller import PollFailed, SnapshotReady
 from tui.screens.detail import TrialDetail
 from tui.screens.gpus import LocalGpus
 from tui.screens.help import HelpScreen
-from tui.screens.picker import StudyPicker
+from tui.screens.picker import QuitWhileRunning, StartedStudy, StudyPicker
 from tui.view import header_view, kv_rows, pareto_points
 from tui.widgets.gpus import GpuPanel
 from tui.widgets.header import StudyHeader
@@ -103,6 +105,7 @@ class AutotuneApp(App):
         self.sampler_factory = sampler_factory or NvmlSampler
         self.snapshot: StudySnapshot | None = None
         self.refreshes = 0
+        self.started: list[StartedStudy] = []     # studies launched from the picker
 
     def on_mount(self) -> None:
         if self.gpus_only:
@@ -182,6 +185,21 @@ class AutotuneApp(App):
 
     def on_detail_ready(self, message: DetailReady) -> None:
         self.push_screen(TrialDetail(message.trial, message.series, message.metrics, message.log))
+
+    async def action_quit(self) -> None:
+        """Quit; when a study launched from the picker still runs, ask whether to stop it (it would run on, alone)."""
+        running = [s for s in self.started if s.running]
+        if not running:
+            self.exit()
+            return
+
+        def answer(choice: str | None) -> None:
+            if choice == "stop":
+                for s in running:
+                    os.killpg(s.proc.pid, signal.SIGTERM)    # the runner ends its trials and exits "interrupted"
+            if choice in ("stop", "leave"):
+                self.exit()
+        self.push_screen(QuitWhileRunning(running), answer)
 
     def action_local_gpus(self) -> None:
         self.push_screen(LocalGpus(self.sampler_factory))

@@ -1,27 +1,42 @@
 from __future__ import annotations
 
 import subprocess
+from dataclasses import dataclass
 import sys
 import time
 from pathlib import Path
 
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.screen import Screen
+from textual.screen import ModalScreen, Screen
 from textual.widgets import DataTable, Footer, Input, Static
 
 from autotune.errors import UserError
 from store.queries import list_studies
 
 
-def start_simulated_study(space: str, root: Path, pace: float = 100.0) -> Path:
-    """Launch `autotune run SPACE --pace` in its own process (the TUI never imports Ray) and return its dir."""
+@dataclass
+class StartedStudy:
+    """A study this dashboard launched: its runner process, where it writes, where its output goes."""
+
+    proc: subprocess.Popen
+    study_dir: Path
+    output: Path
+
+    @property
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+
+def start_simulated_study(space: str, root: Path, pace: float = 100.0) -> StartedStudy:
+    """Launch `autotune run SPACE --pace` in its own process (the TUI never imports Ray)."""
     study_dir = root / f"{Path(space).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     root.mkdir(parents=True, exist_ok=True)
-    log = open(root / f"{study_dir.name}.out", "w")
-    subprocess.Popen([sys.executable, "-m", "autotune.cli", "run", space, "--study-dir", str(study_dir),
-                      "--pace", str(pace)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    return study_dir
+    output = root / f"{study_dir.name}.out"
+    with open(output, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "autotune.cli", "run", space, "--study-dir", str(study_dir),
+                                 "--pace", str(pace)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return StartedStudy(proc, study_dir, output)
 
 
 class StudyPicker(Screen):
@@ -64,4 +79,25 @@ class StudyPicker(Screen):
         if not Path(space).is_file():
             self.notify(f"no space file {space}", severity="error")
             return
-        self.app.open_study(start_simulated_study(space, self.root), wait=True)
+        started = start_simulated_study(space, self.root)
+        self.app.started.append(started)
+        self.notify(f"started {started.study_dir} (output in {started.output})")
+        self.app.open_study(started.study_dir, wait=True)
+
+
+class QuitWhileRunning(ModalScreen[str]):
+    """Quitting while a study this dashboard started still runs: stop it, leave it running, or stay."""
+
+    BINDINGS = [Binding("s", "dismiss('stop')", "stop it and quit"), Binding("l", "dismiss('leave')", "leave it, quit"),
+                Binding("escape", "dismiss('stay')", "stay")]
+
+    def __init__(self, started: list[StartedStudy]) -> None:
+        super().__init__()
+        self.started = started
+
+    def compose(self) -> ComposeResult:
+        lines = "\n".join(f"  {s.study_dir}  (pid {s.proc.pid}, output in {s.output})" for s in self.started)
+        yield Static(f"[b]A study you started here is still running:[/b]\n{lines}\n\n"
+                     "[b]s[/b] stop it and quit   [b]l[/b] leave it running and quit   [b]escape[/b] stay",
+                     id="quit-prompt")
+        yield Footer()
