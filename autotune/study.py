@@ -220,7 +220,15 @@ def run_study(space: SearchSpace, opts: Options) -> int:
         old = StudyReader(study_dir).header()
         header["started_at"] = old.get("started_at", header["started_at"])
     from autotune.trials.runner import TrialRunner, start_ray, stop_ray
-    start_ray(opts.ray_address)
+    try:
+        start_ray(opts.ray_address)
+    except SystemExit:
+        # Ray's own SIGTERM handler, installed while it starts, turns the signal into an exit: the study ends as
+        # interrupted, with Ray torn down, like a signal at any other moment.
+        stop_ray()
+        writer.write_header({**header, "status": "interrupted", "finished_at": time.time()})
+        writer.close()
+        return 128 + signal.SIGTERM
     stop.install()      # ours again, whatever Ray set
     # Written once the study can start: a failed start leaves no "running" study behind, and a plain rerun works.
     writer.write_header(header)

@@ -181,7 +181,7 @@ async def test_detail_shows_the_simulators_range_and_flags_an_extrapolation(stud
         await wait_loaded(pilot)
         app.load_detail(4)
         for _ in range(100):
-            if isinstance(app.screen, TrialDetail):
+            if isinstance(app.screen, TrialDetail) and app.screen.query("#detail-metrics"):
                 break
             await pilot.pause(0.05)
         text = text_of(app.screen.query_one("#detail-metrics"))
