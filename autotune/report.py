@@ -8,7 +8,6 @@ from rich.table import Table
 from autotune.deploy import serve_commands
 from autotune.sim.predict import Prediction
 from autotune.sim.recommend import Recommendation
-from autotune.spec.metrics import cost_stats
 from autotune.spec.models import ModelSpec, human_bytes, human_count
 
 
@@ -108,7 +107,7 @@ def predictions_table(preds: list[Prediction], title: str, goodput=None, usd_per
         if gp and gp.rate:
             # In steady state at the goodput rate the layout makes rate x mean output tokens/s.
             tok_s = gp.tok_s
-            usd = cost_stats(p.layout.world_size, 1.0, tok_s, usd_per_gpu_hour, None)["usd_per_mtok"]
+            usd = gp.usd_per_mtok(p.layout.world_size, usd_per_gpu_hour)
             extra = (f"{gp.rate:.3g}", f"{gp.per_gpu(p.layout.world_size):.3g}")
         elif goodput:
             extra = ("-", "-")

@@ -116,23 +116,20 @@ def hostile_inputs(tmp: Path) -> list[tuple[str, list[str], str]]:
     ]):
         wl = file_case(tmp, f"w{i}.yaml", body)
         cases.append((f"workload {label}", [*PREDICT, "--model", "Llama-3.1-8B", "--workload", str(wl)], phrase))
-    for i, (label, body, phrase) in enumerate([
-            ("calibration list", "- 1\n", "mapping"),
-            ("calibration unknown", "efficiency: {hbm_speed: 1}\n", "unknown efficiency"),
-            ("calibration range", "efficiency: {hbm: 7}\n", "out of range"),
-            ("calibration string", "efficiency: {hbm: fast}\n", "numbers"),
-            ("calibration binary", "\x00\xff", "YAML"),
-    ]):
-        cal = file_case(tmp, f"cal{i}.yaml", body)
-        cases.append((label, [*PREDICT, "--model", "Llama-3.1-8B", "--calibration", str(cal)], phrase))
-    for i, (label, body, phrase) in enumerate([
-            ("prices negative", "H200: -1\n", "positive"),
-            ("prices unknown gpu", "H900: 1\n", "unknown GPU"),
-            ("prices list", "- 1\n", "mapping"),
-            ("prices string", "H200: {usd_per_gpu_hour: cheap}\n", "positive"),
-    ]):
-        prices = file_case(tmp, f"prices{i}.yaml", body)
-        cases.append((label, [*PREDICT, "--model", "Llama-3.1-8B", "--prices", str(prices)], phrase))
+    files = {"--calibration": [("calibration list", "- 1\n", "mapping"),
+                               ("calibration unknown", "efficiency: {hbm_speed: 1}\n", "unknown efficiency"),
+                               ("calibration range", "efficiency: {hbm: 7}\n", "out of range"),
+                               ("calibration string", "efficiency: {hbm: fast}\n", "numbers"),
+                               ("calibration binary", "\x00\xff", "YAML")],
+             "--prices": [("prices negative", "H200: -1\n", "positive"),
+                          ("prices unknown gpu", "H900: 1\n", "unknown GPU"),
+                          ("prices list", "- 1\n", "mapping"),
+                          ("prices string", "H200: {usd_per_gpu_hour: cheap}\n", "positive"),
+                          ("prices binary", "\x00\xff", "YAML")]}
+    for flag, flag_cases in files.items():
+        for i, (label, body, phrase) in enumerate(flag_cases):
+            f = file_case(tmp, f"{flag.strip('-')}{i}.yaml", body)
+            cases.append((label, [*PREDICT, "--model", "Llama-3.1-8B", flag, str(f)], phrase))
     cases += [
         ("space mem util 1.5", space_case(tmp, "s1", extra="gpu_memory_utilization: [1.5]"), "(0, 1]"),
         ("space batched 0", space_case(tmp, "s2", extra="max_num_batched_tokens: [0]"), "max_num_batched_tokens"),

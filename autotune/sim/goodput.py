@@ -11,6 +11,7 @@ import numpy as np
 from autotune.sim.predict import Prediction, Scenario, infeasibility, predict, step_cost
 from autotune.sim.slo import Slo
 from autotune.spec.layout import EngineKnobs, Layout
+from autotune.spec.metrics import cost_stats
 
 # A rate is judged in steady state: the run lasts a few request lifetimes, so the number in flight (rate x E2E,
 # Little's law) is reached and a queue that grows has time to show. Reasoning requests live for minutes, so this is
@@ -33,6 +34,12 @@ class Goodput:
 
     def per_gpu(self, gpus: int) -> float | None:
         return None if self.rate is None else self.rate / gpus
+
+    def usd_per_mtok(self, gpus: int, usd_per_gpu_hour: float | None) -> float | None:
+        """What serving this rate costs in steady state, every GPU billed."""
+        if self.rate is None:
+            return None
+        return cost_stats(gpus, 1.0, self.tok_s, usd_per_gpu_hour, None)["usd_per_mtok"]
 
 
 def steady_requests(rate: float, lifetime_s: float) -> int:
@@ -156,10 +163,12 @@ def wait_p99(rate: float, slots: int, service_s: float, cv2: float) -> float:
     return math.log(waits / 0.01) / (slots / service_s - rate) * (1 + cv2) / 2
 
 
-def goodput(scenario: Scenario, layout: Layout, knobs: EngineKnobs, slo: Slo, load: LoadShape) -> Goodput:
-    """The steady-state capacity estimate bounds the rate (a finite simulated run is too short to show that a
-    reasoning load above it never settles); below it, the simulator judges the SLOs at p99, by bisection."""
-    cap = estimate_capacity(scenario, layout, knobs, load, slo)
+def goodput(scenario: Scenario, layout: Layout, knobs: EngineKnobs, slo: Slo, load: LoadShape,
+            cap: Capacity | None = None) -> Goodput:
+    """The steady-state capacity estimate (`cap`, when the caller has it already) bounds the rate (a finite
+    simulated run is too short to show that a reasoning load above it never settles); below it, the simulator
+    judges the SLOs at p99, by bisection."""
+    cap = cap or estimate_capacity(scenario, layout, knobs, load, slo)
     if not cap.rate:
         return Goodput(None, f"no rate meets the SLOs: one sequence alone takes {cap.tpot_s * 1e3:,.1f} ms per "
                              "token", None, load.mean_output)

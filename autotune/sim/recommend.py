@@ -9,12 +9,11 @@ import math
 
 import numpy as np
 
-from autotune.sim.goodput import Goodput, LoadShape, estimate_capacity, goodput, kv_safe_seqs, mean_running_ctx
+from autotune.sim.goodput import Capacity, Goodput, LoadShape, estimate_capacity, goodput, kv_safe_seqs, mean_running_ctx
 from autotune.sim.predict import Prediction, Scenario, infeasibility, predict
 from autotune.sim.slo import Slo
 from autotune.sim.uncertainty import pair_spread
 from autotune.spec.layout import EngineKnobs, Layout, enumerate_layouts
-from autotune.spec.metrics import cost_stats
 from autotune.spec.workload import OPEN_LOOP
 
 SEQ_GRID = (32, 64, 128, 256, 512, 1024, 2048)
@@ -157,7 +156,7 @@ def _recommend_goodput(rec: Recommendation, layouts: list[Layout], base: EngineK
     estimate bounds goodput, so the search stops once no estimate left can beat the best goodput found. Ranked by
     goodput (ties by the guard), each configuration shown as it runs at its goodput rate."""
     sc, slo = rec.scenario, rec.slo
-    candidates: list[tuple[float, Layout, EngineKnobs]] = []
+    candidates: list[tuple[Capacity, Layout, EngineKnobs]] = []
     for layout in layouts:
         problem, plan = infeasibility(sc, layout, sc.resolve(base))
         if problem:
@@ -169,13 +168,13 @@ def _recommend_goodput(rec: Recommendation, layouts: list[Layout], base: EngineK
         options = []
         for seqs in grid:
             knobs = EngineKnobs(**{**base.to_dict(), "max_num_seqs": seqs})
-            options.append((estimate_capacity(sc, layout, knobs, load, slo).rate, layout, knobs))
-        candidates += sorted(options, key=lambda o: o[0], reverse=True)[:GOODPUT_CANDIDATES]
+            options.append((estimate_capacity(sc, layout, knobs, load, slo), layout, knobs))
+        candidates += sorted(options, key=lambda o: o[0].rate, reverse=True)[:GOODPUT_CANDIDATES]
     best = 0.0
-    for bound, layout, knobs in sorted(candidates, key=lambda o: o[0], reverse=True):
-        if bound <= best or not bound:
+    for cap, layout, knobs in sorted(candidates, key=lambda o: o[0].rate, reverse=True):
+        if cap.rate <= best or not cap.rate:
             break
-        g = rec.goodputs[(layout, sc.resolve(knobs).max_num_seqs)] = goodput(sc, layout, knobs, slo, load)
+        g = rec.goodputs[(layout, sc.resolve(knobs).max_num_seqs)] = goodput(sc, layout, knobs, slo, load, cap)
         best = max(best, g.rate or 0.0)
         if g.at_rate is not None:
             rec.evaluated.append(g.at_rate)
@@ -279,7 +278,7 @@ def _guard_line(rec: Recommendation) -> str:
 def _goodput_lines(rec: Recommendation) -> list[str]:
     w = rec.winner
     g = rec.goodput_of(w)
-    cost = cost_stats(w.layout.world_size, 1.0, g.tok_s, rec.scenario.cluster.usd_per_gpu_hour, None)["usd_per_mtok"]
+    cost = g.usd_per_mtok(w.layout.world_size, rec.scenario.cluster.usd_per_gpu_hour)
     lines = [f"{w.layout.label()} with max_num_seqs {w.knobs.max_num_seqs} wins: it serves {g.rate:.3g} req/s "
              f"({g.tok_s:,.0f} output tok/s, {g.per_gpu(w.layout.world_size):.3g} req/s per GPU"
              + (f", ${cost:,.2f} per million output tokens" if cost else "") + f") with {rec.slo.describe()} at p99; "

@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from autotune.errors import UserError
+from autotune.spec.files import read_yaml
 from autotune.spec.hardware import load_gpu
 
 CATALOG = Path(__file__).parent / "catalog" / "prices.yaml"
@@ -50,10 +51,4 @@ def load_prices(path: str | Path | None = None) -> dict[str, Price]:
     if path is None:
         return dict(BUILTIN)
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"prices file {p} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise UserError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    return {**BUILTIN, **_parse(data, str(p))}
+    return {**BUILTIN, **_parse(read_yaml(p, "prices file"), str(p))}

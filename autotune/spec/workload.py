@@ -7,9 +7,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from autotune.errors import UserError
+from autotune.spec.files import read_yaml
 
 MODES = ("batch", "concurrency", "poisson", "constant")
 # Bounds on what a load may ask for, checked before any work: beyond them an input is a typo (a billion requests
@@ -251,13 +251,7 @@ def load_workload(ref: str) -> Workload:
     path = Path(ref)
     if not path.is_file():
         raise UserError(f"unknown workload '{ref}': use a preset ({', '.join(PRESETS)}) or a YAML file")
-    try:
-        d = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}{at}: invalid YAML") from None
-    return workload_from_dict(d, str(path))
+    return workload_from_dict(read_yaml(path, "workload file"), str(path))
 
 
 def workload_from_dict(d: object, where: str) -> Workload:
