@@ -1,5 +1,6 @@
 """Whole studies as a user runs them: `autotune run` in a subprocess with a real local Ray and a real DuckDB store."""
 
+import ipaddress
 import json
 import os
 import signal
@@ -8,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from store.reader import StudyReader
@@ -58,6 +60,22 @@ def wait_for(study: Path, predicate, timeout=180):
                 return trials
         time.sleep(0.3)
     raise AssertionError("the study did not get there in time")
+
+
+def listening_off_loopback(pid: int) -> list[str]:
+    """The TCP sockets that a process and everything it started (Ray's GCS, raylet, agents, workers) listen on
+    at an address other than loopback."""
+    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    found = []
+    for proc in procs:
+        try:
+            conns = proc.net_connections(kind="tcp")
+        except psutil.Error:
+            continue
+        found += [f"{proc.name()} {c.laddr.ip}:{c.laddr.port}" for c in conns if c.status == psutil.CONN_LISTEN
+                  and not ipaddress.ip_address(c.laddr.ip.removeprefix("::ffff:")).is_loopback]
+    assert len(procs) > 3, "Ray's processes are not children of the runner"
+    return found
 
 
 def params(t):
@@ -145,6 +163,7 @@ def test_a_second_process_follows_a_live_study_and_sigterm_stops_it_cleanly(spac
     seen = json.loads(out)
     assert seen["errors"] == 0, err
     assert seen["counts"][-1] > seen["counts"][0] >= 0 and seen["points"] > 0
+    assert listening_off_loopback(run.pid) == []
     run.send_signal(signal.SIGTERM)
     assert run.wait(timeout=120) == 143
     reader = StudyReader(study)

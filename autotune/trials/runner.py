@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 import ray
+from ray._private import ray_constants
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -49,10 +50,20 @@ def start_ray(address: str | None) -> None:
             # Ray turns token authentication on for a new local cluster (good) and warns about it on every start
             # (noise the user cannot act on): keep the former, drop the latter.
             logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+            _loopback_only()
             ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False,
                      log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise UserError(f"cannot start or join Ray at {address or 'local'}: {str(exc).splitlines()[0]}") from None
+
+
+def _loopback_only() -> None:
+    """A private Ray serves nobody off this node: its node advertises 127.0.0.1 and every Ray server binds there
+    rather than on all interfaces. Ray does this where it deems clusters unsupported (macOS, Windows), keyed on one
+    flag (ray/_private/services.get_node_ip_address) read from the environment at import: set both, so the processes
+    Ray spawns inherit it too."""
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def stop_ray() -> None:
