@@ -138,6 +138,9 @@ def hostile_inputs(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("space name empty", space_case(tmp, "s5", name='""'), "study name"),
         ("space name quote", space_case(tmp, "s6", name="\"x'); COPY (SELECT 1) TO '/tmp/pwn' --\""), "study name"),
         ("space unknown key", space_case(tmp, "s7", extra="max_num_seq: [64]"), "did you mean max_num_seqs?"),
+        ("real trials over two nodes", ["run", str(file_case(tmp, "s12.yaml", SPACE.format(name="s", extra="").replace(
+            "nodes: 1", "nodes: 2").replace("backend: sim", "backend: vllm"))), "--study-dir", str(tmp / "study-s12")],
+         "backend vllm runs each trial on one node"),
         ("pace nan", [*space_case(tmp, "s8"), "--pace", "nan"], "--pace"),
         ("trials 0", [*space_case(tmp, "s9"), "--trials", "0"], "--trials"),
     ]

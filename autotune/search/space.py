@@ -286,6 +286,8 @@ def _build(cfg: SpaceCfg, path: Path, text: str, lines: dict) -> SearchSpace:
             except UserError as exc:
                 fail(("dimensions", name), str(exc))
     layouts = _layouts(cfg, model, cluster, fail)
+    if cfg.backend == "vllm":
+        _within_a_node(layouts, cluster, fail)
     # Drop the layouts whose weights cannot fit even with the most generous knobs of the space.
     generous = EngineKnobs(gpu_memory_utilization=max(dims.gpu_memory_utilization),
                            max_num_batched_tokens=min(dims.max_num_batched_tokens),
@@ -304,6 +306,20 @@ def _build(cfg: SpaceCfg, path: Path, text: str, lines: dict) -> SearchSpace:
     return SearchSpace(cfg.name, str(path), text, scenario, tuple(layouts), grid, objectives, constraints,
                        cfg.budget.trials, cfg.budget.wall_time_s, cfg.budget.parallel, cfg.backend, cfg.seed,
                        cfg.calibration, model_ref, tuple(cfg.extra_args))
+
+
+def _within_a_node(layouts: list[Layout], cluster: Cluster, fail) -> None:
+    """A real trial is one vLLM server on one node (the `mp` executor in the trial's actor). Wider trials would
+    need a headless server per extra node, or for a replica that spans nodes vLLM's Ray executor, which makes its
+    own placement group (vllm/v1/executor/ray_utils.py) from a process outside the trial's and would wait for the
+    GPUs the trial already holds: refused, never started to fail."""
+    wide = [l for l in layouts if l.world_size > cluster.gpus_per_node]
+    if wide:
+        l = wide[0]
+        fail(("dimensions", "layout"), f"backend vllm runs each trial on one node: {l.label()} needs "
+                                       f"{-(-l.world_size // cluster.gpus_per_node)} nodes of {cluster.gpus_per_node} "
+                                       f"GPUs; set dimensions.layout.gpus_per_trial to at most "
+                                       f"{cluster.gpus_per_node}, or use backend sim")
 
 
 def _layouts(cfg: SpaceCfg, model, cluster: Cluster, fail) -> list[Layout]:

@@ -119,10 +119,10 @@ class VllmBackend:
 
     # ---- lifecycle ----------------------------------------------------------------------
     def command(self, spec: TrialSpec, ctx: StudyContext, host: str, port: int) -> list[str]:
-        executor = "ray" if spec.layout.gpus_per_replica > ctx.cluster.gpus_per_node else "mp"
+        # One node per trial (search/space.py refuses wider ones): vLLM's multiprocessing executor in this actor.
         return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", ctx.model_ref,
                 "--served-model-name", SERVED_NAME, "--host", host, "--port", str(port), "--api-key", self.api_key,
-                "--distributed-executor-backend", executor, *engine_args(spec.layout, _knobs(spec, ctx)),
+                "--distributed-executor-backend", "mp", *engine_args(spec.layout, _knobs(spec, ctx)),
                 *ctx.extra_args]
 
     def stop(self) -> None:
