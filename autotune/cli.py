@@ -424,8 +424,7 @@ def cmd_best(args, console) -> int:
 
     reader = StudyReader(args.study_dir)
     header = reader.header()
-    metric = header["objectives"][0]["metric"]
-    row = best(reader, metric if metric.startswith(("output", "total")) else "output_tok_s_per_gpu")
+    row = best(reader)
     if row is None:
         raise UserError(f"{args.study_dir} has no completed trial yet")
     if args.json:

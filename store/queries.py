@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from autotune.errors import UserError
+from autotune.spec import objectives
 from autotune.spec.metrics import LATENCY_METRICS
+from autotune.spec.objectives import DEFAULT_LATENCY
 import duckdb
 
 from store import schema
@@ -13,31 +15,21 @@ from store.reader import StudyReader
 from store.writer import consolidate
 
 
-
 def completed(reader: StudyReader) -> list[dict]:
     return [t for t in reader.trials() if t["state"] == "COMPLETE" and t["output_tok_s"] is not None]
 
 
-def best(reader: StudyReader, metric: str = "output_tok_s_per_gpu") -> dict | None:
-    """The completed trial that meets the SLOs with the highest `metric` (SLO-violators only when none meets)."""
-    rows = completed(reader)
-    if not rows:
-        return None
-    ok = [t for t in rows if t["feasible_slo"]] or rows
-    return max(ok, key=lambda t: t[metric])
+def best(reader: StudyReader) -> dict | None:
+    """The study's best completed trial by its objectives (spec/objectives.best): among those meeting the SLOs,
+    or the best violator when none does (its feasible_slo says so)."""
+    return objectives.best(completed(reader), objectives.objectives_of(reader.header()), dict.get, lambda t: bool(t["feasible_slo"]))
 
 
-def pareto(reader: StudyReader, latency: str = "tpot_p99_s", throughput: str = "output_tok_s_per_gpu") -> list[dict]:
-    """Completed trials no other beats on both throughput (higher) and latency (lower), by latency."""
+def pareto(reader: StudyReader, latency: str = DEFAULT_LATENCY) -> list[dict]:
+    """Completed trials no other beats on both throughput per GPU and `latency` (spec/objectives.pareto_front)."""
     if latency not in LATENCY_METRICS:
         raise UserError(f"unknown latency metric '{latency}' ({', '.join(LATENCY_METRICS)})")
-    rows = sorted((t for t in completed(reader) if t[latency] is not None), key=lambda t: (t[latency], -t[throughput]))
-    front, top = [], float("-inf")
-    for t in rows:
-        if t[throughput] > top:
-            front.append(t)
-            top = t[throughput]
-    return front
+    return objectives.pareto_front(completed(reader), latency, dict.get)
 
 
 def export(reader: StudyReader, fmt: str, out: Path) -> list[Path]:

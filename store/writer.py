@@ -13,6 +13,8 @@ from pathlib import Path
 import duckdb
 
 from autotune.errors import UserError
+from autotune.spec.layout import EngineKnobs
+from autotune.spec.trial import TrialSpec
 from store import schema
 from store.segments import list_segments, next_seq, segment_path, table_dir
 
@@ -64,6 +66,31 @@ class StudyWriter:
         cols = schema.columns(table)
         with self._lock:
             self._buffers[table].extend(tuple(r.get(c) for c in cols) for r in rows)
+
+    # ---- a study's records, as rows ---------------------------------------------------------
+    def record_trial(self, spec: TrialSpec, state: str, **extra) -> None:
+        """A trial's latest state: its layout, its knobs, and the `extra` columns (times, reason, commands)."""
+        k, layout = spec.knobs, spec.layout
+        self.add("trials", {"number": spec.number, "state": state, "dp": layout.dp, "tp": layout.tp, "pp": layout.pp,
+                            "ep": layout.ep, "label": layout.label(), "max_num_seqs": k.max_num_seqs,
+                            **{name: getattr(k, name) for name in EngineKnobs.tunable()}, "gpus": spec.gpus,
+                            "origin": spec.origin, **extra})
+
+    def record_stale(self, trial: dict) -> None:
+        """A trial the store holds as RUNNING from a runner that is gone."""
+        self.add("trials", {**{k: trial[k] for k in schema.columns("trials")}, "state": "FAIL",
+                            "finished_at": time.time(), "reason": "stale: the runner stopped while the trial ran"})
+
+    def record_metrics(self, number: int, source: str, metrics: dict) -> None:
+        """A trial's figures from `source` (the backend's measurement, or the simulator's prediction of it)."""
+        intervals = metrics.get("intervals") or {}
+        bounds = {f"{k}_{end}": intervals[k][i] for k in schema.INTERVAL_KEYS if k in intervals
+                  for i, end in enumerate(("lo", "hi"))}
+        reasons = metrics.get("finish_reasons")
+        extra = {**bounds, "finish_reasons": json.dumps({str(k): v for k, v in reasons.items()}, sort_keys=True)
+                 if reasons else None}
+        self.add("trial_metrics", {"number": number, "source": source,
+                                   **{c: extra.get(c, metrics.get(c)) for c in schema.METRIC_COLUMNS}})
 
     def maybe_flush(self) -> None:
         if time.monotonic() - self._last_flush >= self.flush_s:

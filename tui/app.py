@@ -25,7 +25,7 @@ from tui.screens.detail import TrialDetail
 from tui.screens.gpus import LocalGpus
 from tui.screens.help import HelpScreen
 from tui.screens.picker import QuitWhileRunning, StartedStudy, StudyPicker
-from tui.view import header_view, kv_rows, pareto_points
+from tui.view import header_view, kv_rows, pareto_points, study_objectives
 from tui.widgets.gpus import GpuPanel
 from tui.widgets.header import StudyHeader
 from tui.widgets.kv import KvPanel
@@ -162,9 +162,9 @@ class AutotuneApp(App):
         pareto = screen.query_one(ParetoPanel)
         pareto.show(pareto_points(snap, pareto.metric), snap.count("FAIL"))
         trials = screen.query_one(TrialsPanel)
-        objectives = snap.header.get("objectives") or []
-        if objectives:
-            trials.sort_by_objective(objectives[0]["metric"], objectives[0].get("direction") or "maximize")
+        ranked = study_objectives(snap.header)
+        if ranked:
+            trials.sort_by_objective(ranked[0].metric, ranked[0].direction)
         trials.show(list(snap.trials))
         self.refreshes += 1
 

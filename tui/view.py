@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from autotune.spec import objectives
+from autotune.spec.objectives import FRONT_THROUGHPUT, Objective
 from store.reader import StudySnapshot
 
 LATENCY_CHOICES = ("tpot_p99_s", "ttft_p99_s", "e2e_p99_s")
@@ -59,8 +61,10 @@ def header_view(snap: StudySnapshot, now: float | None = None) -> HeaderView:
     trials = snap.trials
     finished = [t for t in trials if t["state"] in ("COMPLETE", "FAIL")]
     budget = int(h.get("budget_trials") or len(trials))
-    best = max((t for t in trials if t["state"] == "COMPLETE" and t["feasible_slo"]),
-               key=lambda t: t["output_tok_s_per_gpu"] or 0, default=None)
+    ranked = study_objectives(h)
+    top = objectives.best([t for t in trials if t["state"] == "COMPLETE"], ranked, dict.get,
+                          lambda t: bool(t["feasible_slo"])) if ranked else None
+    best = top if top and top["feasible_slo"] else None
     end = h.get("finished_at") if h.get("status") != "running" else None
     elapsed = (end or now or time.time()) - h.get("started_at", snap.taken_at)
     eta = None
@@ -68,22 +72,31 @@ def header_view(snap: StudySnapshot, now: float | None = None) -> HeaderView:
         eta = elapsed / len(finished) * max(budget - len(finished), 0)
     return HeaderView(h.get("name", "?"), h.get("backend", "?"), h.get("model", "?"), h.get("cluster", "?"),
                       h.get("status", "?"), len(finished), snap.count("RUNNING"), snap.count("FAIL"), budget,
-                      f"{best['label']} s{best['max_num_seqs']}: {best['output_tok_s_per_gpu']:,.0f} tok/s/GPU"
+                      f"{best['label']} s{best['max_num_seqs']}: {_objective_text(ranked[0], best)}"
                       if best else "-", max(elapsed, 0.0), eta)
 
 
+def study_objectives(header: dict) -> tuple[Objective, ...]:
+    try:
+        return objectives.objectives_of(header)
+    except (KeyError, TypeError, AttributeError):
+        return ()      # a header written by hand or by another version: no ranking rather than a crash
+
+
+def _objective_text(objective: Objective, trial: dict) -> str:
+    value = trial[objective.metric]
+    if objective.metric in LATENCY_SCALE:
+        return f"{LATENCY_LABELS[objective.metric]} {value * LATENCY_SCALE[objective.metric]:,.1f}"
+    return f"{value:,.4g} {objective.metric}" if objective.metric != FRONT_THROUGHPUT else f"{value:,.0f} tok/s/GPU"
+
+
 def pareto_points(snap: StudySnapshot, latency: str) -> list[ParetoPoint]:
-    """Completed trials as (throughput per GPU, latency), the non-dominated ones flagged."""
-    done = sorted((t for t in snap.trials if t["state"] == "COMPLETE" and t[latency] is not None),
-                  key=lambda t: (t[latency], -(t["output_tok_s_per_gpu"] or 0)))
-    points, top = [], float("-inf")
-    for t in done:
-        thr = t["output_tok_s_per_gpu"] or 0.0
-        front = thr > top
-        top = max(top, thr)
-        points.append(ParetoPoint(t["number"], t["label"], thr, t[latency] * LATENCY_SCALE[latency], front,
-                                  bool(t["feasible_slo"])))
-    return points
+    """Completed trials as (throughput per GPU, latency), those on the front (spec/objectives.pareto_front) flagged."""
+    done = sorted((t for t in snap.trials if t["state"] == "COMPLETE" and t[latency] is not None
+                   and t[FRONT_THROUGHPUT] is not None), key=lambda t: (t[latency], -t[FRONT_THROUGHPUT]))
+    front = {t["number"] for t in objectives.pareto_front(done, latency, dict.get)}
+    return [ParetoPoint(t["number"], t["label"], t[FRONT_THROUGHPUT], t[latency] * LATENCY_SCALE[latency],
+                        t["number"] in front, bool(t["feasible_slo"])) for t in done]
 
 
 def kv_rows(snap: StudySnapshot, history: int = 60) -> list[KvRow]:

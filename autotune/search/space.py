@@ -19,14 +19,9 @@ from autotune.sim.predict import Scenario, infeasibility
 from autotune.spec.hardware import Cluster, load_gpu
 from autotune.spec.layout import EngineKnobs, Layout, enumerate_layouts, structural_problem
 from autotune.spec.models import load_model
+from autotune.spec.objectives import OBJECTIVE_METRICS, Objective
 from autotune.spec.workload import PRESETS, workload_from_dict
 
-OBJECTIVE_METRICS = {
-    "output_tok_s_per_gpu": "maximize", "output_tok_s": "maximize", "total_tok_s": "maximize",
-    "tpot_p50_s": "minimize", "tpot_p99_s": "minimize", "ttft_p50_s": "minimize", "ttft_p99_s": "minimize",
-    "e2e_p50_s": "minimize", "e2e_p99_s": "minimize", "itl_p99_s": "minimize", "preemptions": "minimize",
-    "usd_per_mtok": "minimize", "joules_per_token": "minimize",
-}
 MAX_SPACE_BYTES = 1 << 20
 CONSTRAINT_METRICS = {"tpot_p99_ms": "tpot_p99_s", "ttft_p99_ms": "ttft_p99_s", "e2e_p99_ms": "e2e_p99_s",
                       "tpot_p50_ms": "tpot_p50_s", "ttft_p50_ms": "ttft_p50_s"}
@@ -133,12 +128,6 @@ class SpaceCfg(_Strict):
 # Every key a space file may hold, at any level: what a mistyped key is compared with.
 KNOWN_KEYS = sorted({name for cfg in (SpaceCfg, ClusterCfg, LayoutCfg, DimensionsCfg, ObjectiveCfg, BudgetCfg)
                      for name in cfg.model_fields})
-
-
-@dataclass(frozen=True)
-class Objective:
-    metric: str
-    direction: str
 
 
 @dataclass(frozen=True)
@@ -301,7 +290,7 @@ def _build(cfg: SpaceCfg, path: Path, text: str, lines: dict) -> SearchSpace:
              + infeasibility(scenario, layouts[0], scenario.resolve(generous))[0])
     layouts = fitting
     grid = {name: tuple(getattr(dims, name)) for name in EngineKnobs.tunable()}
-    objectives = tuple(Objective(o.metric, o.direction or OBJECTIVE_METRICS[o.metric]) for o in cfg.objectives)
+    objectives = tuple(Objective.of(o.metric, o.direction) for o in cfg.objectives)
     constraints = {CONSTRAINT_METRICS[k]: v / 1e3 for k, v in cfg.constraints.items()}
     return SearchSpace(cfg.name, str(path), text, scenario, tuple(layouts), grid, objectives, constraints,
                        cfg.budget.trials, cfg.budget.wall_time_s, cfg.budget.parallel, cfg.backend, cfg.seed,

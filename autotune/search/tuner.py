@@ -14,8 +14,9 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from autotune.search.space import SearchSpace
-from autotune.sim.predict import predict
+from autotune.sim.predict import Prediction, predict
 from autotune.spec.layout import EngineKnobs, Layout
+from autotune.spec.objectives import ranking_key
 from autotune.spec.trial import TrialResult, TrialSpec
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -121,18 +122,17 @@ class Tuner:
         quick = scenario.workload.with_(num_requests=min(WARM_START_REQUESTS, scenario.workload.num_requests))
         quick_scenario = replace(scenario, workload=quick)
         requests = quick.sample()
-        first = space.objectives[0]
         scored = []
         base = {k: v[0] for k, v in space.knob_grid.items()}
         for layout in space.layouts:
             for seqs in space.knob_grid["max_num_seqs"]:
                 knobs = EngineKnobs(**{**base, "max_num_seqs": seqs})
                 p = predict(quick_scenario, layout, knobs, requests)
-                if not p.feasible or any(v > 0 for v in space.slo_violation(p.metrics).values()):
-                    continue
-                value = p.get(first.metric)
-                scored.append((value if first.direction == "maximize" else -value, params_of(layout, knobs, space)))
-        scored.sort(key=lambda s: s[0], reverse=True)
+                if p.feasible and all(p.get(o.metric) is not None for o in space.objectives) \
+                        and not any(v > 0 for v in space.slo_violation(p.metrics).values()):
+                    scored.append((p, params_of(layout, knobs, space)))
+        key = ranking_key(space.objectives, Prediction.get)
+        scored.sort(key=lambda s: key(s[0]), reverse=True)
         picked = []
         for _, params in scored[:count]:
             if point_key(params) not in self.seen:

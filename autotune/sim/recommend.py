@@ -14,6 +14,7 @@ from autotune.sim.predict import Prediction, Scenario, infeasibility, predict
 from autotune.sim.slo import Slo
 from autotune.sim.uncertainty import pair_spread
 from autotune.spec.layout import EngineKnobs, Layout, enumerate_layouts
+from autotune.spec.objectives import pareto_front
 from autotune.spec.workload import OPEN_LOOP
 
 SEQ_GRID = (32, 64, 128, 256, 512, 1024, 2048)
@@ -144,7 +145,7 @@ def recommend(scenario: Scenario, slo: Slo = Slo(), latency_metric: str = "tpot_
     miss = slo.miss_under_load if scenario.workload.mode in OPEN_LOOP else slo.violation
     ok = [p for p in rec.evaluated if not miss(p)]
     rec.ranked = guarded_order(ok, lambda p: p.get("output_tok_s"), lambda p: p.get(latency_metric), tolerance)
-    rec.pareto = pareto_front(rec.evaluated, latency_metric)
+    rec.pareto = pareto_front([p for p in rec.evaluated if p.feasible], latency_metric, Prediction.get)
     rec.explanation = explain(rec)
     return rec
 
@@ -180,21 +181,9 @@ def _recommend_goodput(rec: Recommendation, layouts: list[Layout], base: EngineK
             rec.evaluated.append(g.at_rate)
     rec.ranked = guarded_order(rec.evaluated, lambda p: rec.goodput_of(p).rate,
                                lambda p: p.get(rec.latency_metric), rec.tolerance)
-    rec.pareto = pareto_front(rec.evaluated, rec.latency_metric)
+    rec.pareto = pareto_front(rec.evaluated, rec.latency_metric, Prediction.get)
     rec.explanation = explain(rec)
     return rec
-
-
-def pareto_front(preds: list[Prediction], latency_metric: str) -> list[Prediction]:
-    """Non-dominated points: no other has both more throughput per GPU and lower latency."""
-    pts = sorted((p for p in preds if p.feasible and p.get(latency_metric) is not None),
-                 key=lambda p: (p.get(latency_metric), -p.get("output_tok_s_per_gpu")))
-    front, best = [], -1.0
-    for p in pts:
-        if p.get("output_tok_s_per_gpu") > best:
-            front.append(p)
-            best = p.get("output_tok_s_per_gpu")
-    return front
 
 
 def _limit_detail(p: Prediction) -> str:
