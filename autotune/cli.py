@@ -51,13 +51,17 @@ def _load_args(p: argparse.ArgumentParser, modes: tuple[str, ...]) -> None:
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration", default=None, help="calibration file from `autotune calibrate` or gpu_probe")
     p.add_argument("--prices", default=None, help="USD per GPU-hour by GPU (YAML); default: public on-demand prices")
-    p.add_argument("--max-num-seqs", type=int, default=None)
-    p.add_argument("--max-num-batched-tokens", type=int, default=None)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto")
-    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                   help="vLLM's async scheduling (default: vLLM's, on unless PP)")
-    p.add_argument("--api-server-count", type=int, default=None, help="API server processes (default: one per DP rank)")
+    from autotune.spec.layout import knob_fields, knob_kind
+
+    for f in knob_fields(tunable_only=True):      # every engine knob, as declared once (spec/layout.py)
+        kind, meta = knob_kind(f), f.metadata
+        default = "" if f.default is None else f" (default {f.default})"
+        if kind is bool:
+            p.add_argument(meta["flag"], dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                           help=meta["help"] + default)
+        else:
+            p.add_argument(meta["flag"], dest=f.name, type=kind, choices=meta["choices"], default=None,
+                           help=meta["help"] + default)
     p.add_argument("--allow-cross-node-tp", action="store_true")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -171,16 +175,11 @@ def _scenario(args):
 
 
 def _knobs(args):
-    from autotune.spec.layout import EngineKnobs
+    """The knobs given on the command line; the rest at their declared defaults (EngineKnobs validates them)."""
+    from autotune.spec.layout import EngineKnobs, knob_fields
 
-    if not 0 < args.gpu_memory_utilization <= 1:
-        raise UserError("--gpu-memory-utilization must be in (0, 1]")
-    for name in ("max_num_seqs", "max_num_batched_tokens", "api_server_count"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    return EngineKnobs(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                       gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_dtype=args.kv_cache_dtype,
-                       async_scheduling=args.async_scheduling, api_server_count=args.api_server_count)
+    return EngineKnobs(**{f.name: getattr(args, f.name) for f in knob_fields(tunable_only=True)
+                          if getattr(args, f.name) is not None})
 
 
 def cmd_predict(args, console) -> int:
@@ -398,8 +397,9 @@ def cmd_run(args, console) -> int:
 def _trial_summary(t: dict) -> dict:
     from store.schema import commands_of
 
-    keys = ("number", "state", "label", "dp", "tp", "pp", "ep", "max_num_seqs", "max_num_batched_tokens",
-            "gpu_memory_utilization", "kv_cache_dtype", "enable_chunked_prefill", "output_tok_s",
+    from autotune.spec.layout import EngineKnobs
+
+    keys = ("number", "state", "label", "dp", "tp", "pp", "ep", *EngineKnobs.tunable(), "output_tok_s",
             "output_tok_s_per_gpu", "tpot_p50_s", "tpot_p99_s", "ttft_p99_s", "e2e_p99_s", "preemptions",
             "kv_peak_frac", "bottleneck", "feasible_slo", "reason")
     return {**{k: t.get(k) for k in keys}, "serve_command": commands_of(t.get("serve_command"))}
@@ -408,13 +408,17 @@ def _trial_summary(t: dict) -> dict:
 def _trials_table(rows: list[dict], title: str):
     from rich.table import Table
 
+    from autotune.spec.layout import knob_columns
+
+    knobs = knob_columns()
     t = Table(title=title)
-    for col in ("#", "layout", "seqs", "tokens", "tok/s", "/GPU", "TPOT99 ms", "TTFT99 s", "preempt", "SLO"):
+    for col in ("#", "layout", *(name for name, _, _ in knobs), "tok/s", "/GPU", "TPOT99 ms", "TTFT99 s", "preempt",
+                "SLO"):
         t.add_column(col, justify="left" if col == "layout" else "right")
     for r in rows:
-        t.add_row(str(r["number"]), r["label"], str(r["max_num_seqs"]), str(r["max_num_batched_tokens"]),
-                  f"{r['output_tok_s']:,.0f}", f"{r['output_tok_s_per_gpu']:,.0f}", f"{r['tpot_p99_s'] * 1e3:,.1f}",
-                  f"{r['ttft_p99_s']:,.1f}", f"{r['preemptions']:,}", "ok" if r["feasible_slo"] else "violated")
+        t.add_row(str(r["number"]), r["label"], *(str(r[key]) for _, key, _ in knobs), f"{r['output_tok_s']:,.0f}",
+                  f"{r['output_tok_s_per_gpu']:,.0f}", f"{r['tpot_p99_s'] * 1e3:,.1f}", f"{r['ttft_p99_s']:,.1f}",
+                  f"{r['preemptions']:,}", "ok" if r["feasible_slo"] else "violated")
     return t
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import shlex
 
 from autotune.spec.hardware import Cluster
-from autotune.spec.layout import EngineKnobs, Layout
+from autotune.spec.layout import ALWAYS, EngineKnobs, Layout, knob_fields
 from autotune.spec.models import ModelSpec
 
 
 def engine_args(layout: Layout, knobs: EngineKnobs) -> list[str]:
-    """vLLM engine flags for the layout and (resolved) knobs, vLLM defaults left out."""
+    """vLLM engine flags for the layout and (resolved) knobs; a knob at vLLM's own default is left out."""
     args = ["--tensor-parallel-size", str(layout.tp)]
     if layout.pp > 1:
         args += ["--pipeline-parallel-size", str(layout.pp)]
@@ -18,25 +18,14 @@ def engine_args(layout: Layout, knobs: EngineKnobs) -> list[str]:
         args += ["--data-parallel-size", str(layout.dp)]
     if layout.ep > 1:
         args.append("--enable-expert-parallel")
-    if knobs.max_num_seqs:
-        args += ["--max-num-seqs", str(knobs.max_num_seqs)]
-    if knobs.max_num_batched_tokens:
-        args += ["--max-num-batched-tokens", str(knobs.max_num_batched_tokens)]
-    if knobs.max_model_len:
-        args += ["--max-model-len", str(knobs.max_model_len)]
-    args += ["--gpu-memory-utilization", f"{knobs.gpu_memory_utilization:g}"]
-    if knobs.block_size != 16:
-        args += ["--block-size", str(knobs.block_size)]
-    if knobs.kv_cache_dtype != "auto":
-        args += ["--kv-cache-dtype", knobs.kv_cache_dtype]
-    if not knobs.enable_chunked_prefill:
-        args.append("--no-enable-chunked-prefill")
-    if knobs.num_gpu_blocks_override:
-        args += ["--num-gpu-blocks-override", str(knobs.num_gpu_blocks_override)]
-    if knobs.async_scheduling is not None:
-        args.append("--async-scheduling" if knobs.async_scheduling else "--no-async-scheduling")
-    if knobs.api_server_count:
-        args += ["--api-server-count", str(knobs.api_server_count)]
+    for f in knob_fields():
+        value, flag = getattr(knobs, f.name), f.metadata["flag"]
+        if value is None or (f.metadata["omit_at"] is not ALWAYS and value == f.metadata["omit_at"]):
+            continue
+        if isinstance(value, bool):
+            args.append(flag if value else flag.replace("--", "--no-", 1))
+        else:
+            args += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
     return args
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+from autotune.spec.layout import knob_fields, knob_kind
 from autotune.spec.metrics import COST_KEYS, LATENCY_KEYS
 
 SCHEMA_VERSION = 1
+SQL_TYPES = {int: "INTEGER", float: "DOUBLE", str: "VARCHAR", bool: "BOOLEAN"}
 
 # Trials are event-sourced: a row per state change; the latest row (by seq) is the trial's current state.
 # The predicted figures stored with their interval (key_lo, key_hi: autotune/sim/uncertainty.py), for the TUI.
@@ -16,10 +18,8 @@ TABLES: dict[str, tuple[tuple[str, str], ...]] = {
     "trials": (
         ("number", "INTEGER"), ("seq", "BIGINT"), ("state", "VARCHAR"), ("updated_at", "DOUBLE"),
         ("started_at", "DOUBLE"), ("finished_at", "DOUBLE"), ("dp", "INTEGER"), ("tp", "INTEGER"),
-        ("pp", "INTEGER"), ("ep", "INTEGER"), ("label", "VARCHAR"), ("max_num_seqs", "INTEGER"),
-        ("max_num_batched_tokens", "INTEGER"), ("gpu_memory_utilization", "DOUBLE"), ("kv_cache_dtype", "VARCHAR"),
-        ("enable_chunked_prefill", "BOOLEAN"), ("block_size", "INTEGER"), ("num_gpu_blocks_override", "INTEGER"),
-        ("async_scheduling", "BOOLEAN"), ("api_server_count", "INTEGER"),
+        ("pp", "INTEGER"), ("ep", "INTEGER"), ("label", "VARCHAR"),
+        *((f.name, SQL_TYPES[knob_kind(f)]) for f in knob_fields(tunable_only=True)),
         ("gpus", "INTEGER"), ("origin", "VARCHAR"), ("reason", "VARCHAR"),
         ("values_json", "VARCHAR"), ("feasible_slo", "BOOLEAN"), ("node", "VARCHAR"), ("log_path", "VARCHAR"),
         ("serve_command", "VARCHAR"),

@@ -101,3 +101,39 @@ def test_without_ep_the_expert_layers_are_still_one_tp_group_over_dp_x_tp():
         cluster = Cluster.of(load_gpu("H200"), gpus)
         plan = plan_memory(m, cluster.gpu, layout, EngineKnobs().resolved(cluster.gpu, 33792), DEFAULT)
         assert plan.problem is None and plan.kv_capacity_tokens > 100_000, (model, plan.problem)
+
+
+def test_every_knob_is_declared_once_and_each_layer_derives_from_it():
+    """A knob added to EngineKnobs reaches the CLI, a space's dimensions, the store, the serve command and the
+    dashboard with nothing else to edit; a value away from vLLM's default shows on the command line."""
+    from autotune.cli import build_parser
+    from autotune.deploy import engine_args
+    from autotune.search.space import DimensionsCfg
+    from autotune.spec.layout import ALWAYS, knob_columns, knob_fields
+    from store.schema import columns
+    from tui.widgets.trials import COLUMNS
+
+    predict = build_parser()._subparsers._group_actions[0].choices["predict"]
+    flags = {s for a in predict._actions for s in a.option_strings}
+    for f in knob_fields(tunable_only=True):
+        meta = f.metadata
+        assert meta["flag"] in flags and f.name in DimensionsCfg.model_fields and f.name in columns("trials")
+        assert list(DimensionsCfg().model_dump()[f.name]) == list(meta["search"])
+        value = _away_from_default(f)
+        args = engine_args(Layout(), EngineKnobs(**{f.name: value}))
+        flag = meta["flag"] if value is not False else meta["flag"].replace("--", "--no-", 1)
+        assert flag in args, (f.name, args)
+        if meta["omit_at"] is not ALWAYS:
+            assert meta["flag"] not in engine_args(Layout(), EngineKnobs(**{f.name: meta["omit_at"]}))
+    assert all(c in COLUMNS for c in knob_columns()) and knob_columns()
+
+
+def _away_from_default(f):
+    from autotune.spec.layout import knob_kind
+
+    kind, choices = knob_kind(f), f.metadata["choices"]
+    if kind is bool:
+        return True if f.default is None else not f.default
+    if choices:
+        return next(c for c in choices if c != f.default)
+    return f.default / 2 if kind is float else (f.default or 0) + 1

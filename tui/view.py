@@ -6,9 +6,12 @@ import time
 from dataclasses import dataclass
 
 from autotune.spec import objectives
+from autotune.spec.layout import knob_columns
 from autotune.spec.objectives import FRONT_THROUGHPUT, Objective
 from store.reader import StudySnapshot
 
+# The knobs the trial table and the detail's title show, as their declarations title them (spec/layout.py).
+KNOB_COLUMNS = knob_columns()
 LATENCY_CHOICES = ("tpot_p99_s", "ttft_p99_s", "e2e_p99_s")
 LATENCY_LABELS = {"tpot_p99_s": "p99 TPOT (ms)", "ttft_p99_s": "p99 TTFT (s)", "e2e_p99_s": "p99 E2E (s)"}
 LATENCY_SCALE = {"tpot_p99_s": 1e3, "ttft_p99_s": 1.0, "e2e_p99_s": 1.0}

@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from autotune.errors import UserError
 from autotune.sim.calibration import Calibration
 from autotune.sim.predict import Scenario, infeasibility
 from autotune.spec.hardware import Cluster, load_gpu
-from autotune.spec.layout import EngineKnobs, Layout, enumerate_layouts, structural_problem
+from autotune.spec.layout import (EngineKnobs, Layout, enumerate_layouts, knob_fields, knob_kind,
+                                  structural_problem)
 from autotune.spec.models import load_model
 from autotune.spec.objectives import OBJECTIVE_METRICS, Objective
 from autotune.spec.workload import PRESETS, workload_from_dict
@@ -46,24 +47,26 @@ class LayoutCfg(_Strict):
     gpus_per_trial: list[int] | Literal["all"] = "all"
 
 
-class DimensionsCfg(_Strict):
-    layout: LayoutCfg | Literal["auto"] = "auto"
-    max_num_seqs: list[int] = Field(default_factory=lambda: [64, 128, 256, 512, 1024])
-    max_num_batched_tokens: list[int] = Field(default_factory=lambda: [8192])
-    gpu_memory_utilization: list[float] = Field(default_factory=lambda: [0.9])
-    kv_cache_dtype: list[Literal["auto", "fp8"]] = Field(default_factory=lambda: ["auto"])
-    enable_chunked_prefill: list[bool] = Field(default_factory=lambda: [True])
-    block_size: list[int] = Field(default_factory=lambda: [16])
-    num_gpu_blocks_override: list[int | None] = Field(default_factory=lambda: [None])
-    async_scheduling: list[bool | None] = Field(default_factory=lambda: [None])
-    api_server_count: list[int | None] = Field(default_factory=lambda: [None])
+def _non_empty(cls, v):
+    if not v:
+        raise ValueError("needs at least one value")
+    return v
 
-    @field_validator(*EngineKnobs.tunable())
-    @classmethod
-    def _non_empty(cls, v):
-        if not v:
-            raise ValueError("needs at least one value")
-        return v
+
+def _knob_dimension(f):
+    """A knob's list of values in a space, from its declaration (spec/layout.py): the values searched by default,
+    None allowed where None means vLLM's own default."""
+    kind = knob_kind(f)
+    return (list[kind | None] if f.default is None else list[kind],
+            Field(default_factory=lambda values=f.metadata["search"]: list(values)))
+
+
+# `dimensions:` of a space: the layout and every tunable knob, derived from the knobs' declarations.
+DimensionsCfg = create_model(
+    "DimensionsCfg", __base__=_Strict,
+    __validators__={"non_empty": field_validator(*EngineKnobs.tunable())(_non_empty)},
+    layout=(LayoutCfg | Literal["auto"], "auto"),
+    **{f.name: _knob_dimension(f) for f in knob_fields(tunable_only=True)})
 
 
 class ObjectiveCfg(_Strict):

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, asdict, fields, replace
+from dataclasses import Field, dataclass, asdict, field, fields, replace
+from typing import get_args, get_type_hints
 
 from autotune.errors import UserError
 from autotune.spec.hardware import MAX_GPUS, Cluster, GpuSpec
@@ -80,20 +81,48 @@ KV_CACHE_DTYPES = ("auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2", "fp8_inc")
 MAX_KNOB = 10_000_000
 
 
+ALWAYS = object()    # a flag written on every command line, whatever its value
+
+
+def knob(default, flag: str, help: str, search: tuple | None, column: tuple[str, int] | None = None,
+         choices: tuple | None = None, omit_at=ALWAYS):
+    """One engine knob, declared once: its default (None: vLLM's own, per GPU, filled by EngineKnobs.resolved), vLLM's
+    flag, the help the CLI shows, the values a space searches when it names none (None: not searched), its title and
+    width in the dashboard's trial table, the values vLLM accepts, and the value at which the serve command leaves the
+    flag out (vLLM's default). The CLI flags, the space schema, the store's columns, the serve command and the
+    dashboard's columns all derive from these fields (knob_fields)."""
+    return field(default=default, metadata={"flag": flag, "help": help, "search": search, "column": column,
+                                            "choices": choices, "omit_at": omit_at})
+
+
 @dataclass(frozen=True)
 class EngineKnobs:
     """The vLLM scheduler and cache knobs we search; None means vLLM's own default for the GPU."""
 
-    max_num_seqs: int | None = None
-    max_num_batched_tokens: int | None = None
-    gpu_memory_utilization: float = 0.9
-    block_size: int = 16
-    kv_cache_dtype: str = "auto"
-    enable_chunked_prefill: bool = True
-    max_model_len: int | None = None
-    num_gpu_blocks_override: int | None = None
-    async_scheduling: bool | None = None     # None: vLLM's default (on, except with PP on the V1 model runner)
-    api_server_count: int | None = None      # None: vLLM's default (one API server per DP rank, internal LB)
+    max_num_seqs: int | None = knob(
+        None, "--max-num-seqs", "sequences a DP engine runs at once (vLLM: 1024 on GPUs of 70 GiB or more, else 256)",
+        (64, 128, 256, 512, 1024), ("seqs", 5))
+    max_num_batched_tokens: int | None = knob(
+        None, "--max-num-batched-tokens", "tokens per scheduler step, prefill chunks included (vLLM: 8192 on GPUs "
+        "of 70 GiB or more, else 2048)", (8192,), ("tokens", 6))
+    gpu_memory_utilization: float = knob(
+        0.9, "--gpu-memory-utilization", "share of each GPU's memory vLLM may take, in (0, 1]", (0.9,), ("mem", 4))
+    kv_cache_dtype: str = knob(
+        "auto", "--kv-cache-dtype", "the KV cache's data type (auto: the model's)", ("auto",), ("kv", 4),
+        KV_CACHE_DTYPES, "auto")
+    enable_chunked_prefill: bool = knob(
+        True, "--enable-chunked-prefill", "split long prefills into chunks that share steps with decodes", (True,),
+        omit_at=True)
+    block_size: int = knob(16, "--block-size", "tokens per KV cache block", (16,), choices=BLOCK_SIZES, omit_at=16)
+    num_gpu_blocks_override: int | None = knob(
+        None, "--num-gpu-blocks-override", "cap the KV cache at this many blocks per engine", (None,))
+    async_scheduling: bool | None = knob(
+        None, "--async-scheduling", "schedule the next step while the GPU runs this one (vLLM: on, except with PP)",
+        (None,))
+    api_server_count: int | None = knob(
+        None, "--api-server-count", "API server processes (vLLM: one per DP rank)", (None,))
+    max_model_len: int | None = knob(
+        None, "--max-model-len", "longest sequence (default: what the workload needs)", None)
 
     def __post_init__(self) -> None:
         """Refuse values vLLM would refuse (or misread) before anything runs, whichever entry point built them."""
@@ -113,9 +142,8 @@ class EngineKnobs:
 
     @staticmethod
     def tunable() -> tuple[str, ...]:
-        """The knobs a search space may vary (max_model_len follows the workload): the one list the space schema,
-        the trial rows and the store derive from."""
-        return tuple(f.name for f in fields(EngineKnobs) if f.name != "max_model_len")
+        """The knobs a search space may vary (max_model_len follows the workload)."""
+        return tuple(f.name for f in knob_fields(tunable_only=True))
 
     def resolved(self, gpu: GpuSpec, default_max_model_len: int) -> "EngineKnobs":
         """Fill vLLM v1's defaults (vllm/engine/arg_utils.py: larger ones on >= 70 GiB GPUs but A100)."""
@@ -140,6 +168,24 @@ class EngineKnobs:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def knob_fields(tunable_only: bool = False) -> tuple[Field, ...]:
+    """Every knob's declaration (or only those a user sets: max_model_len follows the workload), in the order of
+    the store's columns and the serve command's flags."""
+    return tuple(f for f in fields(EngineKnobs) if not tunable_only or f.metadata["search"] is not None)
+
+
+def knob_columns() -> tuple[tuple[str, str, int], ...]:
+    """(title, knob, width) of the knobs that tables of trials show, in the CLI and the dashboard."""
+    return tuple((f.metadata["column"][0], f.name, f.metadata["column"][1]) for f in knob_fields()
+                 if f.metadata["column"])
+
+
+def knob_kind(f: Field) -> type:
+    """int, float, str or bool: the knob's type without its None."""
+    hint = get_type_hints(EngineKnobs)[f.name]
+    return next((t for t in get_args(hint) if t is not type(None)), hint)
 
 
 def structural_problem(model: ModelSpec, cluster: Cluster, layout: Layout,

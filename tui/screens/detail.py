@@ -10,6 +10,7 @@ from textual.widgets import Footer, Static
 from textual_plotext import PlotextPlot
 
 from store.schema import commands_of
+from tui.view import KNOB_COLUMNS
 
 PREDICTED_VS_MEASURED = (("output tok/s", "output_tok_s", 1, ",.0f"), ("TPOT p50 ms", "tpot_p50_s", 1e3, ",.1f"),
                          ("TPOT p99 ms", "tpot_p99_s", 1e3, ",.1f"), ("TTFT p99 s", "ttft_p99_s", 1, ",.1f"),
@@ -29,9 +30,9 @@ class TrialDetail(Screen):
 
     def compose(self) -> ComposeResult:
         t = self.trial
-        title = (f"trial #{t['number']}  {t['label']}  max_num_seqs {t['max_num_seqs']}  "
-                 f"batched tokens {t['max_num_batched_tokens']}  mem {t['gpu_memory_utilization']}  "
-                 f"kv {t['kv_cache_dtype']}  [{t['state']}]" + (f"  {t['reason']}" if t["reason"] else ""))
+        knobs = "  ".join(f"{title} {t[key]}" for title, key, _ in KNOB_COLUMNS)
+        title = (f"trial #{t['number']}  {t['label']}  {knobs}  [{t['state']}]"
+                 + (f"  {t['reason']}" if t["reason"] else ""))
         yield Static(title, id="detail-title")
         with Horizontal(id="detail-plots"):
             yield PlotextPlot(id="kv-plot")

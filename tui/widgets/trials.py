@@ -3,9 +3,10 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widgets import DataTable
 
+from tui.view import KNOB_COLUMNS
+
 # (title, key, width): fixed widths, so a refresh never re-measures the table.
-COLUMNS = (("#", "number", 4), ("state", "state", 8), ("layout", "label", 16), ("seqs", "max_num_seqs", 5),
-           ("tokens", "max_num_batched_tokens", 6), ("mem", "gpu_memory_utilization", 4), ("kv", "kv_cache_dtype", 4),
+COLUMNS = (("#", "number", 4), ("state", "state", 8), ("layout", "label", 16), *KNOB_COLUMNS,
            ("tok/s/GPU", "output_tok_s_per_gpu", 9), ("TPOT99 ms", "tpot_p99_s", 9), ("TTFT99 s", "ttft_p99_s", 9),
            ("preempt", "preemptions", 8), ("SLO", "feasible_slo", 3), ("reason", "reason", 28))
 
