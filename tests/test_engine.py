@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from autotune.sim.calibration import DEFAULT
-from autotune.sim.costs import TOTAL, StepCost, decode_phase, steps_within
+from autotune.sim.costs import (D_C1, D_COMM_SEQS, D_FLOOR, D_KERNELS, D_M1, D_MB, D_OVERHEAD, TOTAL, StepCost,
+                                decode_run, step_from_lines, steps_within)
 from autotune.sim.memory import stage_shape
 from autotune.sim.predict import predict
 from autotune.spec.hardware import Cluster, load_gpu
@@ -26,25 +27,31 @@ def _cost(model="Llama-3.1-8B", layout=Layout(), gpus=1):
 ])
 def test_closed_form_equals_step_by_step_sum(model, layout, n, ctx0, steps):
     cost = _cost(model, layout, layout.world_size)
+    table = cost.table(n, 1)
     naive = sum(cost.step_time(n, ctx0 + n * k)[0] for k in range(steps))
-    assert decode_phase(cost, n, ctx0, steps)[TOTAL] == pytest.approx(naive, rel=1e-9)
+    assert decode_run(table.decode[n], table.params, n, ctx0, steps)[TOTAL] == pytest.approx(naive, rel=1e-9)
 
 
-def test_vectorised_phases_equal_scalar_phases():
-    cost = _cost("DeepSeek-R1", Layout(tp=8), 8)
-    n = np.array([1, 17, 200, 900])
-    ctx = np.array([100.0, 5e4, 1e6, 3e6])
-    steps = np.array([10, 0, 300, 7])
-    vec = decode_phase(cost, n, ctx, steps, cost.lines_array(n))
-    for i in range(len(n)):
-        scalar = decode_phase(cost, int(n[i]), float(ctx[i]), int(steps[i]))
-        assert [v[i] for v in vec] == pytest.approx(list(scalar), rel=1e-9, abs=1e-15)
+@pytest.mark.parametrize("model,layout", [("Llama-3.1-8B", Layout()), ("DeepSeek-R1", Layout(dp=2, tp=4)),
+                                          ("Llama-3.1-70B", Layout(tp=2, pp=4)), ("DeepSeek-R1", Layout(dp=8, ep=8))])
+def test_the_engines_table_prices_a_mixed_step_as_the_formula_does(model, layout):
+    """The compiled engine reads a prefill step's lines from StepCost.table: the same time as StepCost.step_time."""
+    cost = _cost(model, layout, layout.world_size)
+    table = cost.table(256, 8192)
+    for n, chunk, ctx, attn in ((0, 8192, 0.0, 3e7), (1, 100, 2e3, 5e3), (37, 512, 4e5, 1e5), (256, 7936, 3e6, 2e7)):
+        row = table.decode[n]
+        tok = table.mixed[int(row[D_MB]) - 1, n + chunk]
+        got = step_from_lines(tok[0], row[D_C1], tok[1], row[D_M1], tok[2] + row[D_COMM_SEQS], row[D_KERNELS],
+                              row[D_OVERHEAD], row[D_FLOOR], row[D_MB], table.params, ctx, attn)
+        assert got == pytest.approx(cost.step_time(n, ctx, chunk, attn), rel=1e-12)
 
 
 def test_steps_within_finds_the_first_step_past_the_budget():
     cost = _cost()
-    k = steps_within(cost, 32, 1000, 0.5, 10_000)
-    assert decode_phase(cost, 32, 1000, k)[TOTAL] >= 0.5 > decode_phase(cost, 32, 1000, k - 1)[TOTAL]
+    table = cost.table(32, 1)
+    row = table.decode[32]
+    k = steps_within(row, table.params, 32, 1000, 0.5, 10_000)
+    assert decode_run(row, table.params, 32, 1000, k)[TOTAL] >= 0.5 > decode_run(row, table.params, 32, 1000, k - 1)[TOTAL]
 
 
 def test_more_sequences_cost_more_per_step_but_less_per_token():

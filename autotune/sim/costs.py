@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
+from numba import njit
 
 from autotune.sim.calibration import Efficiency
 from autotune.sim.memory import StageShape
@@ -132,7 +134,8 @@ class StepCost:
         self._cache: dict[int, StepLines] = {}
 
     # ---- per-microbatch terms ------------------------------------------------------------
-    def _comm(self, tokens: float, seqs: float) -> float:
+    def _comm_tokens(self, tokens):
+        """Communication that grows with the tokens of a microbatch (a scalar or an array of token counts)."""
         m, s, e = self.model, self.shape, self.eff
         t = 0.0
         if self.tp > 1:
@@ -151,9 +154,6 @@ class StepCost:
             if moved is not None:
                 t += 2 * s.moe_layers * (e.alltoall_latency_s + moved / self.ep_bw)
             t += s.moe_layers * e.moe_routing_s
-        if self.tp > 1:
-            # The sampled rows' bf16 logits, vocab-parallel, all-gathered to every rank.
-            t += self._tp_allgather_s(seqs * m.vocab_size * BF16)
         if self.pp > 1:
             # Hand hidden states and residual to the next stage: metadata over the CPU group, then each TP rank sends
             # its 1/tp slice and the receiving ranks all-gather them (send_tensor_dict with all_gather_group,
@@ -164,15 +164,19 @@ class StepCost:
                 t += self._tp_allgather_s(handoff)
         return t
 
+    def _comm_seqs(self, seqs):
+        """Communication that grows with the sequences a microbatch samples."""
+        # The sampled rows' bf16 logits, vocab-parallel, all-gathered to every rank.
+        return self._tp_allgather_s(seqs * self.model.vocab_size * BF16) if self.tp > 1 else 0.0 * seqs
+
     def _tp_allgather_s(self, nbytes):
         # An all-gather over the TP group: (p-1)/p of the gathered buffer arrives at each rank.
         return self.tp_lat + (self.tp - 1) / self.tp * nbytes / self.tp_bw
 
-    def _coeffs(self, num_seqs, prefill_tokens, microbatches) -> StepLines:
-        """The step's lines for a running-sequence count, or an array of them (the one place the formula lives)."""
-        s = self.shape
-        tokens = (num_seqs + prefill_tokens) / microbatches
+    def _token_terms(self, tokens):
+        """(c0, weights, comm) of a microbatch of `tokens` tokens: what grows with the tokens it computes."""
         m, ramp = self.model, self.eff.gemm_ramp_tokens
+        s = self.shape
         touched, expert_ramp = 0.0, 0.0
         if m.is_moe:
             gather = self.dp    # DP ranks step in lockstep and their tokens meet in the expert layers
@@ -184,14 +188,19 @@ class StepCost:
         # A GEMM of M rows at flops x M/(M + ramp) costs as M + ramp rows at full rate: the ramp adds rows.
         c0 = (self.dense_flops_per_token * (tokens + ramp)
               + self.expert_flops_per_token * (tokens + expert_ramp)) / self.flops
+        return c0, weights, self._comm_tokens(tokens)
+
+    def _coeffs(self, num_seqs, prefill_tokens, microbatches) -> StepLines:
+        """The step's lines for a running-sequence count, or an array of them (the one place the formula lives)."""
+        c0, weights, comm = self._token_terms((num_seqs + prefill_tokens) / microbatches)
         c1 = self.attn_flops_per_ctx / microbatches / self.flops
         m1 = self.kv_read_per_ctx / microbatches / (self.bw * self.eff.kv_read)
         # The scheduler's fixed cost is per batch: with PP, `microbatches` batches make one step of every sequence.
         overhead = self.overhead_base * microbatches + self.eff.seq_overhead_s * num_seqs
         floor = self.frontend_s_per_token * num_seqs
         kernels = self.kernels + self.sample_per_seq * num_seqs / microbatches
-        return StepLines(c0, c1, weights, m1, weights, self._comm(tokens, num_seqs / microbatches), kernels, overhead,
-                         floor, microbatches)
+        return StepLines(c0, c1, weights, m1, weights, comm + self._comm_seqs(num_seqs / microbatches), kernels,
+                         overhead, floor, microbatches)
 
     def lines(self, num_seqs: int, prefill_tokens: int = 0) -> StepLines:
         """Coefficients of a step with num_seqs decoding sequences and prefill_tokens new prompt tokens."""
@@ -208,46 +217,85 @@ class StepCost:
             return np.clip(np.ceil(num_seqs / self.batch_cap), 1, self.pp)
         return max(1, min(self.pp, math.ceil(num_seqs / self.batch_cap)))
 
-    def lines_array(self, num_seqs: np.ndarray) -> StepLines:
-        ln = self._coeffs(num_seqs, 0, self.batches(num_seqs))
-        weights = np.broadcast_to(ln.weights, num_seqs.shape)
-        return StepLines(ln.c0, ln.c1, weights, ln.m1, weights, ln.comm, ln.kernels, ln.overhead, ln.floor,
-                         ln.microbatches)
+    def params(self) -> np.ndarray:
+        """The scalars the compiled formulas need beside a step's lines (indexed by the P_* constants)."""
+        return np.array([self.pp, self.serial, float(self.overlapped), self.flop_scale, self.bw_scale, self.kv_scale,
+                         self.attn_flops_per_ctx / self.flops])
+
+    def table(self, max_seqs: int, max_tokens: int) -> "StepTable":
+        """Every step the engine can take, tabulated once for the compiled engine: the lines of a decode step by
+        running-sequence count n (0..max_seqs), and the token terms of a step that also prefills, by batches in
+        flight and total tokens (decoded plus prefilled, 0..max_tokens). Computed by _coeffs and _token_terms,
+        so the formulas stay in one place."""
+        n = np.arange(max_seqs + 1, dtype=float)
+        mb = self.batches(n)
+        ln = self._coeffs(n, 0, mb)
+        decode = np.stack([np.broadcast_to(np.asarray(v, dtype=float), n.shape) for v in
+                           (ln.c0, ln.c1, ln.m0, ln.m1, ln.weights, ln.comm, ln.kernels, ln.overhead, ln.floor,
+                            ln.microbatches, self._comm_seqs(n / mb))], axis=1)
+        tokens = np.arange(max_tokens + 1, dtype=float)
+        mixed = np.zeros((self.pp, max_tokens + 1, 3))
+        for b in range(1, self.pp + 1):
+            for i, v in enumerate(self._token_terms(tokens / b)):
+                mixed[b - 1, :, i] = v
+        return StepTable(np.ascontiguousarray(decode), mixed, self.params())
 
     def step_time(self, num_seqs: int, context: float, prefill_tokens: int = 0,
                   prefill_context: float = 0.0) -> tuple[float, float, float]:
         """One step: decodes read `context` cached tokens; the prefill chunk attends over `prefill_context`.
         Returns (time, its CPU overhead, the roofline-ideal time)."""
         ln = self.lines(num_seqs, prefill_tokens)
-        # A prefill chunk's attention is compute-bound: it reads its context once but multiplies by every new token.
-        compute = ln.c0 + ln.c1 * context + self.attn_flops_per_ctx * prefill_context / self.flops
-        memory = ln.m0 + ln.m1 * context
-        ideal = ln.microbatches * max(compute * self.flop_scale, ln.m0 * self.bw_scale + ln.m1 * context * self.kv_scale)
-        gpu = self.pp * (max(compute, memory) + ln.comm + ln.kernels)
-        total = combine(gpu + self.serial, ln.overhead, ln.floor, self.overlapped)
-        return total, total - gpu, ideal
+        return step_from_lines(ln.c0, ln.c1, ln.m0, ln.m1, ln.comm, ln.kernels, ln.overhead, ln.floor,
+                               ln.microbatches, self.params(), context, prefill_context)
 
 
-def combine(gpu, cpu, floor, overlapped: bool):
-    """Wall time of steps from their GPU time, the engine's CPU time and the output-processing floor (scalars, or
-    sums over a run of steps). Synchronous scheduling runs the CPU work between GPU steps; async scheduling hides it
-    behind the GPU (vLLM v1 AsyncScheduler); the API servers process step k's tokens while step k+1 runs, so they
-    slow the engine only when they are the slower stage of that pipeline."""
-    top = np.maximum if isinstance(gpu, np.ndarray) else max
-    return top(top(gpu, cpu), floor) if overlapped else top(gpu + cpu, floor)
+class StepTable(NamedTuple):
+    """StepCost.table: `decode[n]` holds the D_* columns, `mixed[batches - 1, tokens]` the (c0, weights, comm)
+    token terms, `params` the P_* scalars."""
 
+    decode: np.ndarray
+    mixed: np.ndarray
+    params: np.ndarray
+
+
+# Columns of StepTable.decode and entries of StepCost.params.
+D_C0, D_C1, D_M0, D_M1, D_WEIGHTS, D_COMM, D_KERNELS, D_OVERHEAD, D_FLOOR, D_MB, D_COMM_SEQS = range(11)
+P_PP, P_SERIAL, P_OVERLAPPED, P_FLOP_SCALE, P_BW_SCALE, P_KV_SCALE, P_PREFILL_ATTN = range(7)
 
 # Where the time of a run of steps went: indexes into the tuples decode_phase returns.
 TOTAL, COMPUTE, WEIGHTS, KV, COMM, KERNELS, OVERHEAD, BUBBLE, IDEAL = range(9)
 PHASE_FIELDS = ("total", "compute", "weights", "kv", "comm", "kernels", "overhead", "bubble", "ideal")
 
 
+@njit(cache=True)
+def combine(gpu, cpu, floor, overlapped):
+    """Wall time of steps from their GPU time, the engine's CPU time and the output-processing floor (scalars, or
+    sums over a run of steps). Synchronous scheduling runs the CPU work between GPU steps; async scheduling hides it
+    behind the GPU (vLLM v1 AsyncScheduler); the API servers process step k's tokens while step k+1 runs, so they
+    slow the engine only when they are the slower stage of that pipeline."""
+    return max(max(gpu, cpu), floor) if overlapped else max(gpu + cpu, floor)
+
+
+@njit(cache=True)
+def step_from_lines(c0, c1, m0, m1, comm, kernels, overhead, floor, mb, params, context, prefill_context):
+    """One step's (time, CPU overhead, roofline-ideal time) from its lines."""
+    # A prefill chunk's attention is compute-bound: it reads its context once but multiplies by every new token.
+    compute = c0 + c1 * context + params[P_PREFILL_ATTN] * prefill_context
+    memory = m0 + m1 * context
+    ideal = mb * max(compute * params[P_FLOP_SCALE], m0 * params[P_BW_SCALE] + m1 * context * params[P_KV_SCALE])
+    gpu = params[P_PP] * (max(compute, memory) + comm + kernels)
+    total = combine(gpu + params[P_SERIAL], overhead, floor, params[P_OVERLAPPED] > 0)
+    return total, total - gpu, ideal
+
+
+@njit(cache=True)
 def _arith(a, s, k0, k1):
-    """sum_{k=k0}^{k1-1} (a + s*k), zero when k1 = k0; scalars or arrays."""
+    """sum_{k=k0}^{k1-1} (a + s*k), zero when k1 = k0."""
     return (k1 - k0) * a + s * (k1 * (k1 - 1) - k0 * (k0 - 1)) / 2
 
 
-def _split(d0: float, ds: float, steps: int) -> tuple[int, int, int, int]:
+@njit(cache=True)
+def _split(d0, ds, steps):
     """A step k is compute-bound while d0 + ds*k >= 0: the compute-bound and memory-bound ranges of 0..steps-1."""
     if ds == 0:
         k = steps if d0 >= 0 else 0
@@ -259,66 +307,49 @@ def _split(d0: float, ds: float, steps: int) -> tuple[int, int, int, int]:
     return 0, k, k, steps
 
 
-def _split_array(d0: np.ndarray, ds: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, ...]:
-    """_split for arrays of runs."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        k_up = np.clip(np.ceil(-d0 / ds), 0, steps)
-        k_down = np.clip(np.floor(-d0 / ds) + 1, 0, steps)
-    k_flat = np.where(d0 >= 0, steps, 0)
-    k = np.where(ds > 0, k_up, np.where(ds < 0, k_down, k_flat))
-    rising = ds > 0
-    return np.where(rising, k, 0), np.where(rising, steps, k), np.where(rising, 0, k), np.where(rising, k, steps)
-
-
-def decode_phase(cost: StepCost, n, context0, steps, ln: StepLines | None = None) -> tuple:
-    """`steps` decode steps of n sequences whose total context grows by n tokens a step, in closed form.
-    Scalars, or arrays of runs with `ln` from cost.lines_array. Returns the time split as PHASE_FIELDS."""
-    if ln is None:
-        ln = cost.lines(n)
-        split = _split
-    else:
-        split = _split_array
-    pp = cost.pp
-    a_c, s_c = ln.c0 + ln.c1 * context0, ln.c1 * n
-    a_m, s_m = ln.m0 + ln.m1 * context0, ln.m1 * n
-    c_lo, c_hi, m_lo, m_hi = split(a_c - a_m, s_c - s_m, steps)
+@njit(cache=True)
+def decode_run(row, params, n, context0, steps):
+    """`steps` decode steps of n sequences whose total context grows by n tokens a step, in closed form, from the
+    decode lines `row` (a StepTable.decode row). Returns the time split as PHASE_FIELDS."""
+    pp = params[P_PP]
+    a_c, s_c = row[D_C0] + row[D_C1] * context0, row[D_C1] * n
+    a_m, s_m = row[D_M0] + row[D_M1] * context0, row[D_M1] * n
+    c_lo, c_hi, m_lo, m_hi = _split(a_c - a_m, s_c - s_m, steps)
     comp = _arith(a_c, s_c, c_lo, c_hi)
     mem = _arith(a_m, s_m, m_lo, m_hi)
-    weights = ln.weights * (m_hi - m_lo)
+    weights = row[D_WEIGHTS] * (m_hi - m_lo)
     gpu = pp * (comp + mem)
-    comm = pp * ln.comm * steps
-    kernels = pp * ln.kernels * steps
+    comm = pp * row[D_COMM] * steps
+    kernels = pp * row[D_KERNELS] * steps
     # Over a run the CPU time and the floor are constant per step while the GPU time grows slowly with context:
     # comparing the sums is exact unless they cross inside the run.
-    total = combine(gpu + comm + kernels + cost.serial * steps, ln.overhead * steps, ln.floor * steps,
-                    cost.overlapped)
-    overhead = total - gpu - comm - kernels
-    mbs = ln.microbatches
-    return (total, pp * comp, pp * weights, pp * (mem - weights), comm, kernels, overhead,
+    total = combine(gpu + comm + kernels + params[P_SERIAL] * steps, row[D_OVERHEAD] * steps, row[D_FLOOR] * steps,
+                    params[P_OVERLAPPED] > 0)
+    mbs = row[D_MB]
+    return (total, pp * comp, pp * weights, pp * (mem - weights), comm, kernels, total - gpu - comm - kernels,
             (gpu + comm + kernels) * (pp - mbs) / pp,
-            mbs * (comp * cost.flop_scale + weights * cost.bw_scale + (mem - weights) * cost.kv_scale))
+            mbs * (comp * params[P_FLOP_SCALE] + weights * params[P_BW_SCALE] + (mem - weights) * params[P_KV_SCALE]))
 
 
-def steps_within(cost: StepCost, n: int, context0: float, budget_s: float, max_steps: int) -> int:
+@njit(cache=True)
+def steps_within(row, params, n, context0, budget_s, max_steps):
     """The fewest decode steps whose time reaches budget_s (at most max_steps): the step an arrival lands in."""
-    def total(k: int) -> float:
-        return decode_phase(cost, n, context0, k)[TOTAL]
-    first = total(1)
+    first = decode_run(row, params, n, context0, 1)[0]
     if first >= budget_s:
         return 1
     # A step never takes less than the one before it (the context only grows), so k steps take at least k first
     # steps, and at most k of the last: the answer lies in a narrow bracket, found in a few evaluations.
     hi = math.ceil(budget_s / first)
     if hi >= max_steps:
-        if total(max_steps) < budget_s:
+        if decode_run(row, params, n, context0, max_steps)[0] < budget_s:
             return max_steps
         hi = max_steps
-    top = total(hi)
-    last = top - total(hi - 1)
+    top = decode_run(row, params, n, context0, hi)[0]
+    last = top - decode_run(row, params, n, context0, hi - 1)[0]
     lo = max(1, min(hi - 1, math.floor(budget_s / last)))     # total(lo) <= lo x last <= budget_s
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if total(mid) >= budget_s:
+        if decode_run(row, params, n, context0, mid)[0] >= budget_s:
             hi = mid
         else:
             lo = mid

@@ -1,26 +1,47 @@
 """An event-driven model of vLLM v1's continuous batching, one scheduler per DP replica.
 
 It never steps token by token: between two events (an arrival, a completion, the KV cache filling) the running
-set is fixed, so the decode steps in between are summed in closed form (costs.decode_phase). Scheduling follows
+set is fixed, so the decode steps in between are summed in closed form (costs.decode_run). Scheduling follows
 vllm/v1/core/sched/scheduler.py: running requests first, one token each; then waiting requests in FCFS order
 while there are sequence slots, token budget and free KV blocks; when a running request cannot get a block, the
 most recently admitted one is preempted, frees its blocks and goes back to the head of the queue, to be
 recomputed (prompt plus the tokens it had generated) when it is admitted again.
+
+The engine is compiled (numba): a capacity-trap run takes thousands of events, each a few array updates. Its state
+lives in arrays: per request (`rq`, `rqf`: the columns below), per replica (`ri`, `rf`), the replicas' queues as
+linked lists through the request arrays, and the step costs as a table (costs.StepCost.table) computed by the
+cost model's own formulas.
 """
 
 from __future__ import annotations
 
 import heapq
-import math
-from bisect import bisect_right
-from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
-from dataclasses import dataclass, field
+from numba import njit
 
-from autotune.sim.costs import COMPUTE, IDEAL, OVERHEAD, PHASE_FIELDS, TOTAL, StepCost, decode_phase, steps_within
+from autotune.sim.costs import (COMPUTE, D_COMM_SEQS, D_C1, D_FLOOR, D_KERNELS, D_M1, D_MB, D_OVERHEAD, IDEAL,
+                                OVERHEAD, PHASE_FIELDS, TOTAL, StepCost, decode_run, step_from_lines, steps_within)
 
-INF = math.inf
+INF = np.inf
+MODES = {"batch": 0, "concurrency": 1, "poisson": 2, "constant": 2}
+ROUTERS = {"least-loaded": 0, "round-robin": 1}
+
+# Per-request integer columns: lengths and progress, the replica, the decode bookkeeping, and the links of the
+# replica's lists (running in admission order, waiting, arrivals not yet at the engine, prefills in flight).
+PROMPT, OUTPUT, GEN, PREEMPTED, REPLICA, BASE, CACHED, PREFIX, VERSION, RPREV, RNEXT, WNEXT, FNEXT, PPREV, PNEXT, \
+    PLEFT, PDONE, PALLOC, IN_PREFILL = range(19)
+# Per-request float columns.
+ARRIVAL, AT_ENGINE, FIRST, FINISH = range(4)
+# Per-replica integer state.
+G, NRUN, NDEC, ASUM, PF_ALLOC, PF_LEFT, PREFIX_HELD, SHARED, DRAIN_OK, PREEMPTIONS, JUST_PREEMPTED, STEPS, RHEAD, \
+    RTAIL, WHEAD, WTAIL, NWAIT, FHEAD, FTAIL, NFUT, PHEAD, PTAIL, NEXT_VERSION = range(23)
+# Per-replica float state; the time split (PHASE_FIELDS) follows from SPLIT on.
+CLOCK, KV_AREA, KV_PEAK, KV_LIMITED, SPLIT = range(5)
+# Engine limits.
+L_SEQS, L_TOKENS, L_CAP, L_PREFIX_HIT = range(4)
+NONE = -1
 
 
 @dataclass(frozen=True)
@@ -33,396 +54,561 @@ class EngineLimits:
 
 
 @dataclass
-class RequestTable:
-    """Per-request state shared by all replicas (plain lists: the hot loop indexes them millions of times)."""
+class ReplicaResult:
+    """What one DP engine did over the run."""
 
-    prompt: list[int]
-    output: list[int]
-    arrival: list[float]
-    prefix_id: list[int] | None = None   # which shared prefix a prompt opens with, -1 for none
-    prefix_tokens: int = 0               # of the shared prefix: full blocks of it are cached and shared
-    generated: list[int] = field(default_factory=list)
-    first_token: list[float] = field(default_factory=list)
-    finish: list[float] = field(default_factory=list)
-    preempted: list[int] = field(default_factory=list)
-    replica: list[int] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        n = len(self.prompt)
-        self.generated = [0] * n
-        self.first_token = [INF] * n
-        self.finish = [INF] * n
-        self.preempted = [0] * n
-        self.replica = [-1] * n
+    clock: float
+    preemptions: int
+    kv_area: float
+    kv_peak: float
+    kv_limited_s: float
+    steps: int
+    time_split: list[float]
+    series: np.ndarray      # rows (t, kv fraction, running, waiting, preempted), after each event
 
 
-class Replica:
-    """One vLLM engine (a DP rank): its own scheduler, KV cache and clock."""
+@dataclass
+class RunResult:
+    """Per request: first token and finish times, times preempted, tokens generated, arrival (a closed loop sets
+    it); per replica its ReplicaResult; and every step's inter-token latency with the tokens that waited it."""
 
-    def __init__(self, index: int, cost: StepCost, limits: EngineLimits, reqs: RequestTable):
-        self.index, self.cost, self.lim, self.reqs = index, cost, limits, reqs
-        self.clock = 0.0
-        self.G = 0                      # decode steps taken: a decoding request's context grows with G
-        self.running: dict[int, None] = {}   # admission order, for LIFO preemption
-        self.heap: list[tuple[int, int, int]] = []   # (finish step, request, version)
-        self.version: dict[int, int] = {}   # heap entries of preempted or finished requests are stale
-        self._next_version = 0
-        self.base: dict[int, int] = {}  # context - G for each decoding request
-        self.n_dec = 0
-        self.A = 0                      # sum of base over decoding requests: their context is A + n_dec * G
-        self.prefill: deque[list[int]] = deque()   # [request, tokens left, tokens done, tokens allocated]
-        self.prefill_alloc = 0
-        self.prefill_left = 0
-        self.waiting: deque[int] = deque()
-        self.future: list[tuple[float, int]] = []
-        # The last block of a sequence is partly empty; sliding-window layers hold a fixed amount per sequence.
-        self.per_seq = limits.block_size * (1 - cost.eff.last_block_fill) + limits.kv_tokens_per_seq
+    first_token: np.ndarray
+    finish: np.ndarray
+    arrival: np.ndarray
+    preempted: np.ndarray
+    replicas: list[ReplicaResult]
+    itl: np.ndarray          # (step time, tokens) rows
+
+
+def simulate(cost: StepCost, limits: EngineLimits, dp: int, prompt: np.ndarray, output: np.ndarray,
+             arrival: np.ndarray, prefix_id: np.ndarray | None, prefix_tokens: int, mode: str, concurrency: int,
+             router: str) -> RunResult:
+    """Run the requests on `dp` engines. A request reaches its engine cost.frontend_s after the client sends it
+    (HTTP, tokenisation, the hop to the engine core); its arrival stays the client's send time, so TTFT and E2E are
+    what the client measures. Open loops send at `arrival`; a closed loop (`concurrency` clients) sends each
+    client's next request when its last one completes (vllm bench serve --max-concurrency)."""
+    n = len(prompt)
+    rq = np.full((n, 19), NONE, dtype=np.int64)
+    rq[:, PROMPT], rq[:, OUTPUT] = prompt, output
+    rq[:, GEN] = rq[:, PREEMPTED] = rq[:, BASE] = rq[:, CACHED] = rq[:, IN_PREFILL] = rq[:, VERSION] = 0
+    rq[:, PLEFT] = rq[:, PDONE] = rq[:, PALLOC] = 0
+    rq[:, PREFIX] = prefix_id if prefix_id is not None else NONE
+    rqf = np.full((n, 4), INF)
+    rqf[:, ARRIVAL] = arrival
+    block = limits.block_size
+    lim = np.array([limits.max_num_seqs, limits.max_num_batched_tokens, limits.kv_capacity_tokens,
+                    prefix_tokens // block * block if prefix_id is not None else 0], dtype=np.int64)
+    # The last block of a sequence is partly empty; sliding-window layers hold a fixed amount per sequence.
+    per_seq = block * (1 - cost.eff.last_block_fill) + limits.kv_tokens_per_seq
+    table = cost.table(limits.max_num_seqs, limits.max_num_batched_tokens)
+    prefixes = int(rq[:, PREFIX].max()) + 1 if n else 0
+    ri, rf, itl, series = _run(rq, rqf, lim, per_seq, table.decode, table.mixed, table.params, dp, MODES[mode],
+                               concurrency, ROUTERS[router], cost.frontend_s, max(prefixes, 1))
+    replicas = [ReplicaResult(float(rf[r, CLOCK]), int(ri[r, PREEMPTIONS]), float(rf[r, KV_AREA]),
+                              float(rf[r, KV_PEAK]), float(rf[r, KV_LIMITED]), int(ri[r, STEPS]),
+                              rf[r, SPLIT:SPLIT + len(PHASE_FIELDS)].tolist(), series[series[:, 0] == r, 1:])
+                for r in range(dp)]
+    return RunResult(rqf[:, FIRST], rqf[:, FINISH], rqf[:, ARRIVAL], rq[:, PREEMPTED], replicas, itl)
+
+
+# ---- the replicas' lists ---------------------------------------------------------------------------------------
+@njit(cache=True)
+def _used(ri, rf, r, per_seq):
+    """KV tokens in use: decoding contexts, prefill chunks allocated, the partial last blocks, shared prefixes once."""
+    return (ri[r, ASUM] + ri[r, NDEC] * ri[r, G] + ri[r, PF_ALLOC] + per_seq * ri[r, NRUN] - ri[r, SHARED]
+            + ri[r, PREFIX_HELD])
+
+
+@njit(cache=True)
+def _run_append(rq, ri, r, rid):
+    tail = ri[r, RTAIL]
+    rq[rid, RPREV], rq[rid, RNEXT] = tail, NONE
+    if tail == NONE:
+        ri[r, RHEAD] = rid
+    else:
+        rq[tail, RNEXT] = rid
+    ri[r, RTAIL] = rid
+    ri[r, NRUN] += 1
+
+
+@njit(cache=True)
+def _run_remove(rq, ri, r, rid):
+    prev, nxt = rq[rid, RPREV], rq[rid, RNEXT]
+    if prev == NONE:
+        ri[r, RHEAD] = nxt
+    else:
+        rq[prev, RNEXT] = nxt
+    if nxt == NONE:
+        ri[r, RTAIL] = prev
+    else:
+        rq[nxt, RPREV] = prev
+    ri[r, NRUN] -= 1
+
+
+@njit(cache=True)
+def _wait_push(rq, ri, r, rid, front):
+    if front:
+        rq[rid, WNEXT] = ri[r, WHEAD]
+        ri[r, WHEAD] = rid
+        if ri[r, WTAIL] == NONE:
+            ri[r, WTAIL] = rid
+    else:
+        rq[rid, WNEXT] = NONE
+        if ri[r, WTAIL] == NONE:
+            ri[r, WHEAD] = rid
+        else:
+            rq[ri[r, WTAIL], WNEXT] = rid
+        ri[r, WTAIL] = rid
+    ri[r, NWAIT] += 1
+
+
+@njit(cache=True)
+def _wait_pop(rq, ri, r):
+    rid = ri[r, WHEAD]
+    ri[r, WHEAD] = rq[rid, WNEXT]
+    if ri[r, WHEAD] == NONE:
+        ri[r, WTAIL] = NONE
+    ri[r, NWAIT] -= 1
+    return rid
+
+
+@njit(cache=True)
+def _prefill_remove(rq, ri, r, rid):
+    prev, nxt = rq[rid, PPREV], rq[rid, PNEXT]
+    if prev == NONE:
+        ri[r, PHEAD] = nxt
+    else:
+        rq[prev, PNEXT] = nxt
+    if nxt == NONE:
+        ri[r, PTAIL] = prev
+    else:
+        rq[nxt, PPREV] = prev
+    rq[rid, IN_PREFILL] = 0
+
+
+@njit(cache=True)
+def _submit(rq, rqf, ri, r, rid, t):
+    """Request rid reaches engine r at time t (arrivals come in time order)."""
+    rq[rid, REPLICA] = r
+    rqf[rid, AT_ENGINE] = t
+    rq[rid, FNEXT] = NONE
+    if ri[r, FTAIL] == NONE:
+        ri[r, FHEAD] = rid
+    else:
+        rq[ri[r, FTAIL], FNEXT] = rid
+    ri[r, FTAIL] = rid
+    ri[r, NFUT] += 1
+
+
+@njit(cache=True)
+def _heap_top(heap, rq):
+    """The next decoding request to finish (finish step, request), dropping entries of preempted or finished ones."""
+    while len(heap) and heap[0][2] != rq[heap[0][1], VERSION]:
+        heapq.heappop(heap)
+    return heap[0]
+
+
+# ---- one event ---------------------------------------------------------------------------------------------------
+@njit(cache=True)
+def _finish(rq, rqf, ri, rf, r, rid, done_times, out, n_out):
+    _run_remove(rq, ri, r, rid)
+    ri[r, SHARED] -= rq[rid, CACHED]
+    rq[rid, CACHED] = 0
+    rqf[rid, FINISH] = rf[r, CLOCK]
+    done_times[r].append(rf[r, CLOCK])
+    out[n_out] = rid
+    return n_out + 1
+
+
+@njit(cache=True)
+def _complete(rq, rqf, ri, rf, r, heap, done_times, out, n_out):
+    """Finish the decoding requests whose last token the step count has reached."""
+    while len(heap) and heap[0][0] <= ri[r, G]:
+        _, rid, version = heapq.heappop(heap)
+        if rq[rid, VERSION] != version:
+            continue
+        rq[rid, GEN] = rq[rid, OUTPUT]
+        rq[rid, VERSION] = 0
+        ri[r, ASUM] -= rq[rid, BASE]
+        ri[r, NDEC] -= 1
+        n_out = _finish(rq, rqf, ri, rf, r, rid, done_times, out, n_out)
+    return n_out
+
+
+@njit(cache=True)
+def _preempt(rq, ri, r):
+    """Free the most recently admitted request; it will be recomputed from its prompt and generated tokens."""
+    rid = ri[r, RTAIL]
+    _run_remove(rq, ri, r, rid)
+    ri[r, SHARED] -= rq[rid, CACHED]
+    rq[rid, CACHED] = 0
+    if rq[rid, IN_PREFILL]:
+        _prefill_remove(rq, ri, r, rid)
+        ri[r, PF_ALLOC] -= rq[rid, PALLOC]
+        ri[r, PF_LEFT] -= rq[rid, PLEFT]
+    else:
+        rq[rid, GEN] = rq[rid, BASE] + ri[r, G] - rq[rid, PROMPT]
+        ri[r, ASUM] -= rq[rid, BASE]
+        ri[r, NDEC] -= 1
+        rq[rid, VERSION] = 0     # its finish-heap entry is stale
+    _wait_push(rq, ri, r, rid, True)
+    ri[r, JUST_PREEMPTED] = 1
+    ri[r, PREEMPTIONS] += 1
+    rq[rid, PREEMPTED] += 1
+
+
+@njit(cache=True)
+def _record(ri, rf, r, lim, per_seq, series):
+    series.append((r, rf[r, CLOCK], _used(ri, rf, r, per_seq) / lim[L_CAP], ri[r, NRUN], ri[r, NWAIT],
+                   ri[r, PREEMPTIONS]))
+
+
+@njit(cache=True)
+def _admit(rq, ri, rf, r, lim, per_seq, seen):
+    if ri[r, NRUN] >= lim[L_SEQS] or ri[r, NWAIT] == 0:
+        return
+    used = _used(ri, rf, r, per_seq)
+    budget = lim[L_TOKENS] - ri[r, NDEC]
+    while ri[r, NWAIT] and ri[r, NRUN] < lim[L_SEQS] and ri[r, PF_LEFT] < budget:
+        rid = ri[r, WHEAD]
+        pid = rq[rid, PREFIX]
         # Automatic prefix caching (vllm/v1/core/kv_cache_manager.py): full blocks of a computed prefix are hashed
         # and reused; a hit skips their prefill, and their KV is held once however many requests share it.
-        self.prefix_hit = reqs.prefix_tokens // limits.block_size * limits.block_size
-        self.prefix_seen: set[int] = set()
-        self.cached: dict[int, int] = {}   # prefix tokens each running request shares rather than holds
-        self.shared = 0                    # their sum
-        self.prefix_held = 0               # tokens of the cached prefixes, held once
-        self.drain_ok = True               # False while a closed-loop client still has requests to send
-        self.done_times: list[float] = []  # completion times, in order
-        self.preemptions = 0
-        self.just_preempted = False
-        self.time_split = [0.0] * len(PHASE_FIELDS)   # summed over the run
-        self.kv_area = 0.0
-        self.kv_peak = 0.0
-        self.kv_limited_s = 0.0
-        self.steps = 0
-        self.itl: list[tuple[float, int]] = []     # (step time, tokens that waited it)
-        self.series: list[tuple[float, float, int, int, int]] = []   # (t, kv fraction, running, waiting, preempted)
-
-    # ---- queue -------------------------------------------------------------------------
-    def submit(self, rid: int, t: float) -> None:
-        self.reqs.replica[rid] = self.index
-        heapq.heappush(self.future, (t, rid))
-
-    def load_at(self, t: float) -> int:
-        """Requests this engine holds at time t. Its clock may be past t (it ran to its next event while no arrival
-        was known); completions it made after t had not happened yet at t."""
-        return len(self.running) + len(self.waiting) + len(self.future) + len(self.done_times) - bisect_right(
-            self.done_times, t)
-
-    @property
-    def busy(self) -> bool:
-        return bool(self.running or self.waiting or self.future)
-
-    def used(self) -> float:
-        return (self.A + self.n_dec * self.G + self.prefill_alloc + self.per_seq * len(self.running)
-                - self.shared + self.prefix_held)
-
-    # ---- one event ----------------------------------------------------------------------
-    def step(self, t_limit: float = INF) -> list[float]:
-        """Advance to the next event, not past the first step boundary after t_limit; return completion times."""
-        future = self.future
-        while future and future[0][0] <= self.clock:
-            self.waiting.append(heapq.heappop(future)[1])
-        if not self.just_preempted:   # vLLM admits nobody in a step that had to preempt
-            self._admit()
-        self.just_preempted = False
-        if self.prefill:
-            return self._mixed_step()
-        if not self.n_dec:
-            if self.waiting:   # nothing running, yet the head does not fit: impossible by the validity check
-                raise RuntimeError("request larger than the KV cache")
-            if future:
-                self.clock = max(self.clock, future[0][0])
-            return []
-        cap = self.lim.kv_capacity_tokens
-        used = self.used()
-        k_full = int((cap - used) // self.n_dec)
-        while self.heap[0][2] != self.version.get(self.heap[0][1]):
-            heapq.heappop(self.heap)
-        # The vectorised drain needs the KV cache to last at least until the first completion (cheap to check, and
-        # in the capacity trap it never does).
-        if t_limit == INF and self.drain_ok and not future and not self.waiting \
-                and self.heap[0][0] - self.G <= k_full and self._drain():
-            return [self.reqs.finish[rid] for rid in self._drained]
-        if k_full <= 0:
-            self._preempt()
-            self.just_preempted = True
-            return []
-        k = min(self.heap[0][0] - self.G, k_full)
-        t_next = min(t_limit, future[0][0] if future else INF)
-        if t_next < INF:
-            k = steps_within(self.cost, self.n_dec, self.A + self.n_dec * self.G, t_next - self.clock, k)
-        phase = decode_phase(self.cost, self.n_dec, self.A + self.n_dec * self.G, k)
-        self._account(phase, used + self.n_dec * k / 2, self.n_dec, k)
-        self.G += k
-        self.kv_peak = max(self.kv_peak, (used + self.n_dec * k) / cap)
-        done = self._complete()
-        self._record()
-        return done
-
-    def _drain(self) -> bool:
-        """Nothing left to admit: finish every running request in one vectorised pass, unless the KV cache
-        would fill on the way (then the caller steps event by event, preempting as vLLM does)."""
-        live = sorted((f, rid) for f, rid, v in self.heap if self.version.get(rid) == v)
-        finish_step = np.array([f for f, _ in live], dtype=float)
-        rids = [rid for _, rid in live]
-        base = np.array([self.base[rid] for rid in rids], dtype=float)
-        cached = np.array([self.cached.get(rid, 0) for rid in rids], dtype=float)
-        n0 = len(rids)
-        n = n0 - np.arange(n0)                            # running during the run that ends with request i
-        start = np.concatenate(([self.G], finish_step[:-1]))
-        acc = self.A - np.concatenate(([0.0], np.cumsum(base)[:-1]))
-        own = self.prefix_held - (self.shared - np.concatenate(([0.0], np.cumsum(cached)[:-1])))   # prefixes, once
-        steps = finish_step - start
-        end_use = acc + n * finish_step + self.per_seq * n + own
-        cap = self.lim.kv_capacity_tokens
-        if end_use.max() > cap:
-            return False
-        ctx0 = acc + n * start
-        phase = decode_phase(self.cost, n, ctx0, steps, self.cost.lines_array(n))
-        total = phase[TOTAL]
-        done_at = self.clock + np.cumsum(total)
-        for i, v in enumerate(phase):
-            self.time_split[i] += float(np.sum(v))
-        self.kv_area += float(np.sum((ctx0 + n * steps / 2 + self.per_seq * n + own) * total))
-        self.kv_peak = max(self.kv_peak, float(end_use.max()) / cap)
-        ran = steps > 0
-        self.itl.extend(zip((total[ran] / steps[ran]).tolist(), (n[ran] * steps[ran]).tolist()))
-        self.steps += int(steps.sum())
-        reqs = self.reqs
-        for rid, t in zip(rids, done_at.tolist()):
-            reqs.finish[rid] = t
-            reqs.generated[rid] = reqs.output[rid]
-        self.done_times.extend(done_at.tolist())
-        use_after = acc - base + (n - 1) * (finish_step + self.per_seq) + own + cached   # once request i has left
-        self.series.extend(zip(done_at.tolist(), (use_after / cap).tolist(), (n - 1).tolist(), [0] * n0,
-                               [self.preemptions] * n0))
-        self.clock = float(done_at[-1])
-        self.G = int(finish_step[-1])
-        self.running.clear()
-        self.heap.clear()
-        self.version.clear()
-        self.base.clear()
-        self.n_dec, self.A = 0, 0
-        self.cached.clear()
-        self.shared = 0
-        self._drained = rids
-        return True
-
-    def _account(self, phase: tuple[float, ...], mean_used: float, n: int, k: int) -> None:
-        total = phase[TOTAL]
-        self.clock += total
-        split = self.time_split
-        for i, v in enumerate(phase):
-            split[i] += v
-        self.kv_area += mean_used * total
-        self.steps += k
-        self.itl.append((total / k, n * k))
-        if self.waiting and len(self.running) < self.lim.max_num_seqs:
-            self.kv_limited_s += total
-
-    def _admit(self) -> None:
-        lim, reqs = self.lim, self.reqs
-        if len(self.running) >= lim.max_num_seqs or not self.waiting:
-            return
-        used = self.used()
-        budget = lim.max_num_batched_tokens - self.n_dec
-        while self.waiting and len(self.running) < lim.max_num_seqs and self.prefill_left < budget:
-            rid = self.waiting[0]
-            hit = self.prefix_hit if reqs.prefix_id and reqs.prefix_id[rid] in self.prefix_seen else 0
-            need = reqs.prompt[rid] + reqs.generated[rid] - hit
-            # Chunked prefill allocates blocks chunk by chunk: admission needs room for the first chunk only,
-            # plus one token for every decoding request in the same step.
-            first_chunk = min(need, budget - self.prefill_left)
-            if used + first_chunk + self.per_seq + self.n_dec > lim.kv_capacity_tokens:
-                break
-            self.waiting.popleft()
-            self.running[rid] = None
-            if hit:
-                self.cached[rid] = hit
-                self.shared += hit
-            self.prefill.append([rid, need, hit, 0])   # a hit's chunks still attend over the cached prefix
-            self.prefill_left += need
-            used += first_chunk + self.per_seq
-
-    def _mixed_step(self) -> list[float]:
-        """One step that decodes every running request and prefills chunks up to the token budget."""
-        cap = self.lim.kv_capacity_tokens
-        while self.n_dec and self.used() + self.n_dec > cap:
-            self._preempt()
-        if not self.prefill:
-            return []
-        budget = self.lim.max_num_batched_tokens - self.n_dec
-        free = cap - self.used() - self.n_dec
-        chunk_tokens, attn_context = 0, 0.0
-        finished = []
-        for item in self.prefill:
-            take = min(item[1], budget, int(free))
-            if take <= 0:
-                break
-            attn_context += take * (item[2] + take / 2)
-            item[1] -= take
-            item[2] += take
-            item[3] += take
-            budget -= take
-            free -= take
-            chunk_tokens += take
-            if item[1] == 0:
-                finished.append(item)
-        if not chunk_tokens and not self.n_dec:
-            self._preempt()      # partial prefills hold the whole cache: free the newest, as vLLM would
-            return []
-        self.prefill_alloc += chunk_tokens
-        n = self.n_dec
-        context = self.A + n * self.G
-        dt, overhead, ideal = self.cost.step_time(n, context, chunk_tokens, attn_context)
-        waiting_blocked = bool(self.waiting) and len(self.running) < self.lim.max_num_seqs
-        split = self.time_split
-        split[TOTAL] += dt
-        split[COMPUTE] += dt - overhead    # prefill chunks are compute-bound
-        split[OVERHEAD] += overhead
-        split[IDEAL] += ideal
-        self.clock += dt
-        self.kv_area += self.used() * dt
-        if waiting_blocked:
-            self.kv_limited_s += dt
-        if n:
-            self.itl.append((dt, n))
-        self.steps += 1
-        self.prefill_left -= chunk_tokens
-        self.G += 1
-        done = self._complete()
-        reqs = self.reqs
-        for _ in finished:       # chunks are taken in queue order, so the finished ones are at the front
-            self.prefill.popleft()
-        for item in finished:
-            rid = item[0]
-            self.prefill_alloc -= item[3]
-            g = reqs.generated[rid] + 1     # the prefill's forward pass samples the next token
-            pid = reqs.prefix_id[rid] if reqs.prefix_id else -1
-            if self.prefix_hit and pid >= 0 and pid not in self.prefix_seen:
-                # Its prefix blocks are now the cached copy: held once, shared by this request as by later ones.
-                self.prefix_seen.add(pid)
-                self.prefix_held += self.prefix_hit
-                self.cached[rid] = self.prefix_hit
-                self.shared += self.prefix_hit
-            reqs.generated[rid] = g
-            if reqs.first_token[rid] == INF:
-                reqs.first_token[rid] = self.clock
-            if g >= reqs.output[rid]:
-                done.append(self._finish(rid))
-                continue
-            base = reqs.prompt[rid] + g - self.G
-            self.base[rid] = base
-            self.A += base
-            self.n_dec += 1
-            self._next_version += 1
-            v = self.version[rid] = self._next_version
-            heapq.heappush(self.heap, (self.G + reqs.output[rid] - g, rid, v))
-        self.kv_peak = max(self.kv_peak, self.used() / cap)
-        self._record()
-        return done
-
-
-    def _complete(self) -> list[float]:
-        done = []
-        heap, G = self.heap, self.G
-        while heap and heap[0][0] <= G:
-            _, rid, v = heapq.heappop(heap)
-            if self.version.get(rid) != v:
-                continue
-            self.reqs.generated[rid] = self.reqs.output[rid]
-            self.A -= self.base.pop(rid)
-            self.n_dec -= 1
-            del self.version[rid]
-            done.append(self._finish(rid))
-        return done
-
-    def _finish(self, rid: int) -> float:
-        del self.running[rid]
-        self.shared -= self.cached.pop(rid, 0)
-        self.reqs.finish[rid] = self.clock
-        self.done_times.append(self.clock)
-        return self.clock
-
-    def _preempt(self) -> None:
-        """Free the most recently admitted request; it will be recomputed from its prompt and generated tokens."""
-        rid = next(reversed(self.running))
-        del self.running[rid]
-        self.shared -= self.cached.pop(rid, 0)
-        for item in self.prefill:
-            if item[0] == rid:
-                self.prefill.remove(item)
-                self.prefill_alloc -= item[3]
-                self.prefill_left -= item[1]
-                break
+        hit = lim[L_PREFIX_HIT] if pid >= 0 and seen[r, pid] else 0
+        need = rq[rid, PROMPT] + rq[rid, GEN] - hit
+        # Chunked prefill allocates blocks chunk by chunk: admission needs room for the first chunk only, plus one
+        # token for every decoding request in the same step.
+        first_chunk = min(need, budget - ri[r, PF_LEFT])
+        if used + first_chunk + per_seq + ri[r, NDEC] > lim[L_CAP]:
+            break
+        _wait_pop(rq, ri, r)
+        _run_append(rq, ri, r, rid)
+        if hit:
+            rq[rid, CACHED] = hit
+            ri[r, SHARED] += hit
+        # A hit's chunks still attend over the cached prefix.
+        rq[rid, PLEFT], rq[rid, PDONE], rq[rid, PALLOC], rq[rid, IN_PREFILL] = need, hit, 0, 1
+        rq[rid, PPREV], rq[rid, PNEXT] = ri[r, PTAIL], NONE
+        if ri[r, PTAIL] == NONE:
+            ri[r, PHEAD] = rid
         else:
-            base = self.base.pop(rid)
-            self.reqs.generated[rid] = base + self.G - self.reqs.prompt[rid]
-            self.A -= base
-            self.n_dec -= 1
-            del self.version[rid]
-        self.waiting.appendleft(rid)
-        self.just_preempted = True
-        self.preemptions += 1
-        self.reqs.preempted[rid] += 1
-
-    def _record(self) -> None:
-        self.series.append((self.clock, self.used() / self.lim.kv_capacity_tokens, len(self.running),
-                            len(self.waiting), self.preemptions))
-
-    def run_to_end(self) -> None:
-        while self.busy:
-            self.step()
+            rq[ri[r, PTAIL], PNEXT] = rid
+        ri[r, PTAIL] = rid
+        ri[r, PF_LEFT] += need
+        used += first_chunk + per_seq
 
 
-def drive(replicas: list[Replica], reqs: RequestTable, mode: str, concurrency: int, router: str,
-          frontend_s: float = 0.0) -> None:
-    """Feed requests to the replicas and run them to the end, in global time order when arrivals depend on time.
-    A request reaches its engine `frontend_s` after the client sends it (HTTP, tokenisation, the hop to the engine
-    core); its arrival stays the client's send time, so TTFT and E2E are what the client measures."""
-    n = len(reqs.prompt)
-    if mode == "batch":
+@njit(cache=True)
+def _start_decoding(rq, ri, r, rid, heap):
+    """rid's prompt is in the cache and its first token sampled: it decodes from the next step on."""
+    base = rq[rid, PROMPT] + rq[rid, GEN] - ri[r, G]     # its context is base + G from now on
+    rq[rid, BASE] = base
+    ri[r, ASUM] += base
+    ri[r, NDEC] += 1
+    ri[r, NEXT_VERSION] += 1
+    rq[rid, VERSION] = ri[r, NEXT_VERSION]
+    heapq.heappush(heap, (ri[r, G] + rq[rid, OUTPUT] - rq[rid, GEN], rid, rq[rid, VERSION]))
+
+
+@njit(cache=True)
+def _mixed_step(rq, rqf, ri, rf, r, lim, per_seq, decode, mixed, params, heap, seen, done_times, itl, series, out):
+    """One step that decodes every running request and prefills chunks up to the token budget."""
+    cap = lim[L_CAP]
+    while ri[r, NDEC] and _used(ri, rf, r, per_seq) + ri[r, NDEC] > cap:
+        _preempt(rq, ri, r)
+    if ri[r, PHEAD] == NONE:
+        return 0
+    budget = lim[L_TOKENS] - ri[r, NDEC]
+    free = cap - _used(ri, rf, r, per_seq) - ri[r, NDEC]
+    chunk_tokens, attn_context, finished = 0, 0.0, 0
+    rid = ri[r, PHEAD]
+    while rid != NONE:
+        take = min(rq[rid, PLEFT], budget, int(free))
+        if take <= 0:
+            break
+        attn_context += take * (rq[rid, PDONE] + take / 2)
+        rq[rid, PLEFT] -= take
+        rq[rid, PDONE] += take
+        rq[rid, PALLOC] += take
+        budget -= take
+        free -= take
+        chunk_tokens += take
+        if rq[rid, PLEFT] == 0:
+            finished += 1       # chunks are taken in queue order, so the finished ones are at the front
+        rid = rq[rid, PNEXT]
+    if not chunk_tokens and not ri[r, NDEC]:
+        _preempt(rq, ri, r)      # partial prefills hold the whole cache: free the newest, as vLLM would
+        return 0
+    ri[r, PF_ALLOC] += chunk_tokens
+    n = ri[r, NDEC]
+    context = ri[r, ASUM] + n * ri[r, G]
+    row = decode[n]
+    mb = int(row[D_MB])
+    tok = mixed[mb - 1, n + chunk_tokens]
+    # The step's lines: the token terms at its decoded plus prefilled tokens, the rest as a decode step of n.
+    dt, overhead, ideal = step_from_lines(tok[0], row[D_C1], tok[1], row[D_M1], tok[2] + row[D_COMM_SEQS],
+                                          row[D_KERNELS], row[D_OVERHEAD], row[D_FLOOR], row[D_MB], params,
+                                          context, attn_context)
+    waiting_blocked = ri[r, NWAIT] > 0 and ri[r, NRUN] < lim[L_SEQS]
+    rf[r, SPLIT + TOTAL] += dt
+    rf[r, SPLIT + COMPUTE] += dt - overhead    # prefill chunks are compute-bound
+    rf[r, SPLIT + OVERHEAD] += overhead
+    rf[r, SPLIT + IDEAL] += ideal
+    rf[r, CLOCK] += dt
+    rf[r, KV_AREA] += _used(ri, rf, r, per_seq) * dt
+    if waiting_blocked:
+        rf[r, KV_LIMITED] += dt
+    if n:
+        itl.append((dt, float(n)))
+    ri[r, STEPS] += 1
+    ri[r, PF_LEFT] -= chunk_tokens
+    ri[r, G] += 1
+    n_out = _complete(rq, rqf, ri, rf, r, heap, done_times, out, 0)
+    for _ in range(finished):
+        rid = ri[r, PHEAD]
+        _prefill_remove(rq, ri, r, rid)
+        ri[r, PF_ALLOC] -= rq[rid, PALLOC]
+        g = rq[rid, GEN] + 1     # the prefill's forward pass samples the next token
+        pid = rq[rid, PREFIX]
+        if lim[L_PREFIX_HIT] and pid >= 0 and not seen[r, pid]:
+            # Its prefix blocks are now the cached copy: held once, shared by this request as by later ones.
+            seen[r, pid] = True
+            ri[r, PREFIX_HELD] += lim[L_PREFIX_HIT]
+            rq[rid, CACHED] = lim[L_PREFIX_HIT]
+            ri[r, SHARED] += lim[L_PREFIX_HIT]
+        rq[rid, GEN] = g
+        if rqf[rid, FIRST] == INF:
+            rqf[rid, FIRST] = rf[r, CLOCK]
+        if g >= rq[rid, OUTPUT]:
+            n_out = _finish(rq, rqf, ri, rf, r, rid, done_times, out, n_out)
+            continue
+        _start_decoding(rq, ri, r, rid, heap)
+    rf[r, KV_PEAK] = max(rf[r, KV_PEAK], _used(ri, rf, r, per_seq) / cap)
+    _record(ri, rf, r, lim, per_seq, series)
+    return n_out
+
+
+@njit(cache=True)
+def _account(ri, rf, r, lim, phase, mean_used, n, k, itl):
+    total = phase[TOTAL]
+    rf[r, CLOCK] += total
+    for i in range(len(phase)):
+        rf[r, SPLIT + i] += phase[i]
+    rf[r, KV_AREA] += mean_used * total
+    ri[r, STEPS] += k
+    itl.append((total / k, float(n * k)))
+    if ri[r, NWAIT] and ri[r, NRUN] < lim[L_SEQS]:
+        rf[r, KV_LIMITED] += total
+
+
+@njit(cache=True)
+def _drain(rq, rqf, ri, rf, r, lim, per_seq, decode, params, heap, done_times, itl, series, out):
+    """Nothing left to admit: finish every running request in one pass, unless the KV cache would fill on the way
+    (then the caller steps event by event, preempting as vLLM does). Returns how many finished, or -1."""
+    live = [(f, rid) for f, rid, v in heap if rq[rid, VERSION] == v]
+    live.sort()
+    n0 = len(live)
+    cap = lim[L_CAP]
+    acc, own, start = ri[r, ASUM], ri[r, PREFIX_HELD] - ri[r, SHARED], ri[r, G]
+    for i in range(n0):    # the KV use at each completion, before touching anything
+        f, rid = live[i]
+        if acc + (n0 - i) * f + per_seq * (n0 - i) + own > cap:
+            return -1
+        acc -= rq[rid, BASE]
+        own += rq[rid, CACHED]
+    acc, own, clock = ri[r, ASUM], ri[r, PREFIX_HELD] - ri[r, SHARED], rf[r, CLOCK]
+    elapsed = 0.0
+    for i in range(n0):
+        f, rid = live[i]
+        n = n0 - i                      # running during the run that ends with request i
+        steps = f - start
+        ctx0 = acc + n * start
+        end_use = acc + n * f + per_seq * n + own
+        phase = decode_run(decode[n], params, n, ctx0, steps)
+        total = phase[TOTAL]
+        elapsed += total
+        done_at = clock + elapsed
+        for j in range(len(phase)):
+            rf[r, SPLIT + j] += phase[j]
+        rf[r, KV_AREA] += (ctx0 + n * steps / 2 + per_seq * n + own) * total
+        rf[r, KV_PEAK] = max(rf[r, KV_PEAK], end_use / cap)
+        if steps > 0:
+            itl.append((total / steps, float(n * steps)))
+        ri[r, STEPS] += steps
+        rqf[rid, FINISH] = done_at
+        rq[rid, GEN] = rq[rid, OUTPUT]
+        done_times[r].append(done_at)
+        out[i] = rid
+        acc -= rq[rid, BASE]
+        own += rq[rid, CACHED]
+        # Once request i has left: the others' contexts at f, their partial blocks, the prefixes held once.
+        series.append((r, done_at, (acc + (n - 1) * (f + per_seq) + own) / cap, n - 1, 0, ri[r, PREEMPTIONS]))
+        start = f
+        rq[rid, VERSION] = 0
+        rq[rid, CACHED] = 0
+        _run_remove(rq, ri, r, rid)
+    rf[r, CLOCK] = clock + elapsed
+    ri[r, G] = live[n0 - 1][0]
+    heap.clear()
+    ri[r, NDEC], ri[r, ASUM], ri[r, SHARED] = 0, 0, 0
+    return n0
+
+
+@njit(cache=True)
+def _step(rq, rqf, ri, rf, r, lim, per_seq, decode, mixed, params, heap, seen, done_times, itl, series, out,
+          t_limit):
+    """Advance engine r to its next event, not past the first step boundary after t_limit; the requests that
+    completed are out[:returned count]."""
+    while ri[r, NFUT] and rqf[ri[r, FHEAD], AT_ENGINE] <= rf[r, CLOCK]:
+        rid = ri[r, FHEAD]
+        ri[r, FHEAD] = rq[rid, FNEXT]
+        if ri[r, FHEAD] == NONE:
+            ri[r, FTAIL] = NONE
+        ri[r, NFUT] -= 1
+        _wait_push(rq, ri, r, rid, False)
+    if not ri[r, JUST_PREEMPTED]:   # vLLM admits nobody in a step that had to preempt
+        _admit(rq, ri, rf, r, lim, per_seq, seen)
+    ri[r, JUST_PREEMPTED] = 0
+    if ri[r, PHEAD] != NONE:
+        return _mixed_step(rq, rqf, ri, rf, r, lim, per_seq, decode, mixed, params, heap, seen, done_times, itl,
+                           series, out)
+    n = ri[r, NDEC]
+    if not n:
+        if ri[r, NWAIT]:   # nothing running, yet the head does not fit: impossible by the validity check
+            raise RuntimeError("request larger than the KV cache")
+        if ri[r, NFUT]:
+            rf[r, CLOCK] = max(rf[r, CLOCK], rqf[ri[r, FHEAD], AT_ENGINE])
+        return 0
+    cap = lim[L_CAP]
+    used = _used(ri, rf, r, per_seq)
+    k_full = int((cap - used) // n)
+    top = _heap_top(heap, rq)[0]
+    # The one-pass drain needs the KV cache to last at least until the first completion (cheap to check, and in
+    # the capacity trap it never does).
+    if t_limit == INF and ri[r, DRAIN_OK] and not ri[r, NFUT] and not ri[r, NWAIT] and top - ri[r, G] <= k_full:
+        drained = _drain(rq, rqf, ri, rf, r, lim, per_seq, decode, params, heap, done_times, itl, series, out)
+        if drained >= 0:
+            return drained
+    if k_full <= 0:
+        _preempt(rq, ri, r)
+        return 0
+    k = min(top - ri[r, G], k_full)
+    t_next = min(t_limit, rqf[ri[r, FHEAD], AT_ENGINE] if ri[r, NFUT] else INF)
+    context = ri[r, ASUM] + n * ri[r, G]
+    if t_next < INF:
+        k = steps_within(decode[n], params, n, context, t_next - rf[r, CLOCK], k)
+    phase = decode_run(decode[n], params, n, context, k)
+    _account(ri, rf, r, lim, phase, used + n * k / 2, n, k, itl)
+    ri[r, G] += k
+    rf[r, KV_PEAK] = max(rf[r, KV_PEAK], (used + n * k) / cap)
+    n_out = _complete(rq, rqf, ri, rf, r, heap, done_times, out, 0)
+    _record(ri, rf, r, lim, per_seq, series)
+    return n_out
+
+
+@njit(cache=True)
+def _load_at(ri, r, done_times, t):
+    """Requests engine r holds at time t. Its clock may be past t (it ran to its next event while no arrival was
+    known); completions it made after t had not happened yet at t."""
+    later = 0
+    times = done_times[r]
+    i = len(times) - 1
+    while i >= 0 and times[i] > t:
+        later += 1
+        i -= 1
+    return ri[r, NRUN] + ri[r, NWAIT] + ri[r, NFUT] + later
+
+
+@njit(cache=True)
+def _busy(ri, r):
+    return ri[r, NRUN] or ri[r, NWAIT] or ri[r, NFUT]
+
+
+@njit(cache=True)
+def _itl_array(itl):
+    out = np.empty((len(itl), 2))
+    for i in range(len(itl)):
+        out[i, 0], out[i, 1] = itl[i]
+    return out
+
+
+@njit(cache=True)
+def _series_array(series):
+    out = np.empty((len(series), 6))
+    for i in range(len(series)):
+        r, t, kv, running, waiting, pre = series[i]
+        out[i, 0], out[i, 1], out[i, 2], out[i, 3], out[i, 4], out[i, 5] = r, t, kv, running, waiting, pre
+    return out
+
+
+@njit(cache=True)
+def _run(rq, rqf, lim, per_seq, decode, mixed, params, dp, mode, concurrency, router, frontend_s, prefixes):
+    """Feed the requests to the engines and run them to the end, in global time order when arrivals depend on
+    time."""
+    n = rq.shape[0]
+    ri = np.zeros((dp, NEXT_VERSION + 1), dtype=np.int64)
+    for col in (RHEAD, RTAIL, WHEAD, WTAIL, FHEAD, FTAIL, PHEAD, PTAIL):
+        ri[:, col] = NONE
+    ri[:, DRAIN_OK] = 1
+    rf = np.zeros((dp, SPLIT + 9))
+    seen = np.zeros((dp, prefixes), dtype=np.bool_)
+    heaps = [[(np.int64(0), np.int64(0), np.int64(0))][:0] for _ in range(dp)]
+    done_times = [[0.0][:0] for _ in range(dp)]
+    itl = [(0.0, 0.0)][:0]
+    series = [(0, 0.0, 0.0, np.int64(0), np.int64(0), np.int64(0))][:0]
+    out = np.empty(int(lim[L_SEQS]) + 1, dtype=np.int64)
+    if mode == 0:
         # Everything arrives at t=0: both routers deal round-robin, and the replicas never interact again.
         for rid in range(n):
-            replicas[rid % len(replicas)].submit(rid, frontend_s)
-        for r in replicas:
-            r.run_to_end()
-        return
-    pending: list[tuple[float, int]] = []
-    closed = mode == "concurrency"
+            _submit(rq, rqf, ri, rid % dp, rid, frontend_s)
+        for r in range(dp):
+            while _busy(ri, r):
+                _step(rq, rqf, ri, rf, r, lim, per_seq, decode, mixed, params, heaps[r], seen, done_times, itl,
+                      series, out, INF)
+        return ri, rf, _itl_array(itl), _series_array(series)
+    closed = mode == 1
+    pending = [(0.0, np.int64(0))][:0]
     if closed:
-        # A closed loop: `concurrency` clients, each sending its next request when its last one completes
-        # (vllm bench serve --max-concurrency); a request's arrival is the moment it is sent.
         next_rid = min(concurrency, n)
-        pending = [(0.0, rid) for rid in range(next_rid)]
         for rid in range(n):
-            reqs.arrival[rid] = 0.0
+            rqf[rid, ARRIVAL] = 0.0
+        for rid in range(next_rid):
+            pending.append((0.0, np.int64(rid)))
     else:
         next_rid = n
-        pending = [(reqs.arrival[rid], rid) for rid in range(n)]
+        for rid in range(n):
+            pending.append((rqf[rid, ARRIVAL], np.int64(rid)))
     heapq.heapify(pending)
-    for r in replicas:
-        r.drain_ok = next_rid >= n
+    ri[:, DRAIN_OK] = 1 if next_rid >= n else 0
     turn = 0
     while True:
-        active = [r for r in replicas if r.busy]
-        t_arrival = pending[0][0] + frontend_s if pending else INF
-        r = min(active, key=lambda x: x.clock) if active else None
-        if r is None and not pending:
-            return
-        if r is None or r.clock >= t_arrival:
+        t_arrival = pending[0][0] + frontend_s if len(pending) else INF
+        r = -1
+        for x in range(dp):
+            if _busy(ri, x) and (r < 0 or rf[x, CLOCK] < rf[r, CLOCK]):
+                r = x
+        if r < 0 and not len(pending):
+            return ri, rf, _itl_array(itl), _series_array(series)
+        if r < 0 or rf[r, CLOCK] >= t_arrival:
             t, rid = heapq.heappop(pending)
-            if router == "round-robin":
-                target = replicas[turn % len(replicas)]
+            if router == 1:
+                target = turn % dp
                 turn += 1
             else:
-                target = min(replicas, key=lambda x: (x.load_at(t), x.index))
-            target.submit(rid, t + frontend_s)
+                target, load = 0, _load_at(ri, 0, done_times, t)
+                for x in range(1, dp):
+                    lx = _load_at(ri, x, done_times, t)
+                    if lx < load:
+                        target, load = x, lx
+            _submit(rq, rqf, ri, target, rid, t + frontend_s)
             continue
-        for t_done in r.step(t_arrival):
+        done = _step(rq, rqf, ri, rf, r, lim, per_seq, decode, mixed, params, heaps[r], seen, done_times, itl,
+                     series, out, t_arrival)
+        for i in range(done):
             if closed and next_rid < n:
-                reqs.arrival[next_rid] = t_done
-                heapq.heappush(pending, (t_done, next_rid))
+                t_done = rqf[out[i], FINISH]
+                rqf[next_rid, ARRIVAL] = t_done
+                heapq.heappush(pending, (t_done, np.int64(next_rid)))
                 next_rid += 1
                 if next_rid >= n:
-                    for x in replicas:
-                        x.drain_ok = True
+                    ri[:, DRAIN_OK] = 1

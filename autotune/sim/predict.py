@@ -8,7 +8,7 @@ import numpy as np
 
 from autotune.sim.calibration import Calibration
 from autotune.sim.costs import PHASE_FIELDS, StepCost
-from autotune.sim.engine import EngineLimits, Replica, RequestTable, drive
+from autotune.sim.engine import EngineLimits, ReplicaResult, RunResult, simulate
 from autotune.sim.memory import MemoryPlan, StageShape, plan_memory, stage_shape
 from autotune.sim.power import energy_joules
 from autotune.sim.uncertainty import intervals
@@ -78,7 +78,7 @@ def _bottleneck(cost: dict[str, float], preemptions: int, kv_limited_share: floa
     return max(shares, key=shares.get)
 
 
-def _aggregate_series(replicas: list[Replica], end: float) -> list[dict]:
+def _aggregate_series(replicas: list[ReplicaResult], end: float) -> list[dict]:
     """KV use (mean over engines), running, waiting and preemptions (sums) on an even time grid."""
     grid = np.linspace(0.0, end, SERIES_POINTS)
     kv = np.zeros_like(grid)
@@ -86,9 +86,9 @@ def _aggregate_series(replicas: list[Replica], end: float) -> list[dict]:
     waiting = np.zeros_like(grid)
     preempted = np.zeros_like(grid)
     for r in replicas:
-        if not r.series:
+        if not len(r.series):
             continue
-        s = np.array(r.series)
+        s = r.series
         idx = np.searchsorted(s[:, 0], grid, side="right") - 1
         ok = idx >= 0
         kv[ok] += s[idx[ok], 1]
@@ -100,9 +100,12 @@ def _aggregate_series(replicas: list[Replica], end: float) -> list[dict]:
             for t, k, r, w, p in zip(grid, kv, running, waiting, preempted)]
 
 
-def _downsample(series: list[tuple], points: int = SERIES_POINTS * 4) -> list[tuple]:
+def _downsample(series: np.ndarray, points: int = SERIES_POINTS * 4) -> list[tuple]:
+    """At most about `points` of an engine's (t, kv fraction, running, waiting, preempted) rows, the last kept."""
     step = max(1, len(series) // points)
-    return series[::step] + ([series[-1]] if series and (len(series) - 1) % step else [])
+    rows = series[::step] if not len(series) or (len(series) - 1) % step == 0 else np.vstack([series[::step],
+                                                                                           series[-1:]])
+    return [(t, kv, int(running), int(waiting), int(pre)) for t, kv, running, waiting, pre in rows.tolist()]
 
 
 def infeasibility(scenario: Scenario, layout: Layout, knobs: EngineKnobs) -> tuple[str | None, MemoryPlan | None]:
@@ -135,19 +138,17 @@ def predict(scenario: Scenario, layout: Layout, knobs: EngineKnobs = EngineKnobs
     limits = EngineLimits(knobs.max_num_seqs, knobs.max_num_batched_tokens, plan.kv_capacity_tokens,
                           knobs.block_size, shape.kv_bytes_per_seq / max(shape.kv_bytes_per_token, 1.0))
     reqs_in = requests if requests is not None else workload.sample()
-    prompt, output, arrival = reqs_in.prompt.tolist(), reqs_in.output.tolist(), reqs_in.arrival.tolist()
-    prefix = reqs_in.prefix_id.tolist() if reqs_in.prefix_tokens and reqs_in.prefix_id is not None else None
-    table = RequestTable(prompt, output, arrival, prefix, reqs_in.prefix_tokens if prefix else 0)
-    replicas = [Replica(i, cost, limits, table) for i in range(layout.dp)]
-    drive(replicas, table, workload.mode, workload.concurrency, scenario.router, cost.frontend_s)
-    metrics, series, engine_series = _summarise(table, replicas, layout, plan)
-    joules = energy_joules(cluster.gpu, eff, [r.time_split for r in replicas], layout.tp * layout.pp,
+    prefix = reqs_in.prefix_id if reqs_in.prefix_tokens and reqs_in.prefix_id is not None else None
+    run = simulate(cost, limits, layout.dp, reqs_in.prompt, reqs_in.output, reqs_in.arrival, prefix,
+                   reqs_in.prefix_tokens if prefix is not None else 0, workload.mode, workload.concurrency,
+                   scenario.router)
+    metrics, series, engine_series = _summarise(run, reqs_in.prompt, reqs_in.output, layout, plan)
+    joules = energy_joules(cluster.gpu, eff, [r.time_split for r in run.replicas], layout.tp * layout.pp,
                            metrics["makespan_s"])
-    metrics.update(cost_stats(layout.world_size, metrics["makespan_s"], float(sum(table.output)),
+    metrics.update(cost_stats(layout.world_size, metrics["makespan_s"], float(reqs_in.output.sum()),
                               cluster.usd_per_gpu_hour, joules))
     metrics.update(intervals(model, cluster.gpu, layout, workload.mode, metrics))
-    metrics.update(load_verdict(workload, np.array(table.arrival), np.array(table.first_token),
-                                np.array(table.finish), np.array(table.output)))
+    metrics.update(load_verdict(workload, run.arrival, run.first_token, run.finish, reqs_in.output))
     return Prediction(layout, knobs, True, "", plan, metrics, series, engine_series)
 
 
@@ -181,13 +182,9 @@ def load_verdict(workload: Workload, arrival: np.ndarray, first: np.ndarray, fin
             "sustainable_rate": sustained if growing else None}
 
 
-def _summarise(table: RequestTable, replicas: list[Replica], layout: Layout,
+def _summarise(run: RunResult, prompt: np.ndarray, output: np.ndarray, layout: Layout,
                plan: MemoryPlan) -> tuple[dict, list[dict], list[list[tuple]]]:
-    first = np.array(table.first_token)
-    finish = np.array(table.finish)
-    arrival = np.array(table.arrival)
-    prompt = np.array(table.prompt)
-    output = np.array(table.output)
+    first, finish, arrival, replicas = run.first_token, run.finish, run.arrival, run.replicas
     start = float(arrival.min())
     makespan = float(finish.max() - start)
     out_tokens = float(output.sum())
@@ -196,7 +193,7 @@ def _summarise(table: RequestTable, replicas: list[Replica], layout: Layout,
     e2e = finish - arrival
     multi = output > 1
     tpot = (finish[multi] - first[multi]) / (output[multi] - 1)
-    itl = np.array([p for r in replicas for p in r.itl], dtype=float).reshape(-1, 2)
+    itl = run.itl
     cost = {name: sum(r.time_split[i] for r in replicas) for i, name in enumerate(PHASE_FIELDS)}
     preemptions = sum(r.preemptions for r in replicas)
     busy = sum(r.clock for r in replicas) or 1.0
