@@ -39,7 +39,7 @@ def test_closed_loop_ttft_is_what_a_slot_limited_client_sees():
 
 
 def test_closed_loop_sends_each_follow_up_when_a_request_completes():
-    """A closed loop's arrivals are completion times: the vectorised drain must not finish a whole wave first."""
+    """A closed loop's arrivals are completion times: the one-pass drain must not finish a whole wave first."""
     w = Workload("t", LengthDist("fixed", value=256), LengthDist("lognormal", median=300, sigma=0.6, low=16, high=2000),
                  mode="concurrency", concurrency=8, num_requests=120)
     p = predict(_scenario(w), Layout(), EngineKnobs(max_num_seqs=64))

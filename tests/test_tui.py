@@ -3,6 +3,7 @@
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -154,6 +155,44 @@ def test_snapshot_trial_detail(study, snap_compare):
             await pilot.pause(0.05)
         await pilot.pause()
     assert snap_compare(AutotuneApp(study, interval=3600), terminal_size=(160, 48), run_before=detail)
+
+
+@pytest.fixture
+def studies_here(tmp_path, monkeypatch):
+    """Two studies of one name and a broken one under ./studies, with UTC clocks: paths and times that a snapshot
+    can hold."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    for name in ("dense-a", "dense-b"):
+        build(tmp_path / "studies" / name).close()
+    (tmp_path / "studies" / "broken").mkdir()
+    (tmp_path / "studies" / "broken" / "study.json").write_text("[]")
+    yield Path("studies")
+    monkeypatch.delenv("TZ")
+    time.tzset()
+
+
+def test_snapshot_picker(studies_here, snap_compare):
+    async def shown(pilot):
+        for _ in range(100):
+            if pilot.app.screen.query("#studies") and pilot.app.screen.query_one("#studies").row_count == 3:
+                break
+            await pilot.pause(0.05)
+        await pilot.pause()
+    assert snap_compare(AutotuneApp(None, root=studies_here, interval=3600), terminal_size=(160, 30),
+                        run_before=shown)
+
+
+def test_snapshot_error_on_a_broken_study(studies_here, snap_compare):
+    async def failed(pilot):
+        for _ in range(100):
+            if pilot.app._notifications:
+                break
+            await pilot.pause(0.05)
+        await pilot.pause()
+    assert snap_compare(AutotuneApp(studies_here / "broken", interval=3600), terminal_size=(160, 30),
+                        run_before=failed)
 
 
 def test_the_tui_imports_neither_ray_nor_vllm_and_the_runner_not_textual():

@@ -146,6 +146,11 @@ class AutotuneApp(App):
 
     def on_poll_failed(self, message: PollFailed) -> None:
         self.notify(message.error, severity="error", timeout=5)
+        if self.snapshot is None:
+            try:
+                self.screen.query_one(StudyHeader).cannot_read(message.error)
+            except NoMatches:     # another screen is on top
+                pass
 
     def refresh_views(self) -> None:
         snap = self.snapshot

@@ -19,3 +19,8 @@ class StudyHeader(Static):
         t.append(f"{v.failed} failed", style="red" if v.failed else "")
         t.append(f"   best {v.best}   elapsed {fmt_duration(v.elapsed_s)}   ETA {fmt_duration(v.eta_s)}")
         self.update(t, layout=False)
+
+    def cannot_read(self, error: str) -> None:
+        """No snapshot yet and the study cannot be read: say so where the study's name would be."""
+        self.update(Text.assemble((" cannot read the study ", "bold reverse red"), f"  {error}  (retrying)"),
+                    layout=False)
