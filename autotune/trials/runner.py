@@ -1,5 +1,6 @@
 """Ray hosts the trials: one placement group sized to the trial's layout (GPU bundles on a GPU cluster, CPU
-bundles standing for GPUs on a CPU-only machine), one actor in it running the backend; both removed in finally.
+bundles standing for GPUs on a CPU-only machine), and in it an actor running the vLLM backend (its server lives as
+long as the actor), or a task running the simulator; all removed in finally.
 A thread per trial drains the actor's event stream into one queue that the study loop reads."""
 
 from __future__ import annotations
@@ -22,6 +23,14 @@ from autotune.trials.backend import Event, StudyContext, make_backend
 
 PLACEMENT_TIMEOUT_S = 600
 STOP_TIMEOUT_S = 180        # a server's TERM and KILL grace, then NVML's wait for its memory
+
+
+@ray.remote
+def run_simulated(ctx: StudyContext, spec: TrialSpec):
+    """A simulated trial: a task in the trial's placement group. Tasks run in Ray's pooled workers, which keep the
+    simulator imported and its compiled engine loaded from one trial to the next (an actor is a fresh process
+    each time); it holds no server, so stopping it is cancelling it."""
+    yield from make_backend("sim").run(spec, ctx)
 
 
 @ray.remote(max_concurrency=2)
@@ -76,6 +85,7 @@ class _Running:
     spec: TrialSpec
     pg: object
     actor: object
+    task: object = None          # a simulated trial's stream
     thread: threading.Thread | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     stopping: object = None      # the actor's stop call: the actor lives until it returns
@@ -129,11 +139,13 @@ class TrialRunner:
             if not placed:
                 raise TimeoutError(f"no placement for {spec.gpus} GPU(s) after {PLACEMENT_TIMEOUT_S:.0f} s")
             first = self.bundles(spec)[0]
-            run.actor = TrialActor.options(
-                num_cpus=first.get("CPU", 0), num_gpus=first.get("GPU", 0),
-                scheduling_strategy=PlacementGroupSchedulingStrategy(run.pg, placement_group_bundle_index=0),
-            ).remote(self.backend, self.ctx)
-            stream = run.actor.run.options(num_returns="streaming").remote(spec)
+            placed_in = dict(num_cpus=first.get("CPU", 0), num_gpus=first.get("GPU", 0),
+                             scheduling_strategy=PlacementGroupSchedulingStrategy(run.pg, placement_group_bundle_index=0))
+            if self.backend == "sim":
+                stream = run.task = run_simulated.options(num_returns="streaming", **placed_in).remote(self.ctx, spec)
+            else:
+                run.actor = TrialActor.options(**placed_in).remote(self.backend, self.ctx)
+                stream = run.actor.run.options(num_returns="streaming").remote(spec)
             got_result = False
             for ref in stream:
                 if run.cancelled.is_set():
@@ -151,6 +163,11 @@ class TrialRunner:
             self.events.put((spec.number, Event("result", TrialResult(spec.number, False, failure.splitlines()[0]))))
 
     def _teardown(self, run: _Running) -> None:
+        if run.task is not None and run.cancelled.is_set():
+            try:
+                ray.cancel(run.task)
+            except Exception:
+                pass
         if run.actor is not None:
             try:
                 if run.cancelled.is_set():   # killing the actor before its stop returns would orphan its server
