@@ -59,20 +59,25 @@ def start_ray(address: str | None) -> None:
             # Ray turns token authentication on for a new local cluster (good) and warns about it on every start
             # (noise the user cannot act on): keep the former, drop the latter.
             logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-            _loopback_only()
+            _private_ray_env()
             ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False,
                      log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise UserError(f"cannot start or join Ray at {address or 'local'}: {str(exc).splitlines()[0]}") from None
 
 
-def _loopback_only() -> None:
-    """A private Ray serves nobody off this node: its node advertises 127.0.0.1 and every Ray server binds there
-    rather than on all interfaces. Ray does this where it deems clusters unsupported (macOS, Windows), keyed on one
-    flag (ray/_private/services.get_node_ip_address) read from the environment at import: set both, so the processes
-    Ray spawns inherit it too."""
+def _private_ray_env() -> None:
+    """A private Ray starts with only what a study needs.
+    - It serves nobody off this node: its node advertises 127.0.0.1 and every Ray server binds there rather than on
+      all interfaces. Ray does this where it deems clusters unsupported (macOS, Windows), keyed on one flag
+      (ray/_private/services.get_node_ip_address) read from the environment at import: set both, so the processes
+      Ray spawns inherit it too.
+    - No worker per CPU started ahead of the first task (a big node would start one Python process per core for a
+      study that runs a few trials at a time), and no usage statistics sent out."""
     os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
+    os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 def stop_ray() -> None:
