@@ -55,13 +55,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 
     for f in knob_fields(tunable_only=True):      # every engine knob, as declared once (spec/layout.py)
         kind, meta = knob_kind(f), f.metadata
-        default = "" if f.default is None else f" (default {f.default})"
-        if kind is bool:
-            p.add_argument(meta["flag"], dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                           help=meta["help"] + default)
-        else:
-            p.add_argument(meta["flag"], dest=f.name, type=kind, choices=meta["choices"], default=None,
-                           help=meta["help"] + default)
+        how = (dict(action=argparse.BooleanOptionalAction) if kind is bool
+               else dict(type=kind, choices=meta["choices"]))
+        p.add_argument(meta["flag"], dest=f.name, default=None,
+                       help=meta["help"] + ("" if f.default is None else f" (default {f.default})"), **how)
     p.add_argument("--allow-cross-node-tp", action="store_true")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -352,7 +349,7 @@ def _sizing_json(a, model, prices) -> dict:
 
 def cmd_models(args, console) -> int:
     from autotune.report import model_detail, models_table
-    from autotune.spec.models import catalog, load_model
+    from autotune.spec.models import catalog
 
     if args.action == "show":
         if not args.name:

@@ -72,7 +72,7 @@ class StudyWriter:
         """A trial's latest state: its layout, its knobs, and the `extra` columns (times, reason, commands)."""
         k, layout = spec.knobs, spec.layout
         self.add("trials", {"number": spec.number, "state": state, "dp": layout.dp, "tp": layout.tp, "pp": layout.pp,
-                            "ep": layout.ep, "label": layout.label(), "max_num_seqs": k.max_num_seqs,
+                            "ep": layout.ep, "label": layout.label(),
                             **{name: getattr(k, name) for name in EngineKnobs.tunable()}, "gpus": spec.gpus,
                             "origin": spec.origin, **extra})
 

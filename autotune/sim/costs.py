@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import NamedTuple
 
 import numpy as np
@@ -217,6 +218,7 @@ class StepCost:
             return np.clip(np.ceil(num_seqs / self.batch_cap), 1, self.pp)
         return max(1, min(self.pp, math.ceil(num_seqs / self.batch_cap)))
 
+    @cached_property
     def params(self) -> np.ndarray:
         """The scalars the compiled formulas need beside a step's lines (indexed by the P_* constants)."""
         return np.array([self.pp, self.serial, float(self.overlapped), self.flop_scale, self.bw_scale, self.kv_scale,
@@ -238,7 +240,7 @@ class StepCost:
         for b in range(1, self.pp + 1):
             for i, v in enumerate(self._token_terms(tokens / b)):
                 mixed[b - 1, :, i] = v
-        return StepTable(np.ascontiguousarray(decode), mixed, self.params())
+        return StepTable(np.ascontiguousarray(decode), mixed, self.params)
 
     def step_time(self, num_seqs: int, context: float, prefill_tokens: int = 0,
                   prefill_context: float = 0.0) -> tuple[float, float, float]:
@@ -246,7 +248,7 @@ class StepCost:
         Returns (time, its CPU overhead, the roofline-ideal time)."""
         ln = self.lines(num_seqs, prefill_tokens)
         return step_from_lines(ln.c0, ln.c1, ln.m0, ln.m1, ln.comm, ln.kernels, ln.overhead, ln.floor,
-                               ln.microbatches, self.params(), context, prefill_context)
+                               ln.microbatches, self.params, context, prefill_context)
 
 
 class StepTable(NamedTuple):
@@ -262,7 +264,7 @@ class StepTable(NamedTuple):
 D_C0, D_C1, D_M0, D_M1, D_WEIGHTS, D_COMM, D_KERNELS, D_OVERHEAD, D_FLOOR, D_MB, D_COMM_SEQS = range(11)
 P_PP, P_SERIAL, P_OVERLAPPED, P_FLOP_SCALE, P_BW_SCALE, P_KV_SCALE, P_PREFILL_ATTN = range(7)
 
-# Where the time of a run of steps went: indexes into the tuples decode_phase returns.
+# Where the time of a run of steps went: indexes into the tuples decode_run returns.
 TOTAL, COMPUTE, WEIGHTS, KV, COMM, KERNELS, OVERHEAD, BUBBLE, IDEAL = range(9)
 PHASE_FIELDS = ("total", "compute", "weights", "kv", "comm", "kernels", "overhead", "bubble", "ideal")
 

@@ -30,13 +30,13 @@ ROUTERS = {"least-loaded": 0, "round-robin": 1}
 
 # Per-request integer columns: lengths and progress, the replica, the decode bookkeeping, and the links of the
 # replica's lists (running in admission order, waiting, arrivals not yet at the engine, prefills in flight).
-PROMPT, OUTPUT, GEN, PREEMPTED, REPLICA, BASE, CACHED, PREFIX, VERSION, RPREV, RNEXT, WNEXT, FNEXT, PPREV, PNEXT, \
-    PLEFT, PDONE, PALLOC, IN_PREFILL = range(19)
+PROMPT, OUTPUT, GEN, BASE, CACHED, PREFIX, VERSION, RPREV, RNEXT, WNEXT, FNEXT, PPREV, PNEXT, PLEFT, PDONE, \
+    PALLOC, IN_PREFILL = range(17)
 # Per-request float columns.
 ARRIVAL, AT_ENGINE, FIRST, FINISH = range(4)
 # Per-replica integer state.
-G, NRUN, NDEC, ASUM, PF_ALLOC, PF_LEFT, PREFIX_HELD, SHARED, DRAIN_OK, PREEMPTIONS, JUST_PREEMPTED, STEPS, RHEAD, \
-    RTAIL, WHEAD, WTAIL, NWAIT, FHEAD, FTAIL, NFUT, PHEAD, PTAIL, NEXT_VERSION = range(23)
+G, NRUN, NDEC, ASUM, PF_ALLOC, PF_LEFT, PREFIX_HELD, SHARED, DRAIN_OK, PREEMPTIONS, JUST_PREEMPTED, RHEAD, RTAIL, \
+    WHEAD, WTAIL, NWAIT, FHEAD, FTAIL, NFUT, PHEAD, PTAIL, NEXT_VERSION = range(22)
 # Per-replica float state; the time split (PHASE_FIELDS) follows from SPLIT on.
 CLOCK, KV_AREA, KV_PEAK, KV_LIMITED, SPLIT = range(5)
 # Engine limits.
@@ -62,20 +62,18 @@ class ReplicaResult:
     kv_area: float
     kv_peak: float
     kv_limited_s: float
-    steps: int
     time_split: list[float]
     series: np.ndarray      # rows (t, kv fraction, running, waiting, preempted), after each event
 
 
 @dataclass
 class RunResult:
-    """Per request: first token and finish times, times preempted, tokens generated, arrival (a closed loop sets
-    it); per replica its ReplicaResult; and every step's inter-token latency with the tokens that waited it."""
+    """Per request: first token and finish times, and arrival (a closed loop sets it); per replica its
+    ReplicaResult; and every step's inter-token latency with the tokens that waited it."""
 
     first_token: np.ndarray
     finish: np.ndarray
     arrival: np.ndarray
-    preempted: np.ndarray
     replicas: list[ReplicaResult]
     itl: np.ndarray          # (step time, tokens) rows
 
@@ -88,9 +86,9 @@ def simulate(cost: StepCost, limits: EngineLimits, dp: int, prompt: np.ndarray, 
     what the client measures. Open loops send at `arrival`; a closed loop (`concurrency` clients) sends each
     client's next request when its last one completes (vllm bench serve --max-concurrency)."""
     n = len(prompt)
-    rq = np.full((n, 19), NONE, dtype=np.int64)
+    rq = np.full((n, IN_PREFILL + 1), NONE, dtype=np.int64)
     rq[:, PROMPT], rq[:, OUTPUT] = prompt, output
-    rq[:, GEN] = rq[:, PREEMPTED] = rq[:, BASE] = rq[:, CACHED] = rq[:, IN_PREFILL] = rq[:, VERSION] = 0
+    rq[:, GEN] = rq[:, BASE] = rq[:, CACHED] = rq[:, IN_PREFILL] = rq[:, VERSION] = 0
     rq[:, PLEFT] = rq[:, PDONE] = rq[:, PALLOC] = 0
     rq[:, PREFIX] = prefix_id if prefix_id is not None else NONE
     rqf = np.full((n, 4), INF)
@@ -105,10 +103,10 @@ def simulate(cost: StepCost, limits: EngineLimits, dp: int, prompt: np.ndarray, 
     ri, rf, itl, series = _run(rq, rqf, lim, per_seq, table.decode, table.mixed, table.params, dp, MODES[mode],
                                concurrency, ROUTERS[router], cost.frontend_s, max(prefixes, 1))
     replicas = [ReplicaResult(float(rf[r, CLOCK]), int(ri[r, PREEMPTIONS]), float(rf[r, KV_AREA]),
-                              float(rf[r, KV_PEAK]), float(rf[r, KV_LIMITED]), int(ri[r, STEPS]),
+                              float(rf[r, KV_PEAK]), float(rf[r, KV_LIMITED]),
                               rf[r, SPLIT:SPLIT + len(PHASE_FIELDS)].tolist(), series[series[:, 0] == r, 1:])
                 for r in range(dp)]
-    return RunResult(rqf[:, FIRST], rqf[:, FINISH], rqf[:, ARRIVAL], rq[:, PREEMPTED], replicas, itl)
+    return RunResult(rqf[:, FIRST], rqf[:, FINISH], rqf[:, ARRIVAL], replicas, itl)
 
 
 # ---- the replicas' lists ---------------------------------------------------------------------------------------
@@ -120,84 +118,81 @@ def _used(ri, rf, r, per_seq):
 
 
 @njit(cache=True)
-def _run_append(rq, ri, r, rid):
-    tail = ri[r, RTAIL]
-    rq[rid, RPREV], rq[rid, RNEXT] = tail, NONE
-    if tail == NONE:
-        ri[r, RHEAD] = rid
+def _link_last(rq, ri, r, rid, prev, nxt, head, tail):
+    """Append rid to replica r's doubly linked list whose links are rq columns prev/nxt, ends ri columns head/tail
+    (running requests in admission order; prefills in flight, in queue order)."""
+    last = ri[r, tail]
+    rq[rid, prev], rq[rid, nxt] = last, NONE
+    if last == NONE:
+        ri[r, head] = rid
     else:
-        rq[tail, RNEXT] = rid
-    ri[r, RTAIL] = rid
-    ri[r, NRUN] += 1
+        rq[last, nxt] = rid
+    ri[r, tail] = rid
 
 
 @njit(cache=True)
-def _run_remove(rq, ri, r, rid):
-    prev, nxt = rq[rid, RPREV], rq[rid, RNEXT]
-    if prev == NONE:
-        ri[r, RHEAD] = nxt
+def _unlink(rq, ri, r, rid, prev, nxt, head, tail):
+    """Take rid out of that doubly linked list, wherever it is."""
+    before, after = rq[rid, prev], rq[rid, nxt]
+    if before == NONE:
+        ri[r, head] = after
     else:
-        rq[prev, RNEXT] = nxt
-    if nxt == NONE:
-        ri[r, RTAIL] = prev
+        rq[before, nxt] = after
+    if after == NONE:
+        ri[r, tail] = before
     else:
-        rq[nxt, RPREV] = prev
-    ri[r, NRUN] -= 1
+        rq[after, prev] = before
 
 
 @njit(cache=True)
-def _wait_push(rq, ri, r, rid, front):
-    if front:
-        rq[rid, WNEXT] = ri[r, WHEAD]
-        ri[r, WHEAD] = rid
-        if ri[r, WTAIL] == NONE:
-            ri[r, WTAIL] = rid
+def _enqueue(rq, ri, r, rid, nxt, head, tail, count):
+    """Append rid to replica r's FIFO queue (singly linked: waiting requests, arrivals not yet at the engine)."""
+    rq[rid, nxt] = NONE
+    if ri[r, tail] == NONE:
+        ri[r, head] = rid
     else:
-        rq[rid, WNEXT] = NONE
-        if ri[r, WTAIL] == NONE:
-            ri[r, WHEAD] = rid
-        else:
-            rq[ri[r, WTAIL], WNEXT] = rid
+        rq[ri[r, tail], nxt] = rid
+    ri[r, tail] = rid
+    ri[r, count] += 1
+
+
+@njit(cache=True)
+def _dequeue(rq, ri, r, nxt, head, tail, count):
+    rid = ri[r, head]
+    ri[r, head] = rq[rid, nxt]
+    if ri[r, head] == NONE:
+        ri[r, tail] = NONE
+    ri[r, count] -= 1
+    return rid
+
+
+@njit(cache=True)
+def _wait_first(rq, ri, r, rid):
+    """A preempted request goes back to the head of the waiting queue."""
+    rq[rid, WNEXT] = ri[r, WHEAD]
+    ri[r, WHEAD] = rid
+    if ri[r, WTAIL] == NONE:
         ri[r, WTAIL] = rid
     ri[r, NWAIT] += 1
 
 
 @njit(cache=True)
-def _wait_pop(rq, ri, r):
-    rid = ri[r, WHEAD]
-    ri[r, WHEAD] = rq[rid, WNEXT]
-    if ri[r, WHEAD] == NONE:
-        ri[r, WTAIL] = NONE
-    ri[r, NWAIT] -= 1
-    return rid
+def _run_remove(rq, ri, r, rid):
+    _unlink(rq, ri, r, rid, RPREV, RNEXT, RHEAD, RTAIL)
+    ri[r, NRUN] -= 1
 
 
 @njit(cache=True)
 def _prefill_remove(rq, ri, r, rid):
-    prev, nxt = rq[rid, PPREV], rq[rid, PNEXT]
-    if prev == NONE:
-        ri[r, PHEAD] = nxt
-    else:
-        rq[prev, PNEXT] = nxt
-    if nxt == NONE:
-        ri[r, PTAIL] = prev
-    else:
-        rq[nxt, PPREV] = prev
+    _unlink(rq, ri, r, rid, PPREV, PNEXT, PHEAD, PTAIL)
     rq[rid, IN_PREFILL] = 0
 
 
 @njit(cache=True)
 def _submit(rq, rqf, ri, r, rid, t):
     """Request rid reaches engine r at time t (arrivals come in time order)."""
-    rq[rid, REPLICA] = r
     rqf[rid, AT_ENGINE] = t
-    rq[rid, FNEXT] = NONE
-    if ri[r, FTAIL] == NONE:
-        ri[r, FHEAD] = rid
-    else:
-        rq[ri[r, FTAIL], FNEXT] = rid
-    ri[r, FTAIL] = rid
-    ri[r, NFUT] += 1
+    _enqueue(rq, ri, r, rid, FNEXT, FHEAD, FTAIL, NFUT)
 
 
 @njit(cache=True)
@@ -251,10 +246,9 @@ def _preempt(rq, ri, r):
         ri[r, ASUM] -= rq[rid, BASE]
         ri[r, NDEC] -= 1
         rq[rid, VERSION] = 0     # its finish-heap entry is stale
-    _wait_push(rq, ri, r, rid, True)
+    _wait_first(rq, ri, r, rid)
     ri[r, JUST_PREEMPTED] = 1
     ri[r, PREEMPTIONS] += 1
-    rq[rid, PREEMPTED] += 1
 
 
 @njit(cache=True)
@@ -281,19 +275,15 @@ def _admit(rq, ri, rf, r, lim, per_seq, seen):
         first_chunk = min(need, budget - ri[r, PF_LEFT])
         if used + first_chunk + per_seq + ri[r, NDEC] > lim[L_CAP]:
             break
-        _wait_pop(rq, ri, r)
-        _run_append(rq, ri, r, rid)
+        _dequeue(rq, ri, r, WNEXT, WHEAD, WTAIL, NWAIT)
+        _link_last(rq, ri, r, rid, RPREV, RNEXT, RHEAD, RTAIL)
+        ri[r, NRUN] += 1
         if hit:
             rq[rid, CACHED] = hit
             ri[r, SHARED] += hit
         # A hit's chunks still attend over the cached prefix.
         rq[rid, PLEFT], rq[rid, PDONE], rq[rid, PALLOC], rq[rid, IN_PREFILL] = need, hit, 0, 1
-        rq[rid, PPREV], rq[rid, PNEXT] = ri[r, PTAIL], NONE
-        if ri[r, PTAIL] == NONE:
-            ri[r, PHEAD] = rid
-        else:
-            rq[ri[r, PTAIL], PNEXT] = rid
-        ri[r, PTAIL] = rid
+        _link_last(rq, ri, r, rid, PPREV, PNEXT, PHEAD, PTAIL)
         ri[r, PF_LEFT] += need
         used += first_chunk + per_seq
 
@@ -360,7 +350,6 @@ def _mixed_step(rq, rqf, ri, rf, r, lim, per_seq, decode, mixed, params, heap, s
         rf[r, KV_LIMITED] += dt
     if n:
         itl.append((dt, float(n)))
-    ri[r, STEPS] += 1
     ri[r, PF_LEFT] -= chunk_tokens
     ri[r, G] += 1
     n_out = _complete(rq, rqf, ri, rf, r, heap, done_times, out, 0)
@@ -395,7 +384,6 @@ def _account(ri, rf, r, lim, phase, mean_used, n, k, itl):
     for i in range(len(phase)):
         rf[r, SPLIT + i] += phase[i]
     rf[r, KV_AREA] += mean_used * total
-    ri[r, STEPS] += k
     itl.append((total / k, float(n * k)))
     if ri[r, NWAIT] and ri[r, NRUN] < lim[L_SEQS]:
         rf[r, KV_LIMITED] += total
@@ -434,7 +422,6 @@ def _drain(rq, rqf, ri, rf, r, lim, per_seq, decode, params, heap, done_times, i
         rf[r, KV_PEAK] = max(rf[r, KV_PEAK], end_use / cap)
         if steps > 0:
             itl.append((total / steps, float(n * steps)))
-        ri[r, STEPS] += steps
         rqf[rid, FINISH] = done_at
         rq[rid, GEN] = rq[rid, OUTPUT]
         done_times[r].append(done_at)
@@ -460,12 +447,7 @@ def _step(rq, rqf, ri, rf, r, lim, per_seq, decode, mixed, params, heap, seen, d
     """Advance engine r to its next event, not past the first step boundary after t_limit; the requests that
     completed are out[:returned count]."""
     while ri[r, NFUT] and rqf[ri[r, FHEAD], AT_ENGINE] <= rf[r, CLOCK]:
-        rid = ri[r, FHEAD]
-        ri[r, FHEAD] = rq[rid, FNEXT]
-        if ri[r, FHEAD] == NONE:
-            ri[r, FTAIL] = NONE
-        ri[r, NFUT] -= 1
-        _wait_push(rq, ri, r, rid, False)
+        _enqueue(rq, ri, r, _dequeue(rq, ri, r, FNEXT, FHEAD, FTAIL, NFUT), WNEXT, WHEAD, WTAIL, NWAIT)
     if not ri[r, JUST_PREEMPTED]:   # vLLM admits nobody in a step that had to preempt
         _admit(rq, ri, rf, r, lim, per_seq, seen)
     ri[r, JUST_PREEMPTED] = 0

@@ -7,8 +7,6 @@ from dataclasses import dataclass, field
 
 import math
 
-import numpy as np
-
 from autotune.sim.goodput import Capacity, Goodput, LoadShape, estimate_capacity, goodput, kv_safe_seqs, mean_running_ctx
 from autotune.sim.predict import Prediction, Scenario, infeasibility, predict
 from autotune.sim.slo import Slo

@@ -9,7 +9,7 @@ from typing import Iterator, Protocol
 from autotune.sim.calibration import Calibration
 from autotune.spec.hardware import Cluster
 from autotune.spec.models import ModelSpec
-from autotune.spec.trial import TrialResult, TrialSpec
+from autotune.spec.trial import TrialSpec
 from autotune.spec.workload import Workload
 
 

@@ -1,7 +1,7 @@
 """Ray hosts the trials: one placement group sized to the trial's layout (GPU bundles on a GPU cluster, CPU
 bundles standing for GPUs on a CPU-only machine), and in it an actor running the vLLM backend (its server lives as
 long as the actor), or a task running the simulator; all removed in finally.
-A thread per trial drains the actor's event stream into one queue that the study loop reads."""
+A thread per trial drains its event stream into one queue that the study loop reads."""
 
 from __future__ import annotations
 
