@@ -39,7 +39,7 @@ from autotune.spec.metrics import FIGURES, figure_of  # noqa: E402
 FITTED = {"hbm": (0.3, 0.95), "kv_read": (0.2, 1.0), "flops": (0.2, 0.8), "gemm_ramp_tokens": (16.0, 1024.0),
           "kernel_floor_s": (5e-7, 1e-5), "step_overhead_s": (1e-4, 1e-2), "seq_overhead_s": (0.0, 1e-4),
           "frontend_latency_s": (1e-3, 5e-2), "custom_allreduce_latency_s": (3e-6, 3e-5), "link": (0.3, 1.0),
-          "tp_bw_loss": (0.0, 0.3), "allreduce_latency_s": (5e-6, 1e-4)}
+          "tp_bw_loss": (0.0, 0.3), "allreduce_latency_s": (5e-6, 1e-4), "moe_kernel": (0.1, 1.0)}
 STEPS = (0.5, 0.8, 1.25, 2.0)
 ROUNDS = 3
 FAMILIES = FIGURES
@@ -66,12 +66,16 @@ CLIP = math.log(3)
 
 
 def loss(rows) -> float:
-    """Mean over figure families of the mean clipped |log(predicted/measured)|; an infeasible run costs CLIP."""
-    by_family: dict[str, list[float]] = {}
-    for _, key, measured, predicted in rows:
+    """Mean over figure families, and within a family over sources, of the mean clipped |log(predicted/measured)|;
+    an infeasible run costs CLIP. Each source has one vote in its family: the sources range from one row to 55, and
+    a source's rows share its setup (client, server flags, machine), so its errors are not independent; weighting
+    rows alone let the largest source bend every factor towards its own setup."""
+    by_family: dict[str, dict[str, list[float]]] = {}
+    for run, key, measured, predicted in rows:
         e = min(abs(math.log(predicted / measured)), CLIP) if predicted else CLIP
-        by_family.setdefault(family(key), []).append(e)
-    return statistics.mean(statistics.mean(v) for v in by_family.values()) if by_family else 0.0
+        by_family.setdefault(family(key), {}).setdefault(run.source, []).append(e)
+    return statistics.mean(statistics.mean(statistics.mean(v) for v in by_source.values())
+                           for by_source in by_family.values()) if by_family else 0.0
 
 
 # Factors refitted per GPU type on top of the global ones, for the types whose software stack differs (ROCm); the

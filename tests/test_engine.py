@@ -134,6 +134,42 @@ def test_all_reduce_takes_vllms_custom_kernel_for_small_messages_and_ncclring_ab
     assert pcie == [DEFAULT.custom_allreduce_latency_s, None]
 
 
+def test_on_an_nvswitch_with_multicast_large_all_reduces_move_the_buffer_once():
+    from autotune.sim.costs import CUSTOM_ALLREDUCE_MAX_BYTES, allreduce_s
+    bw, small, large = 300e9, 1 << 20, 16 * CUSTOM_ALLREDUCE_MAX_BYTES
+    # The custom kernel keeps the small messages; NCCL's NVLS sends and receives a large buffer once, not 2(p-1)/p.
+    assert allreduce_s(small, 8, bw, 25e-6, 8e-6, multicast=True) == allreduce_s(small, 8, bw, 25e-6, 8e-6)
+    assert allreduce_s(large, 8, bw, 25e-6, 8e-6, multicast=True) == pytest.approx(25e-6 + large / bw)
+    assert allreduce_s(large, 8, bw, 25e-6, 8e-6) == pytest.approx(25e-6 + 1.75 * large / bw)
+    # A ring of two moves less than the buffer: NCCL keeps it.
+    assert allreduce_s(large, 2, bw, 25e-6, None, multicast=True) == allreduce_s(large, 2, bw, 25e-6, None)
+    m = load_model("Llama-3.1-8B")
+    fabric = {g: StepCost(m, Cluster.of(load_gpu(g), 8), Layout(tp=8), stage_shape(m, Layout(tp=8), "bf16"), DEFAULT,
+                          EngineKnobs()).tp_multicast for g in ("H100-SXM", "H200", "B200", "A100-80GB", "MI300X")}
+    assert fabric == {"H100-SXM": True, "H200": True, "B200": True, "A100-80GB": False, "MI300X": False}
+
+
+def test_the_fused_moe_kernel_factor_slows_expert_work_only():
+    m = load_model("Qwen3-30B-A3B")
+    layout = Layout(tp=2)
+
+    def step(eff):
+        cost = StepCost(m, Cluster.of(load_gpu("H100-SXM"), 2), layout, stage_shape(m, layout, "bf16"), eff,
+                        EngineKnobs())
+        return cost, cost.lines(64, 4096)
+
+    (base, full), (_, half) = step(DEFAULT), step(DEFAULT.with_overrides({"moe_kernel": 0.5}, "test"))
+    shape = base.shape
+    assert half.weights - full.weights > 0
+    assert half.weights - shape.non_expert_bytes / base.bw == pytest.approx(2 * (full.weights - shape.non_expert_bytes / base.bw))
+    assert half.c0 > full.c0 and half.comm == full.comm and half.c1 == full.c1
+    dense = load_model("Llama-3.1-8B")
+    dl = Layout(tp=2)
+    same = [StepCost(dense, Cluster.of(load_gpu("H100-SXM"), 2), dl, stage_shape(dense, dl, "bf16"), e,
+                     EngineKnobs()).lines(64, 4096) for e in (DEFAULT, DEFAULT.with_overrides({"moe_kernel": 0.5}, "t"))]
+    assert same[0] == same[1]
+
+
 def test_tp_speeds_a_single_stream_up_sub_linearly():
     # TP divides the weights but not the kernels, the all-reduces or the sampling: TP8 is far from 8x TP1.
     itl = {tp: _cost("Llama-3.1-8B", Layout(tp=tp), tp).step_time(1, 1000)[0] for tp in (1, 2, 4, 8)}

