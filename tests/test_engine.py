@@ -149,27 +149,6 @@ def test_on_an_nvswitch_with_multicast_large_all_reduces_move_the_buffer_once():
     assert fabric == {"H100-SXM": True, "H200": True, "B200": True, "A100-80GB": False, "MI300X": False}
 
 
-def test_the_fused_moe_kernel_factor_slows_expert_work_only():
-    m = load_model("Qwen3-30B-A3B")
-    layout = Layout(tp=2)
-
-    def step(eff):
-        cost = StepCost(m, Cluster.of(load_gpu("H100-SXM"), 2), layout, stage_shape(m, layout, "bf16"), eff,
-                        EngineKnobs())
-        return cost, cost.lines(64, 4096)
-
-    (base, full), (_, half) = step(DEFAULT), step(DEFAULT.with_overrides({"moe_kernel": 0.5}, "test"))
-    shape = base.shape
-    assert half.weights - full.weights > 0
-    assert half.weights - shape.non_expert_bytes / base.bw == pytest.approx(2 * (full.weights - shape.non_expert_bytes / base.bw))
-    assert half.c0 > full.c0 and half.comm == full.comm and half.c1 == full.c1
-    dense = load_model("Llama-3.1-8B")
-    dl = Layout(tp=2)
-    same = [StepCost(dense, Cluster.of(load_gpu("H100-SXM"), 2), dl, stage_shape(dense, dl, "bf16"), e,
-                     EngineKnobs()).lines(64, 4096) for e in (DEFAULT, DEFAULT.with_overrides({"moe_kernel": 0.5}, "t"))]
-    assert same[0] == same[1]
-
-
 def test_tp_speeds_a_single_stream_up_sub_linearly():
     # TP divides the weights but not the kernels, the all-reduces or the sampling: TP8 is far from 8x TP1.
     itl = {tp: _cost("Llama-3.1-8B", Layout(tp=tp), tp).step_time(1, 1000)[0] for tp in (1, 2, 4, 8)}

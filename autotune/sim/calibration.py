@@ -36,11 +36,6 @@ class Efficiency:
     alltoall_latency_s: float = 30e-6   # one EP dispatch or combine
     moe_routing_s: float = 25e-6        # top-k, permute and align kernels of one MoE layer
     expert_imbalance: float = 1.25      # busiest EP rank's tokens over the mean
-    moe_kernel: float = 1.0             # the fused-MoE grouped GEMMs' achieved share of the roofline relative to
-                                        # dense GEMMs (Triton fused_moe with per-expert blocks of a few rows and a
-                                        # TP shard of moe_intermediate columns, vllm/model_executor/layers/
-                                        # fused_moe): scales expert FLOPs and expert weight reads; fitted by
-                                        # bench/accuracy.py, prior 1 (no loss)
     step_overhead_s: float = 0.6e-3     # scheduler, sampler and input preparation of one engine step
     seq_overhead_s: float = 4e-6        # the same, per running sequence
     multiproc_overhead_s: float = 1.0e-3  # MultiprocExecutor broadcast to tp x pp workers, per step
@@ -77,7 +72,7 @@ class Efficiency:
             values = {k: float(v) for k, v in overrides.items()}
         except (TypeError, ValueError) as exc:
             raise UserError(f"{where}: efficiency factors are numbers ({exc})") from None
-        fractions = ("hbm", "kv_read", "flops", "link", "moe_kernel", "last_block_fill", "power_compute_frac", "power_memory_frac",
+        fractions = ("hbm", "kv_read", "flops", "link", "last_block_fill", "power_compute_frac", "power_memory_frac",
                      "power_idle_frac")
         bad = [k for k, v in values.items() if v < 0 or (k in fractions and not 0 < v <= 1)]
         if bad:

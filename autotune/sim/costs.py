@@ -193,11 +193,10 @@ class StepCost:
             # Each touched expert's GEMM pays the ramp on its own few rows: ramp x touched experts, in this GPU's
             # tokens (tokens x top_k spread over E experts).
             expert_ramp = ramp * touched * m.num_experts / m.experts_per_token / gather
-        moe = self.eff.moe_kernel
-        weights = (s.non_expert_bytes + s.expert_bytes * touched / moe) / self.bw
+        weights = (s.non_expert_bytes + s.expert_bytes * touched) / self.bw
         # A GEMM of M rows at flops x M/(M + ramp) costs as M + ramp rows at full rate: the ramp adds rows.
         c0 = (self.dense_flops_per_token * (tokens + ramp)
-              + self.expert_flops_per_token * (tokens + expert_ramp) / moe) / self.flops
+              + self.expert_flops_per_token * (tokens + expert_ramp)) / self.flops
         return c0, weights, self._comm_tokens(tokens)
 
     def _coeffs(self, num_seqs, prefill_tokens, microbatches) -> StepLines:
