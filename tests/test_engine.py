@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 
 from autotune.sim.calibration import DEFAULT
-from autotune.sim.costs import (D_C1, D_COMM_SEQS, D_FLOOR, D_KERNELS, D_M1, D_MB, D_OVERHEAD, TOTAL, StepCost,
-                                decode_run, step_from_lines, steps_within)
+from autotune.sim.costs import D_MB, TOTAL, StepCost, decode_run, mixed_step, steps_within
 from autotune.sim.memory import stage_shape
 from autotune.sim.predict import predict
 from autotune.spec.hardware import Cluster, load_gpu
@@ -41,8 +40,7 @@ def test_the_engines_table_prices_a_mixed_step_as_the_formula_does(model, layout
     for n, chunk, ctx, attn in ((0, 8192, 0.0, 3e7), (1, 100, 2e3, 5e3), (37, 512, 4e5, 1e5), (256, 7936, 3e6, 2e7)):
         row = table.decode[n]
         tok = table.mixed[int(row[D_MB]) - 1, n + chunk]
-        got = step_from_lines(tok[0], row[D_C1], tok[1], row[D_M1], tok[2] + row[D_COMM_SEQS], row[D_KERNELS],
-                              row[D_OVERHEAD], row[D_FLOOR], row[D_MB], table.params, ctx, attn)
+        got = mixed_step(row, tok, table.params, ctx, attn)
         assert got == pytest.approx(cost.step_time(n, ctx, chunk, attn), rel=1e-12)
 
 

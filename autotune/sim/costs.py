@@ -208,8 +208,8 @@ class StepCost:
         overhead = self.overhead_base * microbatches + self.eff.seq_overhead_s * num_seqs
         floor = self.frontend_s_per_token * num_seqs
         kernels = self.kernels + self.sample_per_seq * num_seqs / microbatches
-        return StepLines(c0, c1, weights, m1, weights, comm + self._comm_seqs(num_seqs / microbatches), kernels,
-                         overhead, floor, microbatches)
+        return StepLines(c0, c1, weights, m1, weights, comm + self._comm_seqs(num_seqs / microbatches),
+                         kernels, overhead, floor, microbatches)
 
     def lines(self, num_seqs: int, prefill_tokens: int = 0) -> StepLines:
         """Coefficients of a step with num_seqs decoding sequences and prefill_tokens new prompt tokens."""
@@ -296,6 +296,17 @@ def step_from_lines(c0, c1, m0, m1, comm, kernels, overhead, floor, mb, params, 
     gpu = params[P_PP] * (max(compute, memory) + comm + kernels)
     total = combine(gpu + params[P_SERIAL], overhead, floor, params[P_OVERLAPPED] > 0)
     return total, total - gpu, ideal
+
+
+@njit(cache=True)
+def mixed_step(row, tok, params, context, prefill_context):
+    """A step that decodes the n sequences of the decode lines `row` (a StepTable.decode row) and prefills chunks
+    whose tokens make the token terms `tok` (a StepTable.mixed entry at n plus the chunks' tokens): the token terms
+    replace the decode step's (compute, weight reads, communication), the rest (attention, per-sequence costs) stays
+    the decode step's."""
+    return step_from_lines(tok[0], row[D_C1], tok[1], row[D_M1],
+                           tok[2] + row[D_COMM_SEQS], row[D_KERNELS], row[D_OVERHEAD], row[D_FLOOR], row[D_MB],
+                           params, context, prefill_context)
 
 
 @njit(cache=True)

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from autotune.sim.costs import (COMPUTE, D_COMM_SEQS, D_C1, D_FLOOR, D_KERNELS, D_M1, D_MB, D_OVERHEAD, IDEAL,
-                                OVERHEAD, PHASE_FIELDS, TOTAL, StepCost, decode_run, step_from_lines, steps_within)
+from autotune.sim.costs import (COMPUTE, D_MB, IDEAL, OVERHEAD, PHASE_FIELDS, TOTAL, StepCost, decode_run, mixed_step,
+                                steps_within)
 
 INF = np.inf
 MODES = {"batch": 0, "concurrency": 1, "poisson": 2, "constant": 2}
@@ -335,10 +335,7 @@ def _mixed_step(rq, rqf, ri, rf, r, lim, per_seq, decode, mixed, params, heap, s
     row = decode[n]
     mb = int(row[D_MB])
     tok = mixed[mb - 1, n + chunk_tokens]
-    # The step's lines: the token terms at its decoded plus prefilled tokens, the rest as a decode step of n.
-    dt, overhead, ideal = step_from_lines(tok[0], row[D_C1], tok[1], row[D_M1], tok[2] + row[D_COMM_SEQS],
-                                          row[D_KERNELS], row[D_OVERHEAD], row[D_FLOOR], row[D_MB], params,
-                                          context, attn_context)
+    dt, overhead, ideal = mixed_step(row, tok, params, context, attn_context)
     waiting_blocked = ri[r, NWAIT] > 0 and ri[r, NRUN] < lim[L_SEQS]
     rf[r, SPLIT + TOTAL] += dt
     rf[r, SPLIT + COMPUTE] += dt - overhead    # prefill chunks are compute-bound
