@@ -34,3 +34,20 @@ def test_bad_calibration_files(tmp_path, text, msg):
     f.write_text(text)
     with pytest.raises(UserError, match=msg):
         Calibration.load(f)
+
+
+def test_the_accuracy_fit_gives_each_source_one_vote_and_clips_wild_rows():
+    """bench/accuracy.py's loss: a source of many rows weighs as much as a source of one, and a row off by more
+    than the clip counts as the clip."""
+    import math
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from accuracy import CLIP, loss
+
+    big, small = SimpleNamespace(source="big"), SimpleNamespace(source="small")
+    rows = [(big, "tpot_mean_s", 1.0, 1.5)] * 10 + [(small, "tpot_mean_s", 1.0, 1.0)]
+    assert loss(rows) == pytest.approx(math.log(1.5) / 2)
+    wild = [(big, "tpot_mean_s", 1.0, 50.0), (big, "output_tok_s", 1.0, None)]
+    assert loss(wild) == pytest.approx(CLIP) and CLIP < math.log(50)
