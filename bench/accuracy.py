@@ -39,7 +39,8 @@ from autotune.spec.metrics import FIGURES, figure_of  # noqa: E402
 FITTED = {"hbm": (0.3, 0.95), "kv_read": (0.2, 1.0), "flops": (0.2, 0.8), "gemm_ramp_tokens": (16.0, 1024.0),
           "kernel_floor_s": (5e-7, 1e-5), "step_overhead_s": (1e-4, 1e-2), "seq_overhead_s": (0.0, 1e-4),
           "frontend_latency_s": (1e-3, 5e-2), "custom_allreduce_latency_s": (3e-6, 3e-5), "link": (0.3, 1.0),
-          "tp_bw_loss": (0.0, 0.3), "allreduce_latency_s": (5e-6, 1e-4)}
+          "tp_bw_loss": (0.0, 0.3), "allreduce_latency_s": (5e-6, 1e-4), "alltoall_latency_s": (1e-5, 2e-4),
+          "expert_imbalance": (1.0, 2.0)}
 STEPS = (0.5, 0.8, 1.25, 2.0)
 ROUNDS = 3
 FAMILIES = FIGURES
