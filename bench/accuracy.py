@@ -42,12 +42,7 @@ FITTED = {"hbm": (0.3, 0.95), "kv_read": (0.2, 1.0), "flops": (0.2, 0.8), "gemm_
           "expert_imbalance": (1.0, 2.0)}
 STEPS = (0.5, 0.8, 1.25, 2.0)
 ROUNDS = 3
-FAMILIES = FIGURES
 TRAIN_LIST = ROWS_DIR / "train_sources.txt"
-
-
-def family(key: str) -> str:
-    return figure_of(key)
 
 
 def errors(runs: list[Run], cal: Calibration) -> list[tuple[Run, str, float, float | None]]:
@@ -75,7 +70,7 @@ def loss(rows) -> float:
     by_family: dict[str, dict[str, list[float]]] = {}
     for run, key, measured, predicted in rows:
         e = min(abs(math.log(predicted / measured)), CLIP) if predicted else CLIP
-        by_family.setdefault(family(key), {}).setdefault(run.source, []).append(e)
+        by_family.setdefault(figure_of(key), {}).setdefault(run.source, []).append(e)
     return statistics.mean(statistics.mean(statistics.mean(v) for v in by_source.values())
                            for by_source in by_family.values()) if by_family else 0.0
 
@@ -150,8 +145,8 @@ def cross_validate(runs: list[Run], k: int) -> list:
 def summary(rows, title: str) -> None:
     print(f"\n{title}")
     print(f"  {'figure':11s} {'n':>4s} {'median |err|':>13s} {'mean |err|':>11s} {'within 15%':>11s}")
-    for fam in FAMILIES:
-        errs = [abs(p / m - 1) if p else 9.0 for _, key, m, p in rows if family(key) == fam]
+    for fam in FIGURES:
+        errs = [abs(p / m - 1) if p else 9.0 for _, key, m, p in rows if figure_of(key) == fam]
         if errs:
             print(f"  {fam:11s} {len(errs):4d} {statistics.median(errs):13.1%} {statistics.mean(errs):11.1%} "
                   f"{sum(e <= 0.15 for e in errs) / len(errs):11.0%}")

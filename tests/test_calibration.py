@@ -36,14 +36,13 @@ def test_bad_calibration_files(tmp_path, text, msg):
         Calibration.load(f)
 
 
-def test_the_accuracy_fit_gives_each_source_one_vote_and_clips_wild_rows():
+def test_the_accuracy_fit_gives_each_source_one_vote_and_clips_wild_rows(monkeypatch):
     """bench/accuracy.py's loss: a source of many rows weighs as much as a source of one, and a row off by more
     than the clip counts as the clip."""
     import math
-    import sys
     from pathlib import Path
     from types import SimpleNamespace
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
     from accuracy import CLIP, loss
 
     big, small = SimpleNamespace(source="big"), SimpleNamespace(source="small")

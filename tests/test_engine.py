@@ -12,9 +12,9 @@ from autotune.spec.layout import EngineKnobs, Layout
 from autotune.spec.models import load_model
 
 
-def _cost(model="Llama-3.1-8B", layout=Layout(), gpus=1):
+def _cost(model="Llama-3.1-8B", layout=Layout(), gpus=1, gpu="H200"):
     m = load_model(model)
-    return StepCost(m, Cluster.of(load_gpu("H200"), gpus), layout, stage_shape(m, layout, "bf16"), DEFAULT,
+    return StepCost(m, Cluster.of(load_gpu(gpu), gpus), layout, stage_shape(m, layout, "bf16"), DEFAULT,
                     EngineKnobs())
 
 
@@ -126,9 +126,7 @@ def test_all_reduce_takes_vllms_custom_kernel_for_small_messages_and_ncclring_ab
     sizes = np.array([small, large], dtype=float)
     assert allreduce_s(sizes, 8, bw, 25e-6, 8e-6) == pytest.approx([allreduce_s(s, 8, bw, 25e-6, 8e-6) for s in sizes])
     # Peer memory over PCIe serves two GPUs only; beyond that vLLM falls back to NCCL.
-    m = load_model("Llama-3.1-8B")
-    pcie = [StepCost(m, Cluster.of(load_gpu("A100-PCIe-40GB"), tp), Layout(tp=tp), stage_shape(m, Layout(tp=tp), "bf16"),
-                     DEFAULT, EngineKnobs()).tp_custom_lat for tp in (2, 4)]
+    pcie = [_cost(layout=Layout(tp=tp), gpus=tp, gpu="A100-PCIe-40GB").tp_custom_lat for tp in (2, 4)]
     assert pcie == [DEFAULT.custom_allreduce_latency_s, None]
 
 
@@ -139,11 +137,10 @@ def test_on_an_nvswitch_with_multicast_large_all_reduces_move_the_buffer_once():
     assert allreduce_s(small, 8, bw, 25e-6, 8e-6, multicast=True) == allreduce_s(small, 8, bw, 25e-6, 8e-6)
     assert allreduce_s(large, 8, bw, 25e-6, 8e-6, multicast=True) == pytest.approx(25e-6 + large / bw)
     assert allreduce_s(large, 8, bw, 25e-6, 8e-6) == pytest.approx(25e-6 + 1.75 * large / bw)
-    # A ring of two moves less than the buffer: NCCL keeps it.
+    # A ring of two already moves the buffer once each way: the switch saves nothing there.
     assert allreduce_s(large, 2, bw, 25e-6, None, multicast=True) == allreduce_s(large, 2, bw, 25e-6, None)
-    m = load_model("Llama-3.1-8B")
-    fabric = {g: StepCost(m, Cluster.of(load_gpu(g), 8), Layout(tp=8), stage_shape(m, Layout(tp=8), "bf16"), DEFAULT,
-                          EngineKnobs()).tp_multicast for g in ("H100-SXM", "H200", "B200", "A100-80GB", "MI300X")}
+    fabric = {g: _cost(layout=Layout(tp=8), gpus=8, gpu=g).tp_multicast
+              for g in ("H100-SXM", "H200", "B200", "A100-80GB", "MI300X")}
     assert fabric == {"H100-SXM": True, "H200": True, "B200": True, "A100-80GB": False, "MI300X": False}
 
 

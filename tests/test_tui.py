@@ -27,13 +27,18 @@ def study(tmp_path):
     return tmp_path
 
 
-async def wait_loaded(pilot, refreshes=1):
-    for _ in range(400):
-        if pilot.app.refreshes >= refreshes:
-            break
+async def wait_until(pilot, condition, what: str, timeout_s: float = 120.0):
+    """Let the app run until `condition()` holds (however long a busy machine takes, up to timeout_s), then one more
+    pause so that what it shows has settled."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await pilot.pause(0.05)
-    assert pilot.app.refreshes >= refreshes, "the dashboard never received a snapshot"
     await pilot.pause()
+
+
+async def wait_loaded(pilot, refreshes=1):
+    await wait_until(pilot, lambda: pilot.app.refreshes >= refreshes, "the dashboard's first snapshot")
     await pilot.pause()
 
 
@@ -149,11 +154,7 @@ def test_snapshot_trial_detail(study, snap_compare):
     async def detail(pilot):
         await wait_loaded(pilot)
         pilot.app.load_detail(4)
-        for _ in range(100):
-            if isinstance(pilot.app.screen, TrialDetail):
-                break
-            await pilot.pause(0.05)
-        await pilot.pause()
+        await wait_until(pilot, lambda: isinstance(pilot.app.screen, TrialDetail), "the trial detail")
     assert snap_compare(AutotuneApp(study, interval=3600), terminal_size=(160, 48), run_before=detail)
 
 
@@ -169,28 +170,21 @@ def studies_here(tmp_path, monkeypatch):
     (tmp_path / "studies" / "broken").mkdir()
     (tmp_path / "studies" / "broken" / "study.json").write_text("[]")
     yield Path("studies")
-    monkeypatch.delenv("TZ")
+    monkeypatch.undo()      # TZ back as it was, then the C library told so
     time.tzset()
 
 
 def test_snapshot_picker(studies_here, snap_compare):
     async def shown(pilot):
-        for _ in range(100):
-            if pilot.app.screen.query("#studies") and pilot.app.screen.query_one("#studies").row_count == 3:
-                break
-            await pilot.pause(0.05)
-        await pilot.pause()
+        await wait_until(pilot, lambda: pilot.app.screen.query("#studies")
+                         and pilot.app.screen.query_one("#studies").row_count == 3, "the picker's three studies")
     assert snap_compare(AutotuneApp(None, root=studies_here, interval=3600), terminal_size=(160, 30),
                         run_before=shown)
 
 
 def test_snapshot_error_on_a_broken_study(studies_here, snap_compare):
     async def failed(pilot):
-        for _ in range(100):
-            if pilot.app._notifications:
-                break
-            await pilot.pause(0.05)
-        await pilot.pause()
+        await wait_until(pilot, lambda: pilot.app._notifications, "the error notification")
     assert snap_compare(AutotuneApp(studies_here / "broken", interval=3600), terminal_size=(160, 30),
                         run_before=failed)
 
@@ -219,10 +213,8 @@ async def test_detail_shows_the_simulators_range_and_flags_an_extrapolation(stud
     async with app.run_test(size=(160, 48)) as pilot:
         await wait_loaded(pilot)
         app.load_detail(4)
-        for _ in range(100):
-            if isinstance(app.screen, TrialDetail) and app.screen.query("#detail-metrics"):
-                break
-            await pilot.pause(0.05)
+        await wait_until(pilot, lambda: isinstance(app.screen, TrialDetail) and app.screen.query("#detail-metrics"),
+                         "the trial detail's metrics")
         text = text_of(app.screen.query_one("#detail-metrics"))
         assert "5,000 (3,000-9,000)" in text and "50.0 (30.0-80.0)" in text
         assert "extrapolates" in text
@@ -242,10 +234,7 @@ async def test_a_junk_segment_is_reported_and_the_dashboard_keeps_following(stud
         add_trial(writer, 12, study)
         writer.close()
         table = app.screen.query_one("#trials", DataTable)
-        for _ in range(200):
-            if table.row_count == 13:
-                break
-            await pilot.pause(0.05)
+        await wait_until(pilot, lambda: table.row_count == 13, "the new trial's row")
         assert table.row_count == 13
 
 
@@ -257,7 +246,8 @@ async def test_the_picker_tells_studies_of_one_name_apart_and_escape_returns_to_
     (tmp_path / "broken" / "study.json").write_text("[]")
     app = AutotuneApp(None, root=tmp_path, interval=0.1)
     async with app.run_test(size=(160, 48)) as pilot:
-        await pilot.pause()
+        await wait_until(pilot, lambda: isinstance(app.screen, StudyPicker)
+                         and app.screen.query_one(DataTable).row_count == 3, "the picker's three studies")
         assert isinstance(app.screen, StudyPicker)
         table = app.screen.query_one(DataTable)
         rows = [table.get_row_at(i) for i in range(table.row_count)]
