@@ -144,6 +144,30 @@ def test_on_an_nvswitch_with_multicast_large_all_reduces_move_the_buffer_once():
     assert fabric == {"H100-SXM": True, "H200": True, "B200": True, "A100-80GB": False, "MI300X": False}
 
 
+def test_the_lm_head_runs_once_per_sampled_sequence_not_per_prompt_token():
+    m, cost = load_model("Llama-3.1-8B"), _cost()
+    lm_head = 2 * m.vocab_size * m.hidden_size / cost.flops
+    body = 2 * m.compute_params_per_token / cost.flops - lm_head
+    # 4,096 more prompt tokens in a chunk cost the layers' FLOPs alone; 32 more decoding sequences, the head too.
+    assert cost.lines(0, 8192).c0 - cost.lines(0, 4096).c0 == pytest.approx(4096 * body)
+    assert cost.lines(64).c0 - cost.lines(32).c0 == pytest.approx(32 * (body + lm_head))
+
+
+def test_moe_tokens_cross_dp_ranks_the_same_way_with_ep_or_without():
+    # vLLM's default all2all backend all-gathers the DP ranks' tokens and reduce-scatters the outputs, EP or not;
+    # with one DP rank the TP ranks hold every token already and EP needs no dispatch (use_all2all_kernels).
+    tokens = np.array([1.0, 64.0, 8192.0])
+    comm = {str(lay): _cost("Qwen3-30B-A3B", lay, lay.world_size, gpu="H100-SXM")._comm_tokens(tokens)
+            for lay in (Layout(tp=4), Layout(tp=4, ep=4), Layout(dp=2, tp=2), Layout(dp=2, tp=2, ep=4))}
+    assert comm[str(Layout(tp=4, ep=4))] == pytest.approx(comm[str(Layout(tp=4))])
+    assert comm[str(Layout(dp=2, tp=2, ep=4))] == pytest.approx(comm[str(Layout(dp=2, tp=2))])
+    # What DP2xTP2 pays beyond its own TP2 all-reduces: a gather and a scatter per MoE layer, growing with tokens.
+    alone = _cost("Qwen3-30B-A3B", Layout(tp=2), 2, gpu="H100-SXM")._comm_tokens(tokens)
+    extra = comm[str(Layout(dp=2, tp=2))] - alone
+    assert extra[0] == pytest.approx(2 * 48 * DEFAULT.alltoall_latency_s, rel=0.01)
+    assert extra[0] < extra[1] < extra[2]
+
+
 def test_tp_speeds_a_single_stream_up_sub_linearly():
     # TP divides the weights but not the kernels, the all-reduces or the sampling: TP8 is far from 8x TP1.
     itl = {tp: _cost("Llama-3.1-8B", Layout(tp=tp), tp).step_time(1, 1000)[0] for tp in (1, 2, 4, 8)}

@@ -33,7 +33,7 @@ class Efficiency:
     internode_latency_s: float = 35e-6  # one collective across nodes (NCCL over InfiniBand)
     p2p_latency_s: float = 100e-6       # one PP stage hand-off: its metadata pickled over the gloo CPU group, then
                                         # the NCCL send/recv (send_tensor_dict, vllm/distributed/parallel_state.py)
-    alltoall_latency_s: float = 30e-6   # one EP dispatch or combine
+    alltoall_latency_s: float = 30e-6   # one MoE dispatch or combine across DP ranks
     moe_routing_s: float = 25e-6        # top-k, permute and align kernels of one MoE layer
     expert_imbalance: float = 1.25      # busiest EP rank's tokens over the mean
     step_overhead_s: float = 0.6e-3     # scheduler, sampler and input preparation of one engine step

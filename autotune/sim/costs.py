@@ -100,9 +100,13 @@ class StepCost:
         # all-gather, vllm/v1/sample/sampler.py): this part of a step does not shrink with TP.
         self.sample_per_seq = model.vocab_size * eff.sampler_bytes_per_logit / self.bw
         frac = shape.layers / model.num_layers
+        lm_head = model.vocab_size * model.hidden_size
         # 2 FLOPs per parameter per token (Kaplan et al. 2020), on this GPU's share of the stage.
-        self.dense_flops_per_token = 2 * (model.compute_params_per_token - model.num_moe_layers
+        self.dense_flops_per_token = 2 * (model.compute_params_per_token - lm_head - model.num_moe_layers
                                           * model.experts_per_token * model.expert_params) * frac / self.tp
+        # The LM head runs on the hidden state of each sequence's last scheduled token only, not on every prompt
+        # token of a prefill chunk (vllm/v1/worker/gpu_model_runner.py: logits_indices), vocab-parallel over TP.
+        self.logits_s_per_seq = 2 * lm_head / self.tp / self.flops
         expert_flops = 2 * model.experts_per_token * model.expert_params * shape.moe_layers / self.tp
         self.expert_flops_per_token = expert_flops * (eff.expert_imbalance if self.ep > 1 else 1.0)
         heads = model.num_heads / self.tp
@@ -152,15 +156,14 @@ class StepCost:
             t += 2 * s.layers * allreduce_s(tokens * m.hidden_size * BF16, self.tp, self.tp_bw, self.tp_lat,
                                             self.tp_custom_lat, self.tp_multicast)
         if m.is_moe:
-            moved = None
-            if self.ep > 1:
-                # Dispatch and combine all-to-all; DP ranks step in lockstep, so tokens come from all.
-                moved = tokens * m.experts_per_token * m.hidden_size * BF16 * (self.ep - 1) / self.ep / self.tp
-            elif self.dp > 1:
-                # Without EP the DP ranks' tokens are all-gathered into every rank's expert slices and the partial
-                # sums reduce-scattered back (vLLM's allgather_reducescatter all2all backend): (dp-1)/dp, each way.
+            if self.dp > 1:
+                # DP ranks step in lockstep and their tokens meet in the expert layers, with EP or without: vLLM's
+                # default all2all backend (allgather_reducescatter; "naive" before it moved as much) all-gathers
+                # every DP rank's hidden states and reduce-scatters the expert outputs back, (dp-1)/dp of the
+                # gathered tokens each way (vllm/config/parallel.py: all2all_backend). With DP = 1 the TP ranks
+                # already hold every token: EP needs no dispatch at all, and its partial outputs sum in the MLP's
+                # all-reduce above (fused_moe/config.py: use_all2all_kernels = dp_size > 1 and use_ep).
                 moved = tokens * self.dp * m.hidden_size * BF16 * (self.dp - 1) / self.dp
-            if moved is not None:
                 t += 2 * s.moe_layers * (e.alltoall_latency_s + moved / self.ep_bw)
             t += s.moe_layers * e.moe_routing_s
         if self.pp > 1:
@@ -172,6 +175,10 @@ class StepCost:
             if self.tp > 1:
                 t += self._tp_allgather_s(handoff)
         return t
+
+    def _logits_s(self, seqs):
+        """The LM head's compute for the sequences a microbatch samples."""
+        return self.logits_s_per_seq * seqs
 
     def _comm_seqs(self, seqs):
         """Communication that grows with the sequences a microbatch samples."""
@@ -202,6 +209,7 @@ class StepCost:
     def _coeffs(self, num_seqs, prefill_tokens, microbatches) -> StepLines:
         """The step's lines for a running-sequence count, or an array of them (the one place the formula lives)."""
         c0, weights, comm = self._token_terms((num_seqs + prefill_tokens) / microbatches)
+        c0 = c0 + self._logits_s(num_seqs / microbatches)
         c1 = self.attn_flops_per_ctx / microbatches / self.flops
         m1 = self.kv_read_per_ctx / microbatches / (self.bw * self.eff.kv_read)
         # The scheduler's fixed cost is per batch: with PP, `microbatches` batches make one step of every sequence.
@@ -242,7 +250,7 @@ class StepCost:
         ln = self._coeffs(n, 0, mb)
         decode = np.stack([np.broadcast_to(np.asarray(v, dtype=float), n.shape) for v in
                            (ln.c0, ln.c1, ln.m0, ln.m1, ln.weights, ln.comm, ln.kernels, ln.overhead, ln.floor,
-                            ln.microbatches, self._comm_seqs(n / mb))], axis=1)
+                            ln.microbatches, self._comm_seqs(n / mb), self._logits_s(n / mb))], axis=1)
         tokens = np.arange(max_tokens + 1, dtype=float)
         mixed = np.zeros((self.pp, max_tokens + 1, 3))
         for b in range(1, self.pp + 1):
@@ -269,7 +277,7 @@ class StepTable(NamedTuple):
 
 
 # Columns of StepTable.decode and entries of StepCost.params.
-D_C0, D_C1, D_M0, D_M1, D_WEIGHTS, D_COMM, D_KERNELS, D_OVERHEAD, D_FLOOR, D_MB, D_COMM_SEQS = range(11)
+D_C0, D_C1, D_M0, D_M1, D_WEIGHTS, D_COMM, D_KERNELS, D_OVERHEAD, D_FLOOR, D_MB, D_COMM_SEQS, D_LOGITS = range(12)
 P_PP, P_SERIAL, P_OVERLAPPED, P_FLOP_SCALE, P_BW_SCALE, P_KV_SCALE, P_PREFILL_ATTN = range(7)
 
 # Where the time of a run of steps went: indexes into the tuples decode_run returns.
@@ -304,7 +312,7 @@ def mixed_step(row, tok, params, context, prefill_context):
     whose tokens make the token terms `tok` (a StepTable.mixed entry at n plus the chunks' tokens): the token terms
     replace the decode step's (compute, weight reads, communication), the rest (attention, per-sequence costs) stays
     the decode step's."""
-    return step_from_lines(tok[0], row[D_C1], tok[1], row[D_M1],
+    return step_from_lines(tok[0] + row[D_LOGITS], row[D_C1], tok[1], row[D_M1],
                            tok[2] + row[D_COMM_SEQS], row[D_KERNELS], row[D_OVERHEAD], row[D_FLOOR], row[D_MB],
                            params, context, prefill_context)
 
