@@ -156,6 +156,32 @@ def test_a_port_taken_before_the_server_binds_it_is_retried(tiny_model, tmp_path
     assert not vllm_processes()
 
 
+def test_an_api_key_that_starts_with_a_dash_reaches_the_server_whole(tiny_model, tmp_path):
+    # A URL-safe key starts with '-' one time in 64; as a separate argument vLLM's parser read it as an option and
+    # the server refused to start ("argument --api-key: expected at least one argument").
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from autotune.sim.calibration import Calibration
+    from autotune.spec.hardware import Cluster, load_gpu
+    from autotune.spec.layout import EngineKnobs, Layout
+    from autotune.spec.models import load_model
+    from autotune.spec.trial import TrialSpec
+    from autotune.spec.workload import LengthDist, Workload
+    from autotune.trials import vllm_backend
+    from autotune.trials.backend import StudyContext
+
+    work = Workload("tiny", LengthDist("fixed", value=32), LengthDist("fixed", value=16), num_requests=8)
+    ctx = StudyContext(load_model(str(tiny_model)), Cluster.of(load_gpu("CPU"), 1), work, Calibration(),
+                       str(tmp_path), model_ref=str(tiny_model))
+    backend = vllm_backend.VllmBackend()
+    backend.api_key = "-Zq3_like-an-option"
+    cmd = backend.command(TrialSpec(0, Layout(), EngineKnobs(max_num_seqs=4)), ctx, "127.0.0.1", 8000)
+    assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(cmd[3:])
+    assert args.api_key in (backend.api_key, [backend.api_key]) and args.max_num_seqs == 4
+
+
 def test_a_hung_server_fails_its_trial_with_the_failed_request_count(tiny_model, tmp_path, monkeypatch):
     """SIGSTOP the whole server mid-load: the requests time out, the few that finished do not make the trial
     COMPLETE, and teardown still leaves no process."""

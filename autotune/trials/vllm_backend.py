@@ -121,7 +121,9 @@ class VllmBackend:
     def command(self, spec: TrialSpec, ctx: StudyContext, host: str, port: int) -> list[str]:
         # One node per trial (search/space.py refuses wider ones): vLLM's multiprocessing executor in this actor.
         return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", ctx.model_ref,
-                "--served-model-name", SERVED_NAME, "--host", host, "--port", str(port), "--api-key", self.api_key,
+                "--served-model-name", SERVED_NAME, "--host", host, "--port", str(port),
+                # One token: a URL-safe key may start with '-', which argparse would read as the next option.
+                f"--api-key={self.api_key}",
                 "--distributed-executor-backend", "mp", *engine_args(spec.layout, _knobs(spec, ctx)),
                 *ctx.extra_args]
 
