@@ -144,6 +144,34 @@ def test_on_an_nvswitch_with_multicast_large_all_reduces_move_the_buffer_once():
     assert fabric == {"H100-SXM": True, "H200": True, "B200": True, "A100-80GB": False, "MI300X": False}
 
 
+@pytest.mark.parametrize("dp", [8, 32])
+def test_deepep_sends_each_token_to_its_experts_ranks_not_to_every_rank(dp):
+    # The gather moves dp - 1 copies of each token; DeepEP about ep(1 - (1 - 1/ep)^k)(ep - 1)/ep: 4.6 at EP8 and
+    # 6.9 at EP32 for DeepSeek-R1's top-8, so wide EP gains most.
+    m = load_model("DeepSeek-R1")
+    lay = Layout(dp=dp, ep=dp)
+
+    def bytes_moved(backend):
+        cost = StepCost(m, Cluster.of(load_gpu("H200"), dp), lay, stage_shape(m, lay, "bf16"), DEFAULT,
+                        EngineKnobs(all2all_backend=backend))
+        latency = 2 * m.num_moe_layers * DEFAULT.alltoall_latency_s
+        return (cost._comm_tokens(np.array([1024.0]))[0] - m.num_moe_layers * DEFAULT.moe_routing_s - latency) \
+            * cost.ep_bw / (2 * m.num_moe_layers * 1024 * m.hidden_size * 2)
+    copies = {b: bytes_moved(b) for b in ("allgather_reducescatter", "deepep_low_latency")}
+    assert copies["allgather_reducescatter"] == pytest.approx(dp - 1)
+    assert copies["deepep_low_latency"] == pytest.approx(dp * (1 - (1 - 1 / dp) ** 8) * (dp - 1) / dp)
+    # Without EP the DP ranks fall back to the gather whatever the backend asks for (all2all_utils.py).
+    no_ep = [StepCost(m, Cluster.of(load_gpu("H200"), dp), Layout(dp=dp), stage_shape(m, Layout(dp=dp), "bf16"),
+                      DEFAULT, EngineKnobs(all2all_backend=b)).topk_dispatch for b in ("deepep_low_latency",)]
+    assert no_ep == [False]
+
+
+def test_an_unknown_all2all_backend_is_refused():
+    from autotune.errors import UserError
+    with pytest.raises(UserError, match="all2all_backend must be one of"):
+        EngineKnobs(all2all_backend="deepep")
+
+
 def test_the_lm_head_runs_once_per_sampled_sequence_not_per_prompt_token():
     m, cost = load_model("Llama-3.1-8B"), _cost()
     lm_head = 2 * m.vocab_size * m.hidden_size / cost.flops

@@ -78,6 +78,12 @@ class Layout:
 # vLLM's accepted values (vllm/config/cache.py: BlockSize and CacheDType); counts beyond MAX_KNOB are typos.
 BLOCK_SIZES = (1, 8, 16, 32, 64, 128)
 KV_CACHE_DTYPES = ("auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2", "fp8_inc")
+# How DP ranks' tokens reach their experts under EP (vllm/config/parallel.py: All2AllBackend, the ones every recent
+# version accepts): the first, vLLM's default, gathers every token to every rank; the DeepEP and FlashInfer kernels
+# send each token only to the ranks of its top-k experts.
+ALL2ALL_BACKENDS = ("allgather_reducescatter", "naive", "deepep_high_throughput", "deepep_low_latency",
+                    "flashinfer_all2allv")
+TOPK_ALL2ALL_BACKENDS = ("deepep_high_throughput", "deepep_low_latency", "flashinfer_all2allv")
 MAX_KNOB = 10_000_000
 
 
@@ -121,6 +127,11 @@ class EngineKnobs:
         (None,))
     api_server_count: int | None = knob(
         None, "--api-server-count", "API server processes (vLLM: one per DP rank)", (None,))
+    all2all_backend: str = knob(
+        "allgather_reducescatter", "--all2all-backend", "how the DP ranks' tokens reach their experts with EP "
+        "(vLLM's default gathers every token to every rank; deepep_* and flashinfer_all2allv send each only to the "
+        "ranks of its top-k experts, and need those kernels installed)", ("allgather_reducescatter",),
+        choices=ALL2ALL_BACKENDS, omit_at="allgather_reducescatter")
     max_model_len: int | None = knob(
         None, "--max-model-len", "longest sequence (default: what the workload needs)", None)
 
@@ -139,6 +150,9 @@ class EngineKnobs:
             raise UserError(f"gpu_memory_utilization must be in (0, 1], got {u!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise UserError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+        if self.all2all_backend not in ALL2ALL_BACKENDS:
+            raise UserError(f"all2all_backend must be one of {', '.join(ALL2ALL_BACKENDS)}, "
+                            f"got {self.all2all_backend!r}")
 
     @staticmethod
     def tunable() -> tuple[str, ...]:
