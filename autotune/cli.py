@@ -31,8 +31,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu", required=True, help="GPU type: H100-SXM, H200, A100-80GB, B200, MI300X, L40S")
     p.add_argument("--gpus", type=int, required=True, help="number of GPUs")
     p.add_argument("--gpus-per-node", type=int, default=None, help="default: the GPU's usual node (8)")
+    _p2p_arg(p)
     _load_args(p, modes=MODES)
     _engine_args(p)
+
+
+def _p2p_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-p2p", dest="p2p", action="store_false",
+                   help="the GPUs of a node cannot reach each other's memory (vLLM logs 'lacks GPU P2P capability'; "
+                        "virtualised PCIe hosts): collectives go through host memory")
 
 
 def _load_args(p: argparse.ArgumentParser, modes: tuple[str, ...]) -> None:
@@ -93,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", default=None, help="GPU types, comma-separated (default: every priced one)")
     p.add_argument("--max-gpus", type=int, default=64, help="the largest count to consider (default %(default)s)")
     p.add_argument("--gpus-per-node", type=int, default=None, help="default: each GPU's usual node (8)")
+    _p2p_arg(p)
     _slo_args(p)
     _load_args(p, modes=OPEN_LOOP)
     _engine_args(p)
@@ -167,7 +175,7 @@ def _scenario(args):
     gpu = load_gpu(args.gpu)
     price = load_prices(args.prices).get(gpu.name)
     return Scenario(_model(args.model, args.download), Cluster.of(gpu, args.gpus, args.gpus_per_node,
-                                                       price.usd_per_gpu_hour if price else None),
+                                                       price.usd_per_gpu_hour if price else None, args.p2p),
                     workload, Calibration.load(args.calibration), args.router, args.allow_cross_node_tp)
 
 
@@ -314,7 +322,7 @@ def cmd_size(args, console) -> int:
     answers = []
     for gpu in gpus:
         price = prices.get(gpu.name)
-        base = Scenario(model, Cluster.of(gpu, 1), load, Calibration.load(args.calibration), args.router,
+        base = Scenario(model, Cluster.of(gpu, 1, p2p=args.p2p), load, Calibration.load(args.calibration), args.router,
                         args.allow_cross_node_tp)
         answers.append(size(base, gpu, args.rate, slo, args.max_gpus, price.usd_per_gpu_hour if price else None,
                             args.gpus_per_node, knobs))

@@ -52,6 +52,7 @@ class Run:
     uncertain: str = ""
     split: str = "test"
     engine: str = "V1"   # V1 (vLLM >= 0.8, what the simulator models), V0 (older engines) or unknown
+    p2p: bool = True     # False where the source's logs show the GPUs cannot reach each other's memory
 
     @cached_property
     def _model(self) -> ModelSpec:
@@ -59,7 +60,7 @@ class Run:
 
     def scenario(self, cal: Calibration) -> Scenario:
         gpu = load_gpu(self.gpu)
-        return Scenario(self._model, Cluster.of(gpu, max(self.layout.world_size, 1)), self.workload, cal)
+        return Scenario(self._model, Cluster.of(gpu, max(self.layout.world_size, 1), p2p=self.p2p), self.workload, cal)
 
     def predict(self, cal: Calibration) -> Prediction:
         return predict(self.scenario(cal), self.layout, self.knobs)
@@ -68,8 +69,8 @@ class Run:
     def key(self) -> tuple:
         """What identifies the configuration (rows of one run in the long CSV share it)."""
         w = self.workload
-        return (self.source, self.model, self.gpu, self.layout, self.knobs, w.mode, w.num_requests, w.concurrency,
-                w.rate, w.prompt, w.output, w.stages)
+        return (self.source, self.model, self.gpu, self.p2p, self.layout, self.knobs, w.mode, w.num_requests,
+                w.concurrency, w.rate, w.prompt, w.output, w.stages)
 
 
 def predicted_value(pred: Prediction, key: str) -> float | None:
@@ -164,7 +165,8 @@ def _run_from_row(r: dict, base: Path) -> Run | None:
     stated = r.get("vllm_version") or ""
     engine = "V0" if "V0" in stated else "unknown" if not version else "V1" if version >= V1_SINCE else "V0"
     return Run(r["source_id"].strip(), r["url"].strip(), label, _model_ref(r["model"].strip(), base),
-               r["gpu"].strip(), layout, knobs, w, uncertain=r.get("uncertain", ""), engine=engine)
+               r["gpu"].strip(), layout, knobs, w, uncertain=r.get("uncertain", ""), engine=engine,
+               p2p=(r.get("p2p") or "").strip().lower() != "no")
 
 
 def load_simreal(path: Path = SHARED / "simreal_train.csv") -> list[Run]:

@@ -38,6 +38,16 @@ def test_predict_json_has_the_stable_keys():
     assert rows[0]["timeseries"] and {"t", "kv_frac", "running", "waiting"} <= set(rows[0]["timeseries"][0])
 
 
+def test_no_p2p_slows_a_pcie_tp_prefill_and_reaches_size_too():
+    args = ("--model", "Qwen3-30B-A3B", "--gpu", "A100-PCIe-40GB", "--gpus", "4", "--layout", "tp=4",
+            "--workload", "long-context", "--mode", "concurrency", "--concurrency", "4", "--requests", "16", "--json")
+    ttft = {flag: json.loads(autotune("predict", *args, *flag).stdout)[0]["ttft_p50_s"] for flag in ((), ("--no-p2p",))}
+    assert ttft[("--no-p2p",)] > 1.5 * ttft[()]
+    sized = autotune("size", "--model", "Qwen3-30B-A3B", "--gpu", "A100-PCIe-40GB", "--rate", "0.5", "--no-p2p",
+                     "--max-gpus", "8", "--json")
+    assert sized.returncode in (0, 1) and json.loads(sized.stdout)["rate_rps"] == 0.5
+
+
 def test_predict_reports_a_layout_that_does_not_fit_in_json():
     out = autotune("predict", "--model", "Llama-3.1-405B", "--gpu", "H200", "--gpus", "8", "--layout", "tp=8",
                    "--layout", "dp=2,tp=4", "--requests", "50", "--json")

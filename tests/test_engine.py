@@ -144,6 +144,23 @@ def test_on_an_nvswitch_with_multicast_large_all_reduces_move_the_buffer_once():
     assert fabric == {"H100-SXM": True, "H200": True, "B200": True, "A100-80GB": False, "MI300X": False}
 
 
+def test_without_p2p_collectives_go_through_host_memory():
+    # vLLM's custom all-reduce needs peer access ("lacks GPU P2P capability"), and NCCL falls back to its SHM
+    # transport: the same TP2 on PCIe A100s, with and without P2P.
+    from autotune.spec.hardware import SHM_GB_S
+    m, lay = load_model("Qwen3-30B-A3B"), Layout(tp=2)
+    cost = {p2p: StepCost(m, Cluster.of(load_gpu("A100-PCIe-40GB"), 2, p2p=p2p), lay, stage_shape(m, lay, "bf16"),
+                          DEFAULT, EngineKnobs()) for p2p in (True, False)}
+    assert cost[True].tp_custom_lat == DEFAULT.custom_allreduce_latency_s and cost[False].tp_custom_lat is None
+    assert cost[False].tp_bw == pytest.approx(SHM_GB_S * 1e9 * DEFAULT.link) and cost[False].tp_bw < cost[True].tp_bw
+    prefill = {p2p: c.step_time(0, 0.0, 8192, 8192 ** 2 / 2)[0] for p2p, c in cost.items()}
+    assert prefill[False] > 1.5 * prefill[True]
+    # NVLS writes into peer memory too: an H100 node without P2P loses it.
+    h100 = Cluster.of(load_gpu("H100-SXM"), 8, p2p=False)
+    assert not StepCost(m, h100, Layout(tp=8), stage_shape(m, Layout(tp=8), "bf16"), DEFAULT,
+                        EngineKnobs()).tp_multicast and h100.describe().endswith("(no P2P)")
+
+
 @pytest.mark.parametrize("dp", [8, 32])
 def test_deepep_sends_each_token_to_its_experts_ranks_not_to_every_rank(dp):
     # The gather moves dp - 1 copies of each token; DeepEP about ep(1 - (1 - 1/ep)^k)(ep - 1)/ep: 4.6 at EP8 and

@@ -40,6 +40,10 @@ def test_a_space_is_typed_and_filtered(tmp_path):
     assert s.constraints == {"tpot_p99_s": 0.08}
     assert [o.direction for o in s.objectives] == ["maximize", "minimize"]
     assert s.size() == len(s.layouts) * 2
+    assert s.scenario.cluster.p2p
+    # A node whose GPUs lack peer access says so in its cluster; the simulator prices its collectives by it.
+    no_p2p = load_space(write(tmp_path, GOOD.replace("gpus_per_node: 8}", "gpus_per_node: 8, p2p: false}")))
+    assert not no_p2p.scenario.cluster.p2p
 
 
 @pytest.mark.parametrize("text,where", [

@@ -37,6 +37,7 @@ class ClusterCfg(_Strict):
     nodes: int = Field(1, ge=1)
     gpus_per_node: int = Field(8, ge=1)
     usd_per_gpu_hour: float | None = Field(None, gt=0)   # default: the built-in public price of the GPU
+    p2p: bool = True        # false: the node's GPUs cannot reach each other's memory (spec/hardware.py: Cluster.p2p)
 
 
 class LayoutCfg(_Strict):
@@ -258,7 +259,7 @@ def _build(cfg: SpaceCfg, path: Path, text: str, lines: dict) -> SearchSpace:
     except UserError as exc:
         fail(("cluster", "gpu"), str(exc))
     cluster = Cluster.of(gpu, cfg.cluster.nodes * cfg.cluster.gpus_per_node, cfg.cluster.gpus_per_node,
-                         cfg.cluster.usd_per_gpu_hour)
+                         cfg.cluster.usd_per_gpu_hour, cfg.cluster.p2p)
     if cluster.usd_per_gpu_hour is None and any(o.metric == "usd_per_mtok" for o in cfg.objectives):
         fail(("cluster", "usd_per_gpu_hour"), f"objective usd_per_mtok needs a price: there is no built-in price "
                                               f"for {gpu.name}")
@@ -353,7 +354,8 @@ def space_around(name: str, cluster: Cluster, model_ref: str, workload, layouts:
             "max_num_seqs": sorted(set(seqs))}
     doc = {"name": name,
            "cluster": {"gpu": cluster.gpu.name, "nodes": cluster.num_nodes, "gpus_per_node": cluster.gpus_per_node,
-                       **({"usd_per_gpu_hour": cluster.usd_per_gpu_hour} if cluster.usd_per_gpu_hour else {})},
+                       **({"usd_per_gpu_hour": cluster.usd_per_gpu_hour} if cluster.usd_per_gpu_hour else {}),
+                       **({} if cluster.p2p else {"p2p": False})},
            "model": model_ref, "workload": workload.to_dict(), "dimensions": dims,
            "objectives": [{"metric": "output_tok_s_per_gpu", "direction": "maximize"},
                           {"metric": "tpot_p99_s", "direction": "minimize"}],

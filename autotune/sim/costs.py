@@ -118,12 +118,14 @@ class StepCost:
             self.attn_flops_per_ctx = 4 * shape.full_attention_layers * heads * model.head_dim
         self.kv_read_per_ctx = shape.kv_bytes_per_token
         per_node = cluster.gpus_per_node
-        intra = gpu.intra_node_gb_s * 1e9 * eff.link
+        intra = cluster.intra_node_gb_s * 1e9 * eff.link
         inter = gpu.inter_node_gb_s * 1e9 * eff.link
         self.tp_bw, self.tp_lat = (intra, eff.allreduce_latency_s) if self.tp <= per_node else (inter, eff.internode_latency_s)
-        custom = self.tp <= per_node and self.tp in CUSTOM_ALLREDUCE_WORLDS and (gpu.nvlink or self.tp == 2)
+        # The custom kernel and NVLS both write into peer memory: without P2P, NCCL's host-memory path takes all.
+        custom = (cluster.p2p and self.tp <= per_node and self.tp in CUSTOM_ALLREDUCE_WORLDS
+                  and (gpu.nvlink or self.tp == 2))
         self.tp_custom_lat = eff.custom_allreduce_latency_s if custom else None
-        self.tp_multicast = self.tp <= per_node and gpu.multicast
+        self.tp_multicast = cluster.p2p and self.tp <= per_node and gpu.multicast
         self.ep_bw = intra if self.dp * self.tp <= per_node else inter     # the expert group spans dp x tp
         # vLLM's all2all kernels run only with EP across DP ranks (fused_moe/config.py: use_all2all_kernels =
         # dp_size > 1 and use_ep); without EP, DP falls back to all-gather and reduce-scatter whatever the backend.

@@ -53,7 +53,7 @@ def size(base: Scenario, gpu: GpuSpec, rate: float, slo: Slo, max_gpus: int, usd
     need = rate * load.mean_output
     why = f"no layout of {base.model.name} fits {max_gpus} {gpu.name}"
     for count in gpu_counts(gpu, max_gpus, gpus_per_node):
-        sc = replace(base, cluster=Cluster.of(gpu, count, gpus_per_node, usd_per_gpu_hour))
+        sc = replace(base, cluster=Cluster.of(gpu, count, gpus_per_node, usd_per_gpu_hour, base.cluster.p2p))
         options, closest = [], None
         for layout in enumerate_layouts(sc.model, sc.cluster, allow_cross_node_tp=sc.allow_cross_node_tp):
             problem, plan = infeasibility(sc, layout, sc.resolve(knobs))

@@ -8,6 +8,10 @@ from dataclasses import dataclass, asdict
 from autotune.errors import UserError
 
 GIB = 1024**3
+# Where the GPUs of a node cannot reach each other's memory (PCIe peer-to-peer off: virtualised hosts, ACS on the
+# switches), NCCL bounces every transfer through host memory, its SHM transport: 6-9 GB/s (NVIDIA/nccl#406, NCCL's
+# maintainer: "12GB/s instead of 9 or 6"), 6.1 GB/s all-reduce bus bandwidth on 8 PCIe L20s (NVIDIA/nccl#1817).
+SHM_GB_S = 7.5
 # More GPUs than any serving deployment has: a count beyond it is a typo, refused before any work (layout
 # enumeration is linear in the count).
 MAX_GPUS = 65536
@@ -90,6 +94,9 @@ class Cluster:
     num_nodes: int
     gpus_per_node: int
     usd_per_gpu_hour: float | None = None     # what one GPU-hour costs (None: unknown, no cost figures)
+    # The node's GPUs reach each other's memory (NVLink, or PCIe peer-to-peer); False where the platform forbids it
+    # (vLLM then logs "Custom allreduce is disabled because your platform lacks GPU P2P capability").
+    p2p: bool = True
 
     @property
     def num_gpus(self) -> int:
@@ -97,9 +104,10 @@ class Cluster:
 
     @classmethod
     def of(cls, gpu: GpuSpec, num_gpus: int, gpus_per_node: int | None = None,
-           usd_per_gpu_hour: float | None = None) -> "Cluster":
+           usd_per_gpu_hour: float | None = None, p2p: bool = True) -> "Cluster":
         """`num_gpus` GPUs packed onto nodes of `gpus_per_node` (default: the GPU's usual node size), priced at
-        `usd_per_gpu_hour` (default: the built-in public price of that GPU, if there is one)."""
+        `usd_per_gpu_hour` (default: the built-in public price of that GPU, if there is one), with peer-to-peer
+        access between a node's GPUs or not."""
         per_node = gpu.gpus_per_node if gpus_per_node is None else gpus_per_node
         if not 1 <= num_gpus <= MAX_GPUS:
             raise UserError(f"the number of GPUs must be in 1..{MAX_GPUS}, got {num_gpus}")
@@ -109,10 +117,15 @@ class Cluster:
             from autotune.spec.prices import BUILTIN    # the price table names its GPUs through load_gpu, here
             usd_per_gpu_hour = BUILTIN[gpu.name].usd_per_gpu_hour if gpu.name in BUILTIN else None
         if num_gpus <= per_node:
-            return cls(gpu, 1, num_gpus, usd_per_gpu_hour)
+            return cls(gpu, 1, num_gpus, usd_per_gpu_hour, p2p)
         if num_gpus % per_node:
             raise UserError(f"{num_gpus} GPUs do not fill whole nodes of {per_node} {gpu.name}")
-        return cls(gpu, num_gpus // per_node, per_node, usd_per_gpu_hour)
+        return cls(gpu, num_gpus // per_node, per_node, usd_per_gpu_hour, p2p)
+
+    @property
+    def intra_node_gb_s(self) -> float:
+        """Per-GPU bandwidth of collectives inside a node: the fabric's, or host memory's without P2P."""
+        return self.gpu.intra_node_gb_s if self.p2p else min(self.gpu.intra_node_gb_s, SHM_GB_S)
 
     def describe(self) -> str:
-        return f"{self.num_nodes} x {self.gpus_per_node} {self.gpu.name}"
+        return f"{self.num_nodes} x {self.gpus_per_node} {self.gpu.name}" + ("" if self.p2p else " (no P2P)")
