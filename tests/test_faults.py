@@ -4,13 +4,9 @@ or a silent answer), two runners never share a study, a resume never mixes studi
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
-
-import pytest
 
 from autotune.cli import main
 

@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from autotune.sim.goodput import LoadShape, erlang_c, estimate_capacity, goodput
+from autotune.sim.goodput import LoadShape, erlang_c, goodput
 from autotune.sim.predict import predict
 from autotune.sim.recommend import recommend
 from autotune.sim.size import gpu_counts, size
