@@ -12,10 +12,10 @@ from autotune.spec.layout import EngineKnobs, Layout
 from autotune.spec.models import load_model
 
 
-def _cost(model="Llama-3.1-8B", layout=Layout(), gpus=1, gpu="H200"):
+def _cost(model="Llama-3.1-8B", layout=Layout(), gpus=1, gpu="H200", p2p=True, knobs=EngineKnobs()):
     m = load_model(model)
-    return StepCost(m, Cluster.of(load_gpu(gpu), gpus), layout, stage_shape(m, layout, "bf16"), DEFAULT,
-                    EngineKnobs())
+    return StepCost(m, Cluster.of(load_gpu(gpu), gpus, p2p=p2p), layout, stage_shape(m, layout, "bf16"), DEFAULT,
+                    knobs)
 
 
 @pytest.mark.parametrize("model,layout,n,ctx0,steps", [
@@ -148,17 +148,14 @@ def test_without_p2p_collectives_go_through_host_memory():
     # vLLM's custom all-reduce needs peer access ("lacks GPU P2P capability"), and NCCL falls back to its SHM
     # transport: the same TP2 on PCIe A100s, with and without P2P.
     from autotune.spec.hardware import SHM_GB_S
-    m, lay = load_model("Qwen3-30B-A3B"), Layout(tp=2)
-    cost = {p2p: StepCost(m, Cluster.of(load_gpu("A100-PCIe-40GB"), 2, p2p=p2p), lay, stage_shape(m, lay, "bf16"),
-                          DEFAULT, EngineKnobs()) for p2p in (True, False)}
+    cost = {p2p: _cost("Qwen3-30B-A3B", Layout(tp=2), 2, "A100-PCIe-40GB", p2p) for p2p in (True, False)}
     assert cost[True].tp_custom_lat == DEFAULT.custom_allreduce_latency_s and cost[False].tp_custom_lat is None
     assert cost[False].tp_bw == pytest.approx(SHM_GB_S * 1e9 * DEFAULT.link) and cost[False].tp_bw < cost[True].tp_bw
     prefill = {p2p: c.step_time(0, 0.0, 8192, 8192 ** 2 / 2)[0] for p2p, c in cost.items()}
     assert prefill[False] > 1.5 * prefill[True]
     # NVLS writes into peer memory too: an H100 node without P2P loses it.
-    h100 = Cluster.of(load_gpu("H100-SXM"), 8, p2p=False)
-    assert not StepCost(m, h100, Layout(tp=8), stage_shape(m, Layout(tp=8), "bf16"), DEFAULT,
-                        EngineKnobs()).tp_multicast and h100.describe().endswith("(no P2P)")
+    assert not _cost("Qwen3-30B-A3B", Layout(tp=8), 8, "H100-SXM", p2p=False).tp_multicast
+    assert Cluster.of(load_gpu("H100-SXM"), 8, p2p=False).describe().endswith("(no P2P)")
 
 
 @pytest.mark.parametrize("dp", [8, 32])
@@ -166,21 +163,16 @@ def test_deepep_sends_each_token_to_its_experts_ranks_not_to_every_rank(dp):
     # The gather moves dp - 1 copies of each token; DeepEP about ep(1 - (1 - 1/ep)^k)(ep - 1)/ep: 4.6 at EP8 and
     # 6.9 at EP32 for DeepSeek-R1's top-8, so wide EP gains most.
     m = load_model("DeepSeek-R1")
-    lay = Layout(dp=dp, ep=dp)
+    one_token_both_ways = 2 * m.hidden_size * 2
 
-    def bytes_moved(backend):
-        cost = StepCost(m, Cluster.of(load_gpu("H200"), dp), lay, stage_shape(m, lay, "bf16"), DEFAULT,
-                        EngineKnobs(all2all_backend=backend))
-        latency = 2 * m.num_moe_layers * DEFAULT.alltoall_latency_s
-        return (cost._comm_tokens(np.array([1024.0]))[0] - m.num_moe_layers * DEFAULT.moe_routing_s - latency) \
-            * cost.ep_bw / (2 * m.num_moe_layers * 1024 * m.hidden_size * 2)
-    copies = {b: bytes_moved(b) for b in ("allgather_reducescatter", "deepep_low_latency")}
-    assert copies["allgather_reducescatter"] == pytest.approx(dp - 1)
-    assert copies["deepep_low_latency"] == pytest.approx(dp * (1 - (1 - 1 / dp) ** 8) * (dp - 1) / dp)
+    def copies(layout, backend):
+        cost = _cost("DeepSeek-R1", layout, dp, knobs=EngineKnobs(all2all_backend=backend))
+        return cost._moe_exchange_bytes(1.0) / one_token_both_ways
+    assert copies(Layout(dp=dp, ep=dp), "allgather_reducescatter") == pytest.approx(dp - 1)
+    assert copies(Layout(dp=dp, ep=dp), "deepep_low_latency") == pytest.approx(dp * (1 - (1 - 1 / dp) ** 8)
+                                                                              * (dp - 1) / dp)
     # Without EP the DP ranks fall back to the gather whatever the backend asks for (all2all_utils.py).
-    no_ep = [StepCost(m, Cluster.of(load_gpu("H200"), dp), Layout(dp=dp), stage_shape(m, Layout(dp=dp), "bf16"),
-                      DEFAULT, EngineKnobs(all2all_backend=b)).topk_dispatch for b in ("deepep_low_latency",)]
-    assert no_ep == [False]
+    assert copies(Layout(dp=dp), "deepep_low_latency") == pytest.approx(dp - 1)
 
 
 def test_an_unknown_all2all_backend_is_refused():
@@ -209,7 +201,8 @@ def test_moe_tokens_cross_dp_ranks_the_same_way_with_ep_or_without():
     # What DP2xTP2 pays beyond its own TP2 all-reduces: a gather and a scatter per MoE layer, growing with tokens.
     alone = _cost("Qwen3-30B-A3B", Layout(tp=2), 2, gpu="H100-SXM")._comm_tokens(tokens)
     extra = comm[str(Layout(dp=2, tp=2))] - alone
-    assert extra[0] == pytest.approx(2 * 48 * DEFAULT.alltoall_latency_s, rel=0.01)
+    assert extra[0] == pytest.approx(2 * load_model("Qwen3-30B-A3B").num_moe_layers * DEFAULT.alltoall_latency_s,
+                                     rel=0.01)
     assert extra[0] < extra[1] < extra[2]
 
 

@@ -39,7 +39,6 @@ async def wait_until(pilot, condition, what: str, timeout_s: float = 120.0):
 
 async def wait_loaded(pilot, refreshes=1):
     await wait_until(pilot, lambda: pilot.app.refreshes >= refreshes, "the dashboard's first snapshot")
-    await pilot.pause()
 
 
 def text_of(widget) -> str:

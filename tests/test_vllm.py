@@ -55,6 +55,23 @@ def autotune(*args, timeout=1200):
                           timeout=timeout)
 
 
+# A tiny server whose KV cache holds 8 blocks of 128 tokens: preemptions with a handful of requests.
+CAPPED_KV = dict(max_num_seqs=4, gpu_memory_utilization=0.3, block_size=128, num_gpu_blocks_override=8)
+
+
+def one_cpu_context(tiny_model: Path, tmp_path: Path, output: int = 16, requests: int = 8):
+    """What a study hands a trial on one CPU 'GPU': the tiny model, 32-token prompts of `output` tokens."""
+    from autotune.sim.calibration import Calibration
+    from autotune.spec.hardware import Cluster, load_gpu
+    from autotune.spec.models import load_model
+    from autotune.spec.workload import LengthDist, Workload
+    from autotune.trials.backend import StudyContext
+
+    work = Workload("tiny", LengthDist("fixed", value=32), LengthDist("fixed", value=output), num_requests=requests)
+    return StudyContext(load_model(str(tiny_model)), Cluster.of(load_gpu("CPU"), 1), work, Calibration(),
+                        str(tmp_path), model_ref=str(tiny_model))
+
+
 def vllm_processes() -> list[str]:
     """Live vLLM processes (a zombie holds nothing and is its parent's to reap)."""
     out = subprocess.run(["ps", "-eo", "pid,stat,args"], capture_output=True, text=True).stdout.splitlines()
@@ -126,14 +143,9 @@ def test_sigterm_mid_trial_leaves_no_vllm_process(tiny_model, tmp_path):
 def test_a_port_taken_before_the_server_binds_it_is_retried(tiny_model, tmp_path, monkeypatch):
     import socket
 
-    from autotune.sim.calibration import Calibration
-    from autotune.spec.hardware import Cluster, load_gpu
     from autotune.spec.layout import EngineKnobs, Layout
-    from autotune.spec.models import load_model
     from autotune.spec.trial import TrialSpec
-    from autotune.spec.workload import LengthDist, Workload
     from autotune.trials import vllm_backend
-    from autotune.trials.backend import StudyContext
 
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
@@ -141,10 +153,8 @@ def test_a_port_taken_before_the_server_binds_it_is_retried(tiny_model, tmp_path
     ports = iter([taken.getsockname()[1]])     # the first pick is already bound by someone else
     real_free_port = vllm_backend.free_port
     monkeypatch.setattr(vllm_backend, "free_port", lambda host: next(ports, None) or real_free_port(host))
-    work = Workload("tiny", LengthDist("fixed", value=32), LengthDist("fixed", value=16), num_requests=8)
-    ctx = StudyContext(load_model(str(tiny_model)), Cluster.of(load_gpu("CPU"), 1), work, Calibration(),
-                       str(tmp_path), model_ref=str(tiny_model))
-    knobs = EngineKnobs(max_num_seqs=4, gpu_memory_utilization=0.3, block_size=128, num_gpu_blocks_override=8)
+    ctx = one_cpu_context(tiny_model, tmp_path)
+    knobs = EngineKnobs(**CAPPED_KV)
     try:
         events = list(vllm_backend.VllmBackend().run(TrialSpec(0, Layout(), knobs), ctx))
     finally:
@@ -162,18 +172,11 @@ def test_an_api_key_that_starts_with_a_dash_reaches_the_server_whole(tiny_model,
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    from autotune.sim.calibration import Calibration
-    from autotune.spec.hardware import Cluster, load_gpu
     from autotune.spec.layout import EngineKnobs, Layout
-    from autotune.spec.models import load_model
     from autotune.spec.trial import TrialSpec
-    from autotune.spec.workload import LengthDist, Workload
     from autotune.trials import vllm_backend
-    from autotune.trials.backend import StudyContext
 
-    work = Workload("tiny", LengthDist("fixed", value=32), LengthDist("fixed", value=16), num_requests=8)
-    ctx = StudyContext(load_model(str(tiny_model)), Cluster.of(load_gpu("CPU"), 1), work, Calibration(),
-                       str(tmp_path), model_ref=str(tiny_model))
+    ctx = one_cpu_context(tiny_model, tmp_path)
     backend = vllm_backend.VllmBackend()
     backend.api_key = "-Zq3_like-an-option"
     cmd = backend.command(TrialSpec(0, Layout(), EngineKnobs(max_num_seqs=4)), ctx, "127.0.0.1", 8000)
@@ -185,21 +188,14 @@ def test_an_api_key_that_starts_with_a_dash_reaches_the_server_whole(tiny_model,
 def test_a_hung_server_fails_its_trial_with_the_failed_request_count(tiny_model, tmp_path, monkeypatch):
     """SIGSTOP the whole server mid-load: the requests time out, the few that finished do not make the trial
     COMPLETE, and teardown still leaves no process."""
-    from autotune.sim.calibration import Calibration
-    from autotune.spec.hardware import Cluster, load_gpu
     from autotune.spec.layout import EngineKnobs, Layout
-    from autotune.spec.models import load_model
     from autotune.spec.trial import TrialSpec
-    from autotune.spec.workload import LengthDist, Workload
     from autotune.trials import vllm_backend
-    from autotune.trials.backend import StudyContext
 
     monkeypatch.setattr(vllm_backend, "REQUEST_TIMEOUT_S", 20.0)
     # Far more load than the few seconds before the stop can serve: the stop always lands mid-load.
-    work = Workload("tiny", LengthDist("fixed", value=32), LengthDist("fixed", value=200), num_requests=400)
-    ctx = StudyContext(load_model(str(tiny_model)), Cluster.of(load_gpu("CPU"), 1), work, Calibration(),
-                       str(tmp_path), model_ref=str(tiny_model))
-    knobs = EngineKnobs(max_num_seqs=4, gpu_memory_utilization=0.3, block_size=128, num_gpu_blocks_override=8)
+    ctx = one_cpu_context(tiny_model, tmp_path, output=200, requests=400)
+    knobs = EngineKnobs(**CAPPED_KV)
     backend = vllm_backend.VllmBackend()
     stopped = False
     result = None

@@ -14,7 +14,7 @@ from numba import njit
 from autotune.sim.calibration import Efficiency
 from autotune.sim.memory import StageShape
 from autotune.spec.hardware import Cluster
-from autotune.spec.layout import TOPK_ALL2ALL_BACKENDS, EngineKnobs, Layout
+from autotune.spec.layout import DEFAULT_ALL2ALL, TOPK_ALL2ALL_BACKENDS, EngineKnobs, Layout
 from autotune.spec.models import ModelSpec
 
 BF16 = 2  # activations travel in bf16
@@ -129,8 +129,7 @@ class StepCost:
         self.ep_bw = intra if self.dp * self.tp <= per_node else inter     # the expert group spans dp x tp
         # vLLM's all2all kernels run only with EP across DP ranks (fused_moe/config.py: use_all2all_kernels =
         # dp_size > 1 and use_ep); without EP, DP falls back to all-gather and reduce-scatter whatever the backend.
-        self.topk_dispatch = self.ep > 1 and self.dp > 1 and knobs.all2all_backend in TOPK_ALL2ALL_BACKENDS
-        self.naive_combine = self.ep > 1 and self.dp > 1 and knobs.all2all_backend == "naive"
+        self.all2all = knobs.all2all_backend if self.ep > 1 else DEFAULT_ALL2ALL
         self.pp_bw = intra if self.tp * self.pp <= per_node else inter
         self.overhead_base = eff.step_overhead_s
         # The multiprocess executor's broadcast of each step to the tp x pp workers sits between the scheduler and
@@ -162,22 +161,10 @@ class StepCost:
             t += 2 * s.layers * allreduce_s(tokens * m.hidden_size * BF16, self.tp, self.tp_bw, self.tp_lat,
                                             self.tp_custom_lat, self.tp_multicast)
         if m.is_moe:
+            # With DP = 1 the TP ranks already hold every token: EP needs no exchange, its partial outputs sum in
+            # the MLP's all-reduce above.
             if self.dp > 1:
-                # DP ranks step in lockstep and their tokens meet in the expert layers, with EP or without. vLLM's
-                # default all2all backend (allgather_reducescatter) all-gathers every DP rank's hidden states and
-                # reduce-scatters the expert outputs back: (dp-1)/dp of the gathered tokens each way; "naive"
-                # broadcasts the same way and combines by an all-reduce, twice the bytes back. The top-k kernels
-                # (DeepEP, FlashInfer) send each of this TP rank's share of the tokens once to every other rank
-                # that hosts one of its experts: ep x (1 - (1 - 1/ep)^k) ranks under uniform routing (DeepEP,
-                # deepseek-ai/DeepEP README). With DP = 1 the TP ranks already hold every token: EP needs no
-                # dispatch, and its partial outputs sum in the MLP's all-reduce above.
-                if self.topk_dispatch:
-                    ranks = self.ep * (1 - (1 - 1 / self.ep) ** m.experts_per_token)
-                    dispatch = combine = tokens / self.tp * ranks * (self.ep - 1) / self.ep * m.hidden_size * BF16
-                else:
-                    dispatch = tokens * self.dp * m.hidden_size * BF16 * (self.dp - 1) / self.dp
-                    combine = dispatch * (2 if self.naive_combine else 1)
-                t += s.moe_layers * (2 * e.alltoall_latency_s + (dispatch + combine) / self.ep_bw)
+                t += s.moe_layers * (2 * e.alltoall_latency_s + self._moe_exchange_bytes(tokens) / self.ep_bw)
             t += s.moe_layers * e.moe_routing_s
         if self.pp > 1:
             # Hand hidden states and residual to the next stage: metadata over the CPU group, then each TP rank sends
@@ -188,6 +175,20 @@ class StepCost:
             if self.tp > 1:
                 t += self._tp_allgather_s(handoff)
         return t
+
+    def _moe_exchange_bytes(self, tokens):
+        """Bytes one GPU sends and receives in one MoE layer so that the DP ranks' tokens (dp > 1, in lockstep, with
+        EP or without) meet their experts. vLLM's default all2all backend (allgather_reducescatter) all-gathers every
+        DP rank's hidden states and reduce-scatters the expert outputs back, (dp-1)/dp of the gathered tokens each
+        way; "naive" broadcasts the same way and combines by an all-reduce, twice the bytes back. The top-k kernels
+        (DeepEP, FlashInfer) send each of this TP rank's share of the tokens once to every other rank that hosts one
+        of its experts: ep x (1 - (1 - 1/ep)^k) ranks under uniform routing (deepseek-ai/DeepEP README)."""
+        m = self.model
+        if self.all2all in TOPK_ALL2ALL_BACKENDS:
+            ranks = self.ep * (1 - (1 - 1 / self.ep) ** m.experts_per_token)
+            return 2 * tokens / self.tp * ranks * (self.ep - 1) / self.ep * m.hidden_size * BF16
+        gather = tokens * self.dp * m.hidden_size * BF16 * (self.dp - 1) / self.dp
+        return gather * (3 if self.all2all == "naive" else 2)
 
     def _logits_s(self, seqs):
         """The LM head's compute for the sequences a microbatch samples."""

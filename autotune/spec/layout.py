@@ -83,6 +83,7 @@ KV_CACHE_DTYPES = ("auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2", "fp8_inc")
 # send each token only to the ranks of its top-k experts.
 ALL2ALL_BACKENDS = ("allgather_reducescatter", "naive", "deepep_high_throughput", "deepep_low_latency",
                     "flashinfer_all2allv")
+DEFAULT_ALL2ALL = ALL2ALL_BACKENDS[0]
 TOPK_ALL2ALL_BACKENDS = ("deepep_high_throughput", "deepep_low_latency", "flashinfer_all2allv")
 MAX_KNOB = 10_000_000
 
@@ -128,10 +129,10 @@ class EngineKnobs:
     api_server_count: int | None = knob(
         None, "--api-server-count", "API server processes (vLLM: one per DP rank)", (None,))
     all2all_backend: str = knob(
-        "allgather_reducescatter", "--all2all-backend", "how the DP ranks' tokens reach their experts with EP "
+        DEFAULT_ALL2ALL, "--all2all-backend", "how the DP ranks' tokens reach their experts with EP "
         "(vLLM's default gathers every token to every rank; deepep_* and flashinfer_all2allv send each only to the "
-        "ranks of its top-k experts, and need those kernels installed)", ("allgather_reducescatter",),
-        choices=ALL2ALL_BACKENDS, omit_at="allgather_reducescatter")
+        "ranks of its top-k experts, and need those kernels installed)", (DEFAULT_ALL2ALL,),
+        choices=ALL2ALL_BACKENDS, omit_at=DEFAULT_ALL2ALL)
     max_model_len: int | None = knob(
         None, "--max-model-len", "longest sequence (default: what the workload needs)", None)
 
@@ -143,16 +144,13 @@ class EngineKnobs:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_gpu_blocks_override",
                      "api_server_count"):
             count(name, getattr(self, name))
-        if self.block_size not in BLOCK_SIZES:
-            raise UserError(f"block_size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block_size!r}")
         u = self.gpu_memory_utilization
         if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1:
             raise UserError(f"gpu_memory_utilization must be in (0, 1], got {u!r}")
-        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise UserError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
-        if self.all2all_backend not in ALL2ALL_BACKENDS:
-            raise UserError(f"all2all_backend must be one of {', '.join(ALL2ALL_BACKENDS)}, "
-                            f"got {self.all2all_backend!r}")
+        for f in knob_fields():     # a knob declared with the values vLLM accepts takes no other
+            choices, v = f.metadata["choices"], getattr(self, f.name)
+            if choices and v not in choices:
+                raise UserError(f"{f.name} must be one of {', '.join(map(str, choices))}, got {v!r}")
 
     @staticmethod
     def tunable() -> tuple[str, ...]:
