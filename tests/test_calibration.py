@@ -50,3 +50,65 @@ def test_the_accuracy_fit_gives_each_source_one_vote_and_clips_wild_rows(monkeyp
     assert loss(rows) == pytest.approx(math.log(1.5) / 2)
     wild = [(big, "tpot_mean_s", 1.0, 50.0), (big, "output_tok_s", 1.0, None)]
     assert loss(wild) == pytest.approx(CLIP) and CLIP < math.log(50)
+
+
+def test_the_kernel_fit_recovers_the_factors_that_made_the_timings():
+    """Timings made by the step model's own kernel laws from known factors come back as those factors, from the
+    priors: the fit bench/gpu_probe.py runs on a GPU's measured kernels."""
+    from dataclasses import replace
+    from autotune.sim import kernel_fit
+    from autotune.spec.hardware import load_gpu
+    from autotune.spec.models import load_model
+    gpu = load_gpu("H200")
+    truth = DEFAULT.with_overrides({"hbm": 0.7, "kv_read": 0.6, "flops": 0.45, "gemm_ramp_tokens": 64.0,
+                                    "kernel_floor_s": 3e-6}, "t")
+    kernels = kernel_fit.decode_kernels(load_model("Llama-3.1-8B"), 1, [1, 4, 16, 64, 256, 1024], [1024, 8192, 32768])
+    timings = [replace(k, seconds=kernel_fit.modelled_s(k, gpu, truth)) for k in kernels]
+    assert kernel_fit.log_error(timings, gpu, DEFAULT) > 0.1
+    fitted = kernel_fit.fit(timings, gpu, DEFAULT)
+    assert kernel_fit.log_error(timings, gpu, fitted) < 0.02
+    for name in ("hbm", "kv_read", "flops", "gemm_ramp_tokens"):
+        assert getattr(fitted, name) == pytest.approx(getattr(truth, name), rel=0.15), name
+
+
+def test_the_gpu_probe_times_kernels_and_writes_a_calibration_predict_uses(tmp_path):
+    """bench/gpu_probe.py --quick on this machine's CPU: a real kernel table, factors fitted to it that predict the
+    second model's kernels far better than the priors (out of sample), and a calibration file the CLI reads."""
+    pytest.importorskip("torch")
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    from autotune.sim import kernel_fit
+    from autotune.spec.hardware import load_gpu
+    root = Path(__file__).resolve().parents[1]
+    out, table = tmp_path / "cal.yaml", tmp_path / "kernels.csv"
+    done = subprocess.run([sys.executable, str(root / "bench" / "gpu_probe.py"), "--quick", "--out", str(out),
+                           "--table", str(table)], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr
+    timings = kernel_fit.read_table(table)
+    assert {t.kernel for t in timings} == {"qkv", "o", "gate_up", "down", "attention"}
+    cal = Calibration.load(out)
+    cpu = cal.for_gpu("CPU")
+    assert cpu != cal.base
+    second = [t for t in timings if t.model == timings[-1].model]
+    assert kernel_fit.log_error(second, load_gpu("CPU"), cpu) < kernel_fit.log_error(second, load_gpu("CPU"), DEFAULT) / 2
+    # The tiny test model's shape (autotune/tiny_model.py), as a config.json.
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2, "hidden_size": 256, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "intermediate_size": 512, "vocab_size": 1024, "max_position_embeddings": 4096,
+        "torch_dtype": "bfloat16"}))
+    args = [sys.executable, "-m", "autotune.cli", "predict", "--model", str(tmp_path / "config.json"), "--gpu", "CPU",
+            "--gpus", "1", "--layout", "tp=1", "--requests", "20", "--json"]
+    plain = json.loads(subprocess.run(args, capture_output=True, text=True, check=True).stdout)[0]
+    probed = json.loads(subprocess.run(args + ["--calibration", str(out)], capture_output=True, text=True,
+                                       check=True).stdout)[0]
+    assert probed["tpot_mean_s"] != plain["tpot_mean_s"]
+
+
+def test_a_kernel_table_that_is_not_one_is_refused(tmp_path):
+    from autotune.sim import kernel_fit
+    bad = tmp_path / "k.csv"
+    bad.write_text("model,kernel,rows\nx,qkv,notanumber\n")
+    with pytest.raises(UserError, match="not a kernel table"):
+        kernel_fit.read_table(bad)

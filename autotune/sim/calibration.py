@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace, asdict
 from pathlib import Path
 
@@ -78,6 +79,29 @@ class Efficiency:
         if bad:
             raise UserError(f"{where}: out of range: {', '.join(bad)} ({', '.join(fractions)} in (0, 1]; others >= 0)")
         return replace(self, **values)
+
+
+def descend(eff: Efficiency, bounds: dict[str, tuple[float, float]], loss: Callable[[Efficiency], float],
+            steps: tuple[float, ...] = (0.5, 0.8, 1.25, 2.0), rounds: int = 3) -> Efficiency:
+    """Coordinate descent over the factors named in `bounds`, in multiplicative steps clipped to each factor's
+    (lo, hi), minimising loss(eff); a factor at zero restarts from lo x step. The one fitting loop behind
+    `autotune calibrate`, bench/accuracy.py and bench/gpu_probe.py."""
+    best = loss(eff)
+    for _ in range(rounds):
+        improved = False
+        for name, (lo, hi) in bounds.items():
+            for step in steps:
+                current = getattr(eff, name)
+                value = min(max(current * step, lo), hi) if current else lo * step
+                if value == current:
+                    continue
+                trial = eff.with_overrides({name: value}, "fit")
+                err = loss(trial)
+                if err < best - 1e-6:
+                    best, eff, improved = err, trial, True
+        if not improved:
+            break
+    return eff
 
 
 # The first-principles values above are the priors every fit starts from (bench/accuracy.py cross-validates from
