@@ -79,7 +79,9 @@ def loss(rows) -> float:
 # NVIDIA parts share one set (refitting each on a few noisy sources overfits: H200 came out at 0.3 of peak HBM).
 # Refitting the engine's CPU costs per type as well helped the 6-fold figures (E2E 31.8% -> 28.0%) but, with one
 # fold per source, fitted MI300X's on two sources' large-batch throughput alone and doubled the E2E error: not kept.
-PER_GPU = ("hbm", "kv_read", "flops")
+# The GEMM ramp is refitted too: how many rows a GEMM needs to fill the matrix units is the GEMM library's tiling
+# (CUTLASS/cuBLAS on NVIDIA, hipBLASLt on ROCm), a property of the stack like its share of peak.
+PER_GPU = ("hbm", "kv_read", "flops", "gemm_ramp_tokens")
 PER_GPU_TYPES = ("MI300X",)
 MIN_GPU_RUNS = 3
 PRIOR = Calibration(PRIOR_EFFICIENCY, (), "first-principles priors")
