@@ -175,9 +175,11 @@ def main() -> None:
     args = ap.parse_args()
     train_sources = frozenset(TRAIN_LIST.read_text().split()) if TRAIN_LIST.is_file() else frozenset()
     every = load_rows(train_sources=train_sources) + load_simreal()
-    # Runs of vLLM's V0 engine (before 0.8) are outside what the simulator models: reported apart, never fitted.
+    # Runs of vLLM's V0 engine (before 0.8) and cold runs are outside what the simulator models: reported apart,
+    # never fitted.
     older = [r for r in every if r.engine == "V0"]
-    runs = [r for r in every if r.engine != "V0"]
+    cold = [r for r in every if r.cold and r.engine != "V0"]
+    runs = [r for r in every if r.modelled]
     base = Calibration.load(args.calibration)
     sources = sorted({r.source for r in runs})
     train = [r for r in runs if r.split == "train"]
@@ -185,7 +187,8 @@ def main() -> None:
     print(f"validation set: {sum(len(r.figures) for r in runs)} figures of {len(runs)} runs of vLLM V1 (or of an "
           f"unstated version) from {len(sources)} sources ({sum(len(r.figures) for r in train)} figures in the "
           f"training split, {sum(len(r.figures) for r in test)} in the test split); {len(older)} runs of the older "
-          f"V0 engine from {len({r.source for r in older})} sources reported apart")
+          f"V0 engine from {len({r.source for r in older})} sources and {len(cold)} cold runs (first on a fresh "
+          f"server) reported apart")
     if args.fit_defaults:
         fitted = fit(train)
         fitted.save(args.fit_defaults, {"fitted_on": "training split of bench/validation"})
@@ -205,6 +208,8 @@ def main() -> None:
             "  of which the shared sim-to-real runs (inference-perf, constant rate, H100)")
     summary([row for row in cv if row[0].engine == "V1"], "  of which the runs of a stated vLLM V1 version")
     summary(errors(older, base), "older V0 engine (vLLM < 0.8; not modelled, never fitted), shipped factors")
+    summary(errors(cold, base), "cold runs (the first benchmark on a freshly started server; never fitted), "
+                                "shipped factors")
     summary(errors(train, base), "for reference, the training split with the shipped factors (IN SAMPLE when they "
                                  "were fitted on it: not an accuracy figure)")
 

@@ -37,7 +37,7 @@ def residual_rows() -> list[tuple[list, str]]:
     """([figure, arch, model, parallel, load, gpu, log(predicted/measured), source, case], source) for every feasible
     figure of
     every run the simulator models (vLLM V1, or a version not stated)."""
-    runs = [r for r in load_rows() + load_simreal() if r.engine != "V0"]
+    runs = [r for r in load_rows() + load_simreal() if r.modelled]
     out = []
     for run, key, measured, predicted in errors(runs, Calibration()):
         if not predicted or measured <= 0:

@@ -53,6 +53,13 @@ class Run:
     split: str = "test"
     engine: str = "V1"   # V1 (vLLM >= 0.8, what the simulator models), V0 (older engines) or unknown
     p2p: bool = True     # False where the source's logs show the GPUs cannot reach each other's memory
+    cold: bool = False   # measured first on a freshly started server, warmed by one request at most
+
+    @property
+    def modelled(self) -> bool:
+        """What the simulator models: vLLM's V1 engine (or an unstated version) serving at steady state. V0 runs and
+        cold runs (kernels compiled just in time for their first shapes land in their figures) are reported apart."""
+        return self.engine != "V0" and not self.cold
 
     @cached_property
     def _model(self) -> ModelSpec:
@@ -166,7 +173,7 @@ def _run_from_row(r: dict, base: Path) -> Run | None:
     engine = "V0" if "V0" in stated else "unknown" if not version else "V1" if version >= V1_SINCE else "V0"
     return Run(r["source_id"].strip(), r["url"].strip(), label, _model_ref(r["model"].strip(), base),
                r["gpu"].strip(), layout, knobs, w, uncertain=r.get("uncertain", ""), engine=engine,
-               p2p=(r.get("p2p") or "").strip().lower() != "no")
+               p2p=(r.get("p2p") or "").strip().lower() != "no", cold=(r.get("cold") or "").strip().lower() == "yes")
 
 
 def load_simreal(path: Path = SHARED / "simreal_train.csv") -> list[Run]:
