@@ -10,8 +10,10 @@ of sample). Runs on CUDA when present, otherwise on the CPU (calibrating the `CP
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +81,14 @@ def time_kernel(k: kernel_fit.KernelTiming, device: str, repeat: int) -> float:
 
 
 def main() -> None:
+    try:
+        probe()
+    except (UserError, OSError) as exc:     # an unknown GPU name, an unwritable output path
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def probe() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpu", default=None, help="GPU type in the catalog (default: from the device name)")
     ap.add_argument("--out", default=None, help="calibration file to write (default calibration-GPU.yaml)")
@@ -86,11 +96,13 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small shapes, a few repetitions (CPU smoke runs)")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        spec = load_gpu(args.gpu or (torch.cuda.get_device_name(0).replace("NVIDIA ", "").split(" ")[0]
-                                     if device == "cuda" else "CPU"))
-    except UserError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    spec = load_gpu(args.gpu or (torch.cuda.get_device_name(0).replace("NVIDIA ", "").split(" ")[0]
+                                 if device == "cuda" else "CPU"))
+    table = args.table or f"kernels-{spec.name}.csv"
+    out = args.out or f"calibration-{spec.name}.yaml"
+    for path in (table, out):      # before minutes of timing, not after
+        if not Path(path).resolve().parent.is_dir():
+            raise UserError(f"{path}: its directory does not exist")
     try:
         sampler = NvmlSampler()
     except NvmlUnavailable as exc:
@@ -119,9 +131,7 @@ def main() -> None:
     fitted = kernel_fit.fit(timings, spec, DEFAULT)
     print(f"fitted on all {len(timings)} kernels (in sample): {kernel_fit.log_error(timings, spec, fitted):.3f}; "
           + ", ".join(f"{name} {getattr(fitted, name):.4g}" for name in kernel_fit.KERNEL_FACTORS))
-    table = args.table or f"kernels-{spec.name}.csv"
     kernel_fit.write_table(timings, table)
-    out = args.out or f"calibration-{spec.name}.yaml"
     overrides = {name: getattr(fitted, name) for name in kernel_fit.KERNEL_FACTORS}
     cal = Calibration(DEFAULT, ((spec.name, DEFAULT.with_overrides(overrides, "probe")),))
     cal.save(out, {"probe": {"device": device, "table": table, "models": [f"{m.name} TP{tp}" for m, tp in models],

@@ -112,3 +112,17 @@ def test_a_kernel_table_that_is_not_one_is_refused(tmp_path):
     bad.write_text("model,kernel,rows\nx,qkv,notanumber\n")
     with pytest.raises(UserError, match="not a kernel table"):
         kernel_fit.read_table(bad)
+
+
+@pytest.mark.parametrize("args,msg", [(["--gpu", "H900"], "unknown GPU"),
+                                      (["--table", "/nonexistent/k.csv"], "directory does not exist")])
+def test_the_gpu_probe_refuses_bad_input_with_one_line_before_timing(tmp_path, args, msg):
+    pytest.importorskip("torch")
+    import subprocess
+    import sys
+    from pathlib import Path
+    probe = Path(__file__).resolve().parents[1] / "bench" / "gpu_probe.py"
+    done = subprocess.run([sys.executable, str(probe), "--quick", *args], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert done.returncode == 2 and msg in done.stderr and "Traceback" not in done.stderr
+    assert not list(tmp_path.iterdir())
