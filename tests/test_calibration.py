@@ -91,8 +91,12 @@ def test_the_gpu_probe_times_kernels_and_writes_a_calibration_predict_uses(tmp_p
     cal = Calibration.load(out)
     cpu = cal.for_gpu("CPU")
     assert cpu != cal.base
-    second = [t for t in timings if t.model == timings[-1].model]
-    assert kernel_fit.log_error(second, load_gpu("CPU"), cpu) < kernel_fit.log_error(second, load_gpu("CPU"), DEFAULT) / 2
+    # Out of sample: fitted on the first model's kernels, the second's are predicted better than by the priors (by
+    # how much depends on the CPU: here 0.25 against 2.0 in log terms), as the probe prints.
+    first, second = ([t for t in timings if t.model == m] for m in (timings[0].model, timings[-1].model))
+    held = kernel_fit.fit(first, load_gpu("CPU"), DEFAULT)
+    assert kernel_fit.log_error(second, load_gpu("CPU"), held) < kernel_fit.log_error(second, load_gpu("CPU"), DEFAULT)
+    assert "(out of sample)" in done.stdout
     # The tiny test model's shape (autotune/tiny_model.py), as a config.json.
     (tmp_path / "config.json").write_text(json.dumps({
         "architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2, "hidden_size": 256, "num_attention_heads": 4,
