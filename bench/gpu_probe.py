@@ -10,6 +10,7 @@ of sample). Runs on CUDA when present, otherwise on the CPU (calibrating the `CP
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from dataclasses import replace
@@ -22,8 +23,9 @@ from autotune.errors import UserError
 from autotune.sim import kernel_fit
 from autotune.sim.calibration import DEFAULT, Calibration
 from autotune.spec.hardware import load_gpu
-from autotune.spec.models import ModelSpec, load_model
+from autotune.spec.models import load_model, model_from_hf_config
 from autotune.telemetry import NvmlSampler, NvmlUnavailable
+from autotune.tiny_model import tiny_config
 
 # The two shapes of the full probe: a small model on one GPU and a large one's TP8 shard (1 KV head per GPU).
 MODELS = (("Llama-3.1-8B", 1), ("Llama-3.1-70B", 8))
@@ -31,8 +33,8 @@ ROWS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
 CONTEXTS = [1024, 2048, 4096, 8192, 16384, 32768]
 # --quick: layers the size of the tiny test model's (autotune/tiny_model.py) and a wider one, small enough for a CPU
 # core, whose bf16 GEMMs run emulated at about a GFLOP/s.
-QUICK_MODELS = ((ModelSpec("tiny-256", 2, 256, 4, 2, 64, 512, 1024), 1),
-                (ModelSpec("tiny-512", 2, 512, 8, 2, 64, 1024, 1024), 1))
+QUICK_MODELS = ((model_from_hf_config(tiny_config(), "tiny-256"), 1),
+                (model_from_hf_config(tiny_config(hidden=512, heads=8), "tiny-512"), 1))
 QUICK_ROWS = [1, 4, 16, 64]
 QUICK_CONTEXTS = [256, 1024]
 FLUSH_BYTES = 256 << 20     # rotate through weight copies this large in all, so that no read is served by L2
@@ -69,12 +71,9 @@ def time_kernel(k: kernel_fit.KernelTiming, device: str, repeat: int) -> float:
         copies = max(1, min(16, FLUSH_BYTES // (k.n * k.k * 2)))
         weights = [torch.randn(k.n, k.k, dtype=dt, device=device) for _ in range(copies)]
         x = torch.randn(k.rows, k.k, dtype=dt, device=device)
-        state = {"i": 0}
-
-        def run():
-            F.linear(x, weights[state["i"] % copies])
-            state["i"] += 1
-        return timed(run, device, repeat * copies) if device == "cuda" else timed(run, device, repeat)
+        rotation = itertools.cycle(weights)
+        # A captured graph replays the calls as captured: each copy is read in turn, `repeat` times over.
+        return timed(lambda: F.linear(x, next(rotation)), device, repeat * copies if device == "cuda" else repeat)
     q = torch.randn(k.rows, k.heads, 1, k.head_dim, dtype=dt, device=device)
     kv = [torch.randn(k.rows, k.kv_heads, k.context, k.head_dim, dtype=dt, device=device) for _ in range(2)]
     return timed(lambda: F.scaled_dot_product_attention(q, kv[0], kv[1], enable_gqa=True), device, repeat)

@@ -97,11 +97,8 @@ def test_the_gpu_probe_times_kernels_and_writes_a_calibration_predict_uses(tmp_p
     held = kernel_fit.fit(first, load_gpu("CPU"), DEFAULT)
     assert kernel_fit.log_error(second, load_gpu("CPU"), held) < kernel_fit.log_error(second, load_gpu("CPU"), DEFAULT)
     assert "(out of sample)" in done.stdout
-    # The tiny test model's shape (autotune/tiny_model.py), as a config.json.
-    (tmp_path / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2, "hidden_size": 256, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "intermediate_size": 512, "vocab_size": 1024, "max_position_embeddings": 4096,
-        "torch_dtype": "bfloat16"}))
+    from autotune.tiny_model import tiny_config
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config()))
     args = [sys.executable, "-m", "autotune.cli", "predict", "--model", str(tmp_path / "config.json"), "--gpu", "CPU",
             "--gpus", "1", "--layout", "tp=1", "--requests", "20", "--json"]
     plain = json.loads(subprocess.run(args, capture_output=True, text=True, check=True).stdout)[0]

@@ -71,6 +71,18 @@ def allreduce_s(nbytes, ranks: int, bw: float, nccl_latency: float, custom_laten
     return nccl if custom_latency is None else np.where(nbytes <= CUSTOM_ALLREDUCE_MAX_BYTES, ring, nccl)
 
 
+def gemm_flops(params, rows, ramp):
+    """FLOPs at the full rate of a GEMM of `rows` rows against `params` weights: 2 per weight per row (Kaplan et al.
+    2020), and a GEMM of M rows runs at flops x M/(M + ramp), so it costs as M + ramp rows (below one tile of rows
+    the tensor cores idle: CUTLASS/cuBLAS tile shapes)."""
+    return 2 * params * (rows + ramp)
+
+
+def gqa_attention_flops(heads, head_dim, context):
+    # QK^T and PV: 2 x 2 x head_dim FLOPs per query head per cached token.
+    return 4 * heads * head_dim * context
+
+
 def touched_fraction(tokens: float, experts: int, top_k: int) -> float:
     # Each token picks top_k of E experts: P(an expert is untouched) = (1 - k/E)^tokens under uniform routing.
     return 1.0 - (1.0 - top_k / experts) ** tokens
@@ -101,21 +113,20 @@ class StepCost:
         self.sample_per_seq = model.vocab_size * eff.sampler_bytes_per_logit / self.bw
         frac = shape.layers / model.num_layers
         lm_head = model.vocab_size * model.hidden_size
-        # 2 FLOPs per parameter per token (Kaplan et al. 2020), on this GPU's share of the stage.
-        self.dense_flops_per_token = 2 * (model.compute_params_per_token - lm_head - model.num_moe_layers
-                                          * model.experts_per_token * model.expert_params) * frac / self.tp
+        # The weights one token multiplies on this GPU's share of the stage, outside the routed experts and in them.
+        self.dense_params = (model.compute_params_per_token - lm_head - model.num_moe_layers
+                             * model.experts_per_token * model.expert_params) * frac / self.tp
+        expert_params = model.experts_per_token * model.expert_params * shape.moe_layers / self.tp
+        self.expert_params = expert_params * (eff.expert_imbalance if self.ep > 1 else 1.0)
         # The LM head runs on the hidden state of each sequence's last scheduled token only, not on every prompt
         # token of a prefill chunk (vllm/v1/worker/gpu_model_runner.py: logits_indices), vocab-parallel over TP.
-        self.logits_s_per_seq = 2 * lm_head / self.tp / self.flops
-        expert_flops = 2 * model.experts_per_token * model.expert_params * shape.moe_layers / self.tp
-        self.expert_flops_per_token = expert_flops * (eff.expert_imbalance if self.ep > 1 else 1.0)
+        self.logits_s_per_seq = gemm_flops(lm_head / self.tp, 1, 0) / self.flops
         heads = model.num_heads / self.tp
         if model.is_mla:
             # Absorbed MLA decode: q.[c;k_rope] and p.c per head per cached token (DeepSeek-V2, appendix C).
             self.attn_flops_per_ctx = 2 * shape.layers * heads * (2 * model.kv_lora_rank + model.qk_rope_head_dim)
         else:
-            # QK^T and PV: 2 x 2 x head_dim FLOPs per head per cached token.
-            self.attn_flops_per_ctx = 4 * shape.full_attention_layers * heads * model.head_dim
+            self.attn_flops_per_ctx = shape.full_attention_layers * gqa_attention_flops(heads, model.head_dim, 1)
         self.kv_read_per_ctx = shape.kv_bytes_per_token
         per_node = cluster.gpus_per_node
         intra = cluster.intra_node_gb_s * 1e9 * eff.link
@@ -215,9 +226,8 @@ class StepCost:
             # tokens (tokens x top_k spread over E experts).
             expert_ramp = ramp * touched * m.num_experts / m.experts_per_token / gather
         weights = (s.non_expert_bytes + s.expert_bytes * touched) / self.bw
-        # A GEMM of M rows at flops x M/(M + ramp) costs as M + ramp rows at full rate: the ramp adds rows.
-        c0 = (self.dense_flops_per_token * (tokens + ramp)
-              + self.expert_flops_per_token * (tokens + expert_ramp)) / self.flops
+        c0 = (gemm_flops(self.dense_params, tokens, ramp) + gemm_flops(self.expert_params, tokens, expert_ramp)) \
+            / self.flops
         return c0, weights, self._comm_tokens(tokens)
 
     def _coeffs(self, num_seqs, prefill_tokens, microbatches) -> StepLines:

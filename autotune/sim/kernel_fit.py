@@ -12,10 +12,9 @@ from pathlib import Path
 
 from autotune.errors import UserError
 from autotune.sim.calibration import Efficiency, descend
+from autotune.sim.costs import BF16, gemm_flops, gqa_attention_flops
 from autotune.spec.hardware import GpuSpec
 from autotune.spec.models import ModelSpec
-
-BF16 = 2
 
 # The factors a kernel table decides, and how far a fit may take them.
 KERNEL_FACTORS = {"hbm": (0.05, 1.0), "kv_read": (0.05, 1.0), "flops": (0.02, 1.0),
@@ -62,18 +61,16 @@ def decode_kernels(model: ModelSpec, tp: int, rows: list[int], contexts: list[in
 
 
 def modelled_s(t: KernelTiming, gpu: GpuSpec, eff: Efficiency) -> float:
-    """The kernel's time under the step model's laws: the slower of its compute and its memory reads, plus the
-    kernel floor (costs.py: StepCost._token_terms, _coeffs and step_from_lines)."""
+    """The kernel's time under the step model's laws (costs.py): the slower of its compute and its memory reads,
+    plus the kernel floor."""
     flops = gpu.bf16_tflops * 1e12 * eff.flops
     bw = gpu.hbm_tb_s * 1e12 * eff.hbm
     if t.is_gemm:
-        # A GEMM of M rows runs at flops x M/(M + ramp); decode reads the whole weight once.
-        compute = 2 * t.n * t.k * (t.rows + eff.gemm_ramp_tokens) / flops
-        memory = t.n * t.k * BF16 / bw
+        compute = gemm_flops(t.n * t.k, t.rows, eff.gemm_ramp_tokens) / flops
+        memory = t.n * t.k * BF16 / bw          # decode reads the whole weight once
     else:
-        # QK^T and PV over every cached token (4 x head_dim FLOPs per head); K and V read once per KV head.
-        compute = 4 * t.heads * t.head_dim * t.context * t.rows / flops
-        memory = 2 * t.kv_heads * t.head_dim * BF16 * t.context * t.rows / (bw * eff.kv_read)
+        compute = gqa_attention_flops(t.heads, t.head_dim, t.context) * t.rows / flops
+        memory = 2 * t.kv_heads * t.head_dim * BF16 * t.context * t.rows / (bw * eff.kv_read)   # K and V, once
     return max(compute, memory) + eff.kernel_floor_s
 
 
