@@ -28,12 +28,23 @@ def test_round_trip(tmp_path):
 @pytest.mark.parametrize("text,msg", [("efficiency: {hbm_x: 1}", "unknown efficiency factor"),
                                       ("efficiency: {hbm: 2}", "out of range"),
                                       ("efficiency: [1, 2", "not valid YAML"),
-                                      ("- 1", "expected a mapping")])
+                                      ("- 1", "expected a mapping"),
+                                      ("hbm: 0.5", "unknown key.*hbm.*under 'efficiency'"),
+                                      ("gpus: {H1OO: {hbm: 0.5}}", "unknown GPU 'H1OO'; did you mean H100-SXM"),
+                                      (b"\xff\xfe", "not a readable text file")])
 def test_bad_calibration_files(tmp_path, text, msg):
+    """Refused with the reason, never read as the defaults: a factor outside 'efficiency' or under a GPU name the
+    catalog does not know would otherwise apply nowhere, silently."""
     f = tmp_path / "c.yaml"
-    f.write_text(text)
+    f.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(UserError, match=msg):
         Calibration.load(f)
+
+
+def test_a_gpu_alias_in_a_calibration_file_applies_to_that_gpu(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("gpus: {H100: {hbm: 0.5}}\n")
+    assert Calibration.load(f).for_gpu("H100-SXM").hbm == 0.5
 
 
 def test_the_accuracy_fit_gives_each_source_one_vote_and_clips_wild_rows(monkeypatch):

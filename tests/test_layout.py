@@ -103,6 +103,22 @@ def test_without_ep_the_expert_layers_are_still_one_tp_group_over_dp_x_tp():
         assert plan.problem is None and plan.kv_capacity_tokens > 100_000, (model, plan.problem)
 
 
+def test_knobs_resolve_as_vllm_sets_its_defaults_and_refusals_are_infeasible(make_scenario):
+    """vllm/engine/arg_utils.py: without chunked prefill the token budget defaults to max_model_len, the default
+    max_num_seqs never exceeds the budget; SchedulerConfig refuses an explicit budget below either."""
+    from autotune.sim.predict import predict
+
+    h100 = load_gpu("H100")
+    assert EngineKnobs(enable_chunked_prefill=False).resolved(h100, 33792).max_num_batched_tokens == 33792
+    small = EngineKnobs(max_num_batched_tokens=512).resolved(h100, 33792)
+    assert (small.max_num_seqs, small.refusal()) == (512, None)
+    sc = make_scenario("Llama-3.1-8B", gpus=1, num_requests=20)
+    for knobs, why in ((EngineKnobs(max_num_batched_tokens=512, max_num_seqs=1024), "below max_num_seqs 1024"),
+                       (EngineKnobs(max_num_batched_tokens=4096, enable_chunked_prefill=False), "below max_model_len")):
+        p = predict(sc, Layout(), knobs)
+        assert not p.feasible and "vLLM refuses" in p.reason and why in p.reason, p.reason
+
+
 def test_every_knob_is_declared_once_and_each_layer_derives_from_it():
     """A knob added to EngineKnobs reaches the CLI, a space's dimensions, the store, the serve command and the
     dashboard with nothing else to edit; a value away from vLLM's default shows on the command line."""

@@ -166,6 +166,18 @@ def test_a_port_taken_before_the_server_binds_it_is_retried(tiny_model, tmp_path
     assert not vllm_processes()
 
 
+def test_knobs_vllm_refuses_fail_the_trial_with_the_reason_before_any_server_starts(tiny_model, tmp_path):
+    from autotune.spec.layout import EngineKnobs, Layout
+    from autotune.spec.trial import TrialSpec
+    from autotune.trials import vllm_backend
+
+    knobs = EngineKnobs(max_num_seqs=8, max_num_batched_tokens=4)
+    events = list(vllm_backend.VllmBackend().run(TrialSpec(0, Layout(), knobs), one_cpu_context(tiny_model, tmp_path)))
+    result = events[-1].payload
+    assert not result.ok and "vLLM refuses max_num_batched_tokens 4 below max_num_seqs 8" in result.reason
+    assert not (tmp_path / "logs" / "trial-0.server.log").exists() and not vllm_processes()
+
+
 def test_an_api_key_that_starts_with_a_dash_reaches_the_server_whole(tiny_model, tmp_path):
     # A URL-safe key starts with '-' one time in 64; as a separate argument vLLM's parser read it as an option and
     # the server refused to start ("argument --api-key: expected at least one argument").

@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from autotune.errors import UserError
+from autotune.spec.hardware import load_gpu
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,11 @@ DEFAULT = PRIOR_EFFICIENCY
 BUILTIN_PER_GPU: tuple[tuple[str, Efficiency], ...] = ()
 
 
+# What a calibration file may carry beside its factors, written by the tools that fit them: `autotune calibrate`
+# (fitted_on, median_abs_log_error), bench/accuracy.py (fitted_on) and bench/gpu_probe.py (probe).
+METADATA_KEYS = ("fitted_on", "median_abs_log_error", "probe")
+
+
 @dataclass(frozen=True)
 class Calibration:
     """Global factors plus per-GPU overrides, as written by `autotune calibrate` or bench/gpu_probe.py."""
@@ -137,16 +143,28 @@ class Calibration:
         if not p.is_file():
             raise UserError(f"calibration file {p} does not exist")
         try:
-            data = json.loads(p.read_text()) if p.suffix == ".json" else yaml.safe_load(p.read_text())
+            text = p.read_text(encoding="utf-8")
+            data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"{p}: not a readable text file ({exc})") from None
         except (json.JSONDecodeError, yaml.YAMLError) as exc:
             raise UserError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'} ({str(exc).splitlines()[0]})") from None
         if not isinstance(data, dict):
             raise UserError(f"{p}: expected a mapping with 'efficiency' and optional 'gpus'")
+        # A factor at the top level (not under 'efficiency') would otherwise be silently ignored.
+        unknown = sorted(set(map(str, data)) - {"efficiency", "gpus", *METADATA_KEYS})
+        if unknown:
+            raise UserError(f"{p}: unknown key(s) {', '.join(unknown)}: factors go under 'efficiency' (all GPUs) "
+                            f"or 'gpus: {{NAME: {{...}}}}'")
         base = DEFAULT.with_overrides(data.get("efficiency") or {}, f"{p}: efficiency")
         builtin = {name: eff.to_dict() for name, eff in BUILTIN_PER_GPU}
         given = data.get("gpus") or {}
         if not isinstance(given, dict):
             raise UserError(f"{p}: 'gpus' maps GPU names to factors")
+        try:    # an alias ("H100") or a typo must not leave its factors unused: names as the catalog spells them
+            given = {load_gpu(str(name)).name: factors for name, factors in given.items()}
+        except UserError as exc:
+            raise UserError(f"{p}: gpus: {exc}") from None
         names = sorted(set(builtin) | set(given))
         # A file's factors apply over the built-in per-GPU ones, which apply over the file's global ones.
         per_gpu = tuple((name, base.with_overrides({**{k: v for k, v in builtin.get(name, {}).items()
@@ -155,6 +173,8 @@ class Calibration:
         return cls(base, per_gpu, str(p))
 
     def save(self, path: str | Path, extra: dict | None = None) -> None:
+        """Write the factors that differ from the defaults, with `extra` (keys of METADATA_KEYS) beside them."""
+        assert set(extra or {}) <= set(METADATA_KEYS), f"undeclared calibration metadata {sorted(extra or {})}"
         defaults = DEFAULT.to_dict()
         doc = {"efficiency": {k: v for k, v in self.base.to_dict().items() if v != defaults[k]},
                "gpus": {n: {k: v for k, v in e.to_dict().items() if v != self.base.to_dict()[k]}

@@ -109,7 +109,10 @@ def _downsample(series: np.ndarray, points: int = SERIES_POINTS * 4) -> list[tup
 
 
 def infeasibility(scenario: Scenario, layout: Layout, knobs: EngineKnobs) -> tuple[str | None, MemoryPlan | None]:
-    problem = structural_problem(scenario.model, scenario.cluster, layout, scenario.allow_cross_node_tp)
+    """Why a layout with resolved knobs cannot run (vLLM would refuse the knobs, the layout or the memory), or None
+    with its memory plan."""
+    problem = knobs.refusal() or structural_problem(scenario.model, scenario.cluster, layout,
+                                                    scenario.allow_cross_node_tp)
     if problem:
         return problem, None
     eff = scenario.calibration.for_gpu(scenario.cluster.gpu.name)

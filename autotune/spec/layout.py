@@ -158,14 +158,26 @@ class EngineKnobs:
         return tuple(f.name for f in knob_fields(tunable_only=True))
 
     def resolved(self, gpu: GpuSpec, default_max_model_len: int) -> "EngineKnobs":
-        """Fill vLLM v1's defaults (vllm/engine/arg_utils.py: larger ones on >= 70 GiB GPUs but A100)."""
+        """Fill vLLM v1's defaults as EngineArgs._set_default_args does (vllm/engine/arg_utils.py): larger ones on
+        >= 70 GiB GPUs but A100; without chunked prefill the token budget defaults to max_model_len; the default
+        max_num_seqs never exceeds the token budget. Values given explicitly are kept as given (see `refusal`)."""
         big = gpu.memory_gib >= 70 and not gpu.name.startswith("A100")
-        seqs = self.max_num_seqs or (1024 if big else 256)
-        tokens = self.max_num_batched_tokens or (8192 if big else 2048)
-        if not self.enable_chunked_prefill:
-            tokens = max(tokens, self.max_model_len or default_max_model_len)
-        return replace(self, max_num_seqs=seqs, max_num_batched_tokens=max(tokens, seqs),
-                       max_model_len=self.max_model_len or default_max_model_len)
+        max_model_len = self.max_model_len or default_max_model_len
+        tokens = self.max_num_batched_tokens or ((8192 if big else 2048) if self.enable_chunked_prefill
+                                                 else max_model_len)
+        seqs = self.max_num_seqs or min(1024 if big else 256, tokens)
+        return replace(self, max_num_seqs=seqs, max_num_batched_tokens=tokens, max_model_len=max_model_len)
+
+    def refusal(self) -> str | None:
+        """Why vLLM would refuse to start with these resolved knobs (SchedulerConfig._verify_args), or None."""
+        tokens, seqs, length = self.max_num_batched_tokens, self.max_num_seqs, self.max_model_len
+        if not self.enable_chunked_prefill and tokens < length:
+            return (f"cannot start: vLLM refuses max_num_batched_tokens {tokens} below max_model_len {length} "
+                    f"without chunked prefill (a prompt must fit one step): raise it or enable chunked prefill")
+        if tokens < seqs:
+            return (f"cannot start: vLLM refuses max_num_batched_tokens {tokens} below max_num_seqs {seqs}: raise it "
+                    f"or lower max_num_seqs")
+        return None
 
     def async_scheduling_for(self, layout: Layout) -> bool:
         # vllm/config/vllm.py: async scheduling defaults on unless pipeline parallelism runs on the V1 model runner.

@@ -175,6 +175,10 @@ class VllmBackend:
         # The load generator runs in this process, beside the server: the server listens on loopback only, and
         # answers the completions API only with this trial's key (another user of the node cannot drive it).
         host = LOOPBACK
+        refusal = _knobs(spec, ctx).refusal()
+        if refusal:     # vLLM would exit at start-up: say why without spending a server start on it
+            yield Event("result", TrialResult(spec.number, False, refusal))
+            return
         self.api_key = secrets.token_urlsafe(24)
         log_path = Path(ctx.study_dir) / "logs" / f"trial-{spec.number}.server.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
