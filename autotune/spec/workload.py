@@ -85,12 +85,16 @@ class LengthDist:
         kind = d["kind"]
         try:
             if kind == "fixed":
-                return cls("fixed", value=int(d["value"]))
+                _only(d, {"kind", "value"})
+                return cls("fixed", value=whole(d["value"], "a fixed length"))
             if kind == "lognormal":
+                _only(d, {"kind", "median", "sigma", "min", "max"})
                 return cls("lognormal", median=float(d["median"]), sigma=float(d["sigma"]),
-                           low=int(d.get("min", 1)), high=int(d["max"]))
+                           low=whole(d.get("min", 1), "min"), high=whole(d["max"], "max"))
             if kind == "bins":
-                return cls("bins", bins=tuple((float(w), int(lo), int(hi)) for w, lo, hi in d["bins"]))
+                _only(d, {"kind", "bins"})
+                return cls("bins", bins=tuple((float(w), whole(lo, "a bin's low"), whole(hi, "a bin's high"))
+                                              for w, lo, hi in d["bins"]))
         except KeyError as exc:
             raise UserError(f"{where}: missing key {exc}") from None
         except (TypeError, ValueError, OverflowError, UserError) as exc:
@@ -244,6 +248,24 @@ PRESETS: dict[str, Workload] = {
 }
 
 
+# The keys a workload file (or a search space's workload) may have: any other is a typo that would be ignored.
+WORKLOAD_KEYS = frozenset({"name", "preset", "prompt", "output", "mode", "num_requests", "concurrency", "rate", "seed",
+                           "stages", "shared_prefix"})
+
+
+def _only(d: dict, keys: set | frozenset) -> None:
+    unknown = sorted(set(map(str, d)) - set(keys))
+    if unknown:
+        raise UserError(f"unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(keys))})")
+
+
+def whole(v: object, name: str) -> int:
+    """An integer as written (16, or 16.0 from YAML); 1.5, true or NaN is refused, never truncated."""
+    if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, float) and v.is_integer())):
+        raise UserError(f"{name} must be a whole number, got {v!r}")
+    return int(v)
+
+
 def load_workload(ref: str) -> Workload:
     """A preset name or a YAML file with name, prompt, output and optional mode/num_requests/concurrency/rate/seed."""
     if ref in PRESETS:
@@ -262,15 +284,21 @@ def workload_from_dict(d: object, where: str) -> Workload:
         raise UserError(f"{where}: unknown preset {preset!r} ({', '.join(PRESETS)})")
     base = PRESETS.get(preset) if preset else None
     try:
+        _only(d, WORKLOAD_KEYS)
+        counts = {k: whole(d.get(k, default), k) for k, default in (("num_requests", 2000), ("concurrency", 0),
+                                                                     ("seed", 0))}
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
+    try:
         w = Workload(
             name=str(d.get("name", base.name if base else Path(where).stem)),
             prompt=LengthDist.from_dict(d["prompt"], f"{where}: prompt") if "prompt" in d or not base else base.prompt,
             output=LengthDist.from_dict(d["output"], f"{where}: output") if "output" in d or not base else base.output,
             mode=str(d.get("mode", "batch")),
-            num_requests=int(d.get("num_requests", 2000)),
-            concurrency=int(d.get("concurrency", 0)),
+            num_requests=counts["num_requests"],
+            concurrency=counts["concurrency"],
             rate=float(d.get("rate", 0.0)),
-            seed=int(d.get("seed", 0)),
+            seed=counts["seed"],
             stages=_stages(d.get("stages"), where),
             prefix=_prefix(d.get("shared_prefix"), where),
         )
@@ -290,8 +318,8 @@ def workload_from_dict(d: object, where: str) -> Workload:
 def _stages(raw: object, where: str) -> tuple[Stage, ...]:
     if raw is None:
         return ()
-    if not isinstance(raw, list) or not all(isinstance(s, dict) and set(s) == {"rate", "duration_s"} for s in raw):
-        raise UserError(f"{where}: stages is a list of {{rate: requests/s, duration_s: seconds}}")
+    if not isinstance(raw, list) or not raw or not all(isinstance(s, dict) and set(s) == {"rate", "duration_s"} for s in raw):
+        raise UserError(f"{where}: stages is a non-empty list of {{rate: requests/s, duration_s: seconds}}")
     stages = tuple(Stage(float(s["rate"]), float(s["duration_s"])) for s in raw)
     if not all(math.isfinite(s.rate) and s.rate > 0 and math.isfinite(s.duration_s) and s.duration_s > 0
                for s in stages):
@@ -304,4 +332,5 @@ def _prefix(raw: object, where: str) -> SharedPrefix:
         return SharedPrefix()
     if not isinstance(raw, dict) or not set(raw) <= {"tokens", "distinct"}:
         raise UserError(f"{where}: shared_prefix is {{tokens: N, distinct: K}}")
-    return SharedPrefix(int(raw.get("tokens", 0)), int(raw.get("distinct", 1)))
+    return SharedPrefix(whole(raw.get("tokens", 0), f"{where}: shared_prefix tokens"),
+                        whole(raw.get("distinct", 1), f"{where}: shared_prefix distinct"))
