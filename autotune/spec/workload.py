@@ -318,8 +318,8 @@ def workload_from_dict(d: object, where: str) -> Workload:
 def _stages(raw: object, where: str) -> tuple[Stage, ...]:
     if raw is None:
         return ()
-    if not isinstance(raw, list) or not raw or not all(isinstance(s, dict) and set(s) == {"rate", "duration_s"} for s in raw):
-        raise UserError(f"{where}: stages is a non-empty list of {{rate: requests/s, duration_s: seconds}}")
+    if not isinstance(raw, list) or not all(isinstance(s, dict) and set(s) == {"rate", "duration_s"} for s in raw):
+        raise UserError(f"{where}: stages is a list of {{rate: requests/s, duration_s: seconds}}")
     stages = tuple(Stage(float(s["rate"]), float(s["duration_s"])) for s in raw)
     if not all(math.isfinite(s.rate) and s.rate > 0 and math.isfinite(s.duration_s) and s.duration_s > 0
                for s in stages):
