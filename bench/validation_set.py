@@ -113,6 +113,11 @@ def load_rows(rows_dir: Path = ROWS_DIR, train_sources: frozenset[str] = frozens
                 raise SystemExit(f"{path.name}:{line}: {exc}") from None
             if run is None:
                 continue
+            stated, model = (r.get("dtype") or "").strip().lower(), run._model
+            if stated and stated not in (model.weight_dtype, model.expert_dtype) and {stated, model.weight_dtype} != {
+                    "bf16", "fp16"}:    # the row's checkpoint must be the catalog model it is replayed as
+                raise SystemExit(f"{path.name}:{line}: dtype {stated} but {model.name} holds {model.weight_dtype}"
+                                 f"{' + ' + model.expert_dtype + ' experts' if model.expert_dtype else ''} weights")
             metric, stat = r["metric"].strip(), r["statistic"].strip().lower()
             if metric in ("output_tok_s", "total_tok_s", "req_s"):
                 key = metric

@@ -183,8 +183,8 @@ def test_an_unknown_all2all_backend_is_refused():
 
 def test_the_lm_head_runs_once_per_sampled_sequence_not_per_prompt_token():
     m, cost = load_model("Llama-3.1-8B"), _cost()
-    lm_head = 2 * m.vocab_size * m.hidden_size / cost.flops
-    body = 2 * m.compute_params_per_token / cost.flops - lm_head
+    lm_head = 2 * m.vocab_size * m.hidden_size / cost.bf16_rate
+    body = 2 * m.compute_params_per_token / cost.gemm_rate - 2 * m.vocab_size * m.hidden_size / cost.gemm_rate
     # 4,096 more prompt tokens in a chunk cost the layers' FLOPs alone; 32 more decoding sequences, the head too.
     assert cost.lines(0, 8192).c0 - cost.lines(0, 4096).c0 == pytest.approx(4096 * body)
     assert cost.lines(64).c0 - cost.lines(32).c0 == pytest.approx(32 * (body + lm_head))

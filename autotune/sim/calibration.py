@@ -20,6 +20,13 @@ class Efficiency:
     flops: float = 0.60                 # achieved/peak tensor FLOP/s of a prefill's large GEMMs and attention
                                         # (cuBLAS bf16 on H100 reaches 650-750 of 989 TFLOP/s on square GEMMs; a
                                         # layer's mix of shapes, norms and attention sits near 60%)
+    fp8_block_gemm: float = 0.6         # block-scaled FP8 GEMMs (128x128 weight scales, per-token-group activation
+                                        # scales) against the FP8 roofline at the BF16 GEMMs' shares, in FLOP/s and
+                                        # in bytes/s. On H100: DeepGEMM reads weights at ~1.9 TB/s at decode sizes
+                                        # where cuBLAS BF16 reads ~3.0 (0.62, vLLM PR #13917) and reaches ~970
+                                        # TFLOP/s at M = 1024 (0.73 of 2x BF16's ~670); vLLM's CUTLASS and Triton
+                                        # block kernels reach 400-490 TFLOP/s at M >= 2048 (0.3-0.37) and are
+                                        # slower still at decode sizes on narrow shapes (vLLM PR #23280)
     gemm_ramp_tokens: float = 128.0     # a GEMM of M rows runs at flops x M/(M + this): below one 128-row tile the
                                         # tensor cores idle (CUTLASS/cuBLAS Hopper tile shapes)
     kernel_floor_s: float = 2.0e-6      # the least a kernel takes inside a CUDA graph, however small its work
@@ -74,8 +81,8 @@ class Efficiency:
             values = {k: float(v) for k, v in overrides.items()}
         except (TypeError, ValueError) as exc:
             raise UserError(f"{where}: efficiency factors are numbers ({exc})") from None
-        fractions = ("hbm", "kv_read", "flops", "link", "last_block_fill", "power_compute_frac", "power_memory_frac",
-                     "power_idle_frac")
+        fractions = ("hbm", "kv_read", "flops", "fp8_block_gemm", "link", "last_block_fill", "power_compute_frac",
+                     "power_memory_frac", "power_idle_frac")
         bad = [k for k, v in values.items() if v < 0 or (k in fractions and not 0 < v <= 1)]
         if bad:
             raise UserError(f"{where}: out of range: {', '.join(bad)} ({', '.join(fractions)} in (0, 1]; others >= 0)")

@@ -96,15 +96,19 @@ class StepCost:
         gpu = cluster.gpu
         self.model, self.layout, self.shape, self.eff = model, layout, shape, eff
         self.pp, self.tp, self.dp, self.ep = layout.pp, layout.tp, layout.dp, layout.ep
-        dtype = "fp8" if model.weight_dtype == "fp8" else "bf16"
-        self.peak_flops = gpu.tflops(dtype) * 1e12
+        # FP8 weights run the weight GEMMs at the FP8 rate; attention and the (unquantised) LM head stay in BF16.
+        self.peak_flops = gpu.tflops(model.weight_dtype) * 1e12
         self.peak_bw = gpu.hbm_tb_s * 1e12
-        self.flops = self.peak_flops * eff.flops
+        self.bf16_rate = gpu.tflops("bf16") * 1e12 * eff.flops
         # Decode reads slow down as TP narrows each GPU's shard; the floor keeps a wild calibration physical.
         self.bw = self.peak_bw * eff.hbm * max(0.5, 1.0 - eff.tp_bw_loss * math.log2(self.tp))
-        # Achieved over peak rates: an ideal (roofline) time is an achieved time times these.
-        self.flop_scale, self.bw_scale = self.flops / self.peak_flops, self.bw / self.peak_bw
-        self.kv_scale = self.bw_scale * eff.kv_read
+        # Block-scaled FP8 GEMMs reach a smaller share of both rooflines than per-tensor ones (`fp8_block_gemm`).
+        block = eff.fp8_block_gemm if model.block_quantized else 1.0
+        self.gemm_rate, self.weight_bw = self.peak_flops * eff.flops * block, self.bw * block
+        # Achieved over peak rates (of the weight GEMMs, which dominate): an ideal (roofline) time is an achieved
+        # time times these.
+        self.flop_scale, self.bw_scale = self.gemm_rate / self.peak_flops, self.weight_bw / self.peak_bw
+        self.kv_scale = self.bw / self.peak_bw * eff.kv_read
         # TP shrinks each GPU's work but not its kernel count: small models at high TP run into this floor.
         kernels = shape.layers * DENSE_LAYER_KERNELS + shape.moe_layers * (MOE_LAYER_KERNELS - DENSE_LAYER_KERNELS)
         self.kernels = kernels * eff.kernel_floor_s
@@ -120,7 +124,7 @@ class StepCost:
         self.expert_params = expert_params * (eff.expert_imbalance if self.ep > 1 else 1.0)
         # The LM head runs on the hidden state of each sequence's last scheduled token only, not on every prompt
         # token of a prefill chunk (vllm/v1/worker/gpu_model_runner.py: logits_indices), vocab-parallel over TP.
-        self.logits_s_per_seq = gemm_flops(lm_head / self.tp, 1, 0) / self.flops
+        self.logits_s_per_seq = gemm_flops(lm_head / self.tp, 1, 0) / self.bf16_rate
         heads = model.num_heads / self.tp
         if model.is_mla:
             # Absorbed MLA decode: q.[c;k_rope] and p.c per head per cached token (DeepSeek-V2, appendix C).
@@ -225,16 +229,16 @@ class StepCost:
             # Each touched expert's GEMM pays the ramp on its own few rows: ramp x touched experts, in this GPU's
             # tokens (tokens x top_k spread over E experts).
             expert_ramp = ramp * touched * m.num_experts / m.experts_per_token / gather
-        weights = (s.non_expert_bytes + s.expert_bytes * touched) / self.bw
+        weights = (s.non_expert_bytes + s.expert_bytes * touched) / self.weight_bw
         c0 = (gemm_flops(self.dense_params, tokens, ramp) + gemm_flops(self.expert_params, tokens, expert_ramp)) \
-            / self.flops
+            / self.gemm_rate
         return c0, weights, self._comm_tokens(tokens)
 
     def _coeffs(self, num_seqs, prefill_tokens, microbatches) -> StepLines:
         """The step's lines for a running-sequence count, or an array of them (the one place the formula lives)."""
         c0, weights, comm = self._token_terms((num_seqs + prefill_tokens) / microbatches)
         c0 = c0 + self._logits_s(num_seqs / microbatches)
-        c1 = self.attn_flops_per_ctx / microbatches / self.flops
+        c1 = self.attn_flops_per_ctx / microbatches / self.bf16_rate
         m1 = self.kv_read_per_ctx / microbatches / (self.bw * self.eff.kv_read)
         # The scheduler's fixed cost is per batch: with PP, `microbatches` batches make one step of every sequence.
         overhead = self.overhead_base * microbatches + self.eff.seq_overhead_s * num_seqs
@@ -262,7 +266,7 @@ class StepCost:
     def params(self) -> np.ndarray:
         """The scalars the compiled formulas need beside a step's lines (indexed by the P_* constants)."""
         return np.array([self.pp, self.serial, float(self.overlapped), self.flop_scale, self.bw_scale, self.kv_scale,
-                         self.attn_flops_per_ctx / self.flops])
+                         self.attn_flops_per_ctx / self.bf16_rate])
 
     def table(self, max_seqs: int, max_tokens: int) -> "StepTable":
         """Every step the engine can take, tabulated once for the compiled engine: the lines of a decode step by

@@ -41,6 +41,9 @@ class ModelSpec:
     moe_intermediate_size: int = 0
     # The quantized dtype of the expert weights when it differs from weight_dtype (gpt-oss: mxfp4).
     expert_dtype: str | None = None
+    # FP8 weights with one scale per block of weights (quantization_config.weight_block_size, 128x128 in
+    # DeepSeek-V3/R1 and Qwen3-*-FP8) rather than per tensor or channel: vLLM runs them through block-scaled GEMMs.
+    block_quantized: bool = False
     # Multi-head latent attention (DeepSeek): the compressed KV is cached instead of K and V.
     kv_lora_rank: int = 0
     q_lora_rank: int = 0
@@ -278,6 +281,7 @@ def model_from_hf_config(cfg: dict, name: str, source: str = "config.json") -> M
         vocab_size=get("vocab_size"),
         weight_dtype=weight_dtype,
         expert_dtype=expert_dtype,
+        block_quantized=weight_dtype == "fp8" and bool((cfg.get("quantization_config") or {}).get("weight_block_size")),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         max_position_embeddings=get("max_position_embeddings", default=131072),
         num_experts=num_experts,
