@@ -229,7 +229,9 @@ class StepCost:
             # Each touched expert's GEMM pays the ramp on its own few rows: ramp x touched experts, in this GPU's
             # tokens (tokens x top_k spread over E experts).
             expert_ramp = ramp * touched * m.num_experts / m.experts_per_token / gather
-        weights = (s.non_expert_bytes + s.expert_bytes * touched) / self.weight_bw
+        # A step reads every weight it multiplies: the layers' (the experts its tokens touch) and the LM head (BF16 in
+        # quantised checkpoints), not the input embedding table, of which it gathers one row per token.
+        weights = (s.layer_bytes + s.expert_bytes * touched) / self.weight_bw + s.lm_head_bytes / self.bw
         c0 = (gemm_flops(self.dense_params, tokens, ramp) + gemm_flops(self.expert_params, tokens, expert_ramp)) \
             / self.gemm_rate
         return c0, weights, self._comm_tokens(tokens)

@@ -20,6 +20,9 @@ class StageShape:
     full_attention_layers: int
     sliding_layers: int
     non_expert_bytes: float     # attention, dense FFN, shared experts, routers, embeddings
+    layer_bytes: float          # the decoder layers' share of them
+    lm_head_bytes: float        # the LM head (on the last stage): a step reads it whole, where it only gathers one
+                                # row per token from the input embedding
     expert_bytes: float         # routed experts held by this GPU
     kv_bytes_per_token: float   # grows with context
     kv_bytes_per_seq: float     # sliding-window layers: a fixed amount per sequence
@@ -34,7 +37,9 @@ def stage_shape(model: ModelSpec, layout: Layout, kv_dtype: str) -> StageShape:
     full = layers - min(sliding, layers)
     # vLLM puts the embedding on the first stage and the LM head on the last; both are vocab-parallel over TP.
     embed = model.embedding_bytes if pp == 1 else model.embedding_bytes / (1 if model.tie_word_embeddings else 2)
-    non_expert = (model.non_expert_layer_bytes * frac + embed) / tp
+    layer = model.non_expert_layer_bytes * frac / tp
+    non_expert = layer + embed / tp
+    lm_head = model.embedding_bytes / (1 if model.tie_word_embeddings else 2) / tp
     per_moe_layer = model.routed_expert_bytes / model.num_moe_layers if model.is_moe else 0.0
     # The expert layers of a MoE model form one group over dp x tp ranks: with --enable-expert-parallel each rank
     # holds whole experts, otherwise each holds a 1/(dp x tp) slice of every expert ("expert layers form a tensor
@@ -49,7 +54,8 @@ def stage_shape(model: ModelSpec, layout: Layout, kv_dtype: str) -> StageShape:
         heads_share = math.ceil(model.num_kv_heads / tp) / model.num_kv_heads
     kv_token = full * per_layer_kv * heads_share
     kv_seq = min(sliding, layers) * model.sliding_window * per_layer_kv * heads_share
-    return StageShape(layers, moe_layers, full, min(sliding, layers), non_expert, expert, kv_token, kv_seq)
+    return StageShape(layers, moe_layers, full, min(sliding, layers), non_expert, layer, lm_head, expert, kv_token,
+                      kv_seq)
 
 
 @dataclass(frozen=True)
