@@ -9,6 +9,7 @@ import os
 import sys
 
 from autotune.errors import UserError
+from autotune.sim.engine import ROUTERS
 from autotune.sim.recommend import GOALS, TOLERANCE
 from autotune.spec.metrics import LATENCY_METRICS
 from autotune.spec.workload import MODES, OPEN_LOOP
@@ -52,7 +53,8 @@ def _load_args(p: argparse.ArgumentParser, modes: tuple[str, ...]) -> None:
         p.add_argument("--concurrency", type=int, default=None)
         p.add_argument("--rate", type=float, default=None, help="requests/s for --mode poisson or constant")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--router", choices=("least-loaded", "round-robin"), default="least-loaded")
+    p.add_argument("--router", choices=tuple(ROUTERS), default="least-loaded",
+                   help="how requests are spread over DP replicas")
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:

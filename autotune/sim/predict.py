@@ -18,7 +18,6 @@ from autotune.spec.metrics import COST_KEYS, LATENCY_KEYS, cost_stats, latency_s
 from autotune.spec.models import ModelSpec
 from autotune.spec.workload import Requests, Workload
 
-ROUTERS = ("least-loaded", "round-robin")
 SERIES_POINTS = 60
 
 
