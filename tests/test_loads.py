@@ -72,7 +72,7 @@ def test_workload_file_with_stages_and_a_shared_prefix():
     for bad, msg in (({"stages": [{"rate": 0, "duration_s": 5}]}, "rate > 0"),
                      ({"stages": [{"rate": 1}]}, "stages is a list"),
                      ({"concurency": 4}, "unknown key.*concurency"),    # a typo is never silently ignored
-                     ({"mode": "concurrency", "concurrency": 1.5}, "w.yaml: concurrency must be a whole number, got 1.5"),
+                     ({"mode": "concurrency", "concurrency": 1.5}, "w.yaml: concurrency must be an integer"),
                      ({"prompt": {"kind": "fixed", "value": 10, "sigma": 1}}, "prompt: unknown key.*sigma"),
                      ({"mode": "batch", "stages": [{"rate": 1, "duration_s": 5}]}, "open-loop"),
                      ({"shared_prefix": {"tokens": 700}}, "shorter than every prompt"),

@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from autotune.errors import UserError
+from autotune.spec.files import integer
 
 # Bytes per stored element for each dtype we model; mxfp4 is 4-bit values plus a shared
 # 8-bit scale per 32 elements (OCP microscaling spec) = 4.25 bits.
@@ -228,14 +229,6 @@ def _weight_dtype(cfg: dict) -> tuple[str, str | None]:
     return ("fp32" if "32" in dtype else "fp16" if "float16" == dtype else "bf16"), None
 
 
-def _int(value, key: str, source: str) -> int:
-    """A config.json count: an integer (or an integral float, as some exporters write), never a bool or a string."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (
-            float("inf"), float("-inf")) or int(value) != value:
-        raise UserError(f"{source}: {key} must be an integer, got {value!r}")
-    return int(value)
-
-
 def model_from_hf_config(cfg: dict, name: str, source: str = "config.json") -> ModelSpec:
     """Build a ModelSpec from the keys of a Hugging Face config.json (Llama, Qwen, Mixtral, DeepSeek, gpt-oss)."""
     if "text_config" in cfg:
@@ -250,7 +243,7 @@ def model_from_hf_config(cfg: dict, name: str, source: str = "config.json") -> M
 
     def get(*keys, default=0) -> int:
         value = _first(cfg, *keys, default=default)
-        return _int(value, keys[0], source)
+        return integer(value, f"{source}: {keys[0]}")
     heads = get("num_attention_heads")
     hidden = get("hidden_size")
     if heads < 1:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from autotune.errors import UserError
-from autotune.spec.files import read_yaml
+from autotune.spec.files import integer, read_yaml
 
 MODES = ("batch", "concurrency", "poisson", "constant")
 # Bounds on what a load may ask for, checked before any work: beyond them an input is a typo (a billion requests
@@ -86,14 +86,14 @@ class LengthDist:
         try:
             if kind == "fixed":
                 _only(d, {"kind", "value"})
-                return cls("fixed", value=whole(d["value"], "a fixed length"))
+                return cls("fixed", value=integer(d["value"], "a fixed length"))
             if kind == "lognormal":
                 _only(d, {"kind", "median", "sigma", "min", "max"})
                 return cls("lognormal", median=float(d["median"]), sigma=float(d["sigma"]),
-                           low=whole(d.get("min", 1), "min"), high=whole(d["max"], "max"))
+                           low=integer(d.get("min", 1), "min"), high=integer(d["max"], "max"))
             if kind == "bins":
                 _only(d, {"kind", "bins"})
-                return cls("bins", bins=tuple((float(w), whole(lo, "a bin's low"), whole(hi, "a bin's high"))
+                return cls("bins", bins=tuple((float(w), integer(lo, "a bin's low"), integer(hi, "a bin's high"))
                                               for w, lo, hi in d["bins"]))
         except KeyError as exc:
             raise UserError(f"{where}: missing key {exc}") from None
@@ -259,13 +259,6 @@ def _only(d: dict, keys: set | frozenset) -> None:
         raise UserError(f"unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(keys))})")
 
 
-def whole(v: object, name: str) -> int:
-    """An integer as written (16, or 16.0 from YAML); 1.5, true or NaN is refused, never truncated."""
-    if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, float) and v.is_integer())):
-        raise UserError(f"{name} must be a whole number, got {v!r}")
-    return int(v)
-
-
 def load_workload(ref: str) -> Workload:
     """A preset name or a YAML file with name, prompt, output and optional mode/num_requests/concurrency/rate/seed."""
     if ref in PRESETS:
@@ -285,7 +278,7 @@ def workload_from_dict(d: object, where: str) -> Workload:
     base = PRESETS.get(preset) if preset else None
     try:
         _only(d, WORKLOAD_KEYS)
-        counts = {k: whole(d.get(k, default), k) for k, default in (("num_requests", 2000), ("concurrency", 0),
+        counts = {k: integer(d.get(k, default), k) for k, default in (("num_requests", 2000), ("concurrency", 0),
                                                                      ("seed", 0))}
     except UserError as exc:
         raise UserError(f"{where}: {exc}") from None
@@ -332,5 +325,5 @@ def _prefix(raw: object, where: str) -> SharedPrefix:
         return SharedPrefix()
     if not isinstance(raw, dict) or not set(raw) <= {"tokens", "distinct"}:
         raise UserError(f"{where}: shared_prefix is {{tokens: N, distinct: K}}")
-    return SharedPrefix(whole(raw.get("tokens", 0), f"{where}: shared_prefix tokens"),
-                        whole(raw.get("distinct", 1), f"{where}: shared_prefix distinct"))
+    return SharedPrefix(integer(raw.get("tokens", 0), f"{where}: shared_prefix tokens"),
+                        integer(raw.get("distinct", 1), f"{where}: shared_prefix distinct"))
