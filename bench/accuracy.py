@@ -166,12 +166,26 @@ def print_rows(rows) -> None:
         print(f"  {run.label[:78]:78s} {key:13s} {m:10.4g} {(p or 0):10.4g} {err}")
 
 
+def print_sources(rows) -> None:
+    """Where the error sits: per source and figure, the median signed error (a bias shared by a source's runs) and
+    the median |error|."""
+    groups: dict[tuple[str, str], list[float]] = {}
+    for run, key, m, p in rows:
+        groups.setdefault((run.source, figure_of(key)), []).append(p / m - 1 if p else math.inf)
+    print(f"  {'source':44s} {'figure':11s} {'n':>4s} {'median':>8s} {'median |err|':>13s}")
+    for (source, fam), errs in sorted(groups.items()):
+        print(f"  {source[:44]:44s} {fam:11s} {len(errs):4d} {statistics.median(errs):+8.1%} "
+              f"{statistics.median(map(abs, errs)):13.1%}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--folds", type=int, default=6, help="source folds for cross-validation (0: one per source)")
     ap.add_argument("--calibration", default=None, help="score the test split with this file instead of the defaults")
     ap.add_argument("--fit-defaults", metavar="OUT", help="fit on the training split and write the factors to OUT")
     ap.add_argument("--rows", action="store_true", help="print every figure, measured against predicted")
+    ap.add_argument("--sources", action="store_true", help="print the signed and absolute median error per source "
+                                                           "and figure")
     args = ap.parse_args()
     train_sources = frozenset(TRAIN_LIST.read_text().split()) if TRAIN_LIST.is_file() else frozenset()
     every = load_rows(train_sources=train_sources) + load_simreal()
@@ -198,12 +212,16 @@ def main() -> None:
     summary(shipped, f"test split, shipped factors ({base.source}; never fitted on the test split)")
     if args.rows:
         print_rows(shipped)
+    if args.sources:
+        print_sources(shipped)
     cv = cross_validate(runs, args.folds)
     k = len(folds_of(runs, args.folds))
     summary(cv, f"all runs, cross-validated over {k} folds of sources (each fold predicted with factors fitted on "
                 f"the others)")
     if args.rows:
         print_rows(cv)
+    if args.sources:
+        print_sources(cv)
     summary([row for row in cv if row[0].source.startswith("simreal")],
             "  of which the shared sim-to-real runs (inference-perf, constant rate, H100)")
     summary([row for row in cv if row[0].engine == "V1"], "  of which the runs of a stated vLLM V1 version")

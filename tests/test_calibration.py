@@ -63,6 +63,20 @@ def test_the_accuracy_fit_gives_each_source_one_vote_and_clips_wild_rows(monkeyp
     assert loss(wild) == pytest.approx(CLIP) and CLIP < math.log(50)
 
 
+def test_the_accuracy_report_by_source_shows_each_sources_bias(monkeypatch, capsys):
+    from pathlib import Path
+    from types import SimpleNamespace
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    from accuracy import print_sources
+
+    slow, fast = SimpleNamespace(source="slow-src"), SimpleNamespace(source="fast-src")
+    print_sources([(slow, "tpot_mean_s", 1.0, 1.5), (slow, "tpot_p50_s", 1.0, 1.3), (slow, "tpot_p99_s", 1.0, 1.4),
+                   (fast, "output_tok_s", 100.0, 80.0), (fast, "output_tok_s", 100.0, None)])
+    lines = {tuple(line.split()[:3]): line.split()[3:] for line in capsys.readouterr().out.splitlines()[1:]}
+    assert lines[("slow-src", "TPOT/ITL", "3")] == ["+40.0%", "40.0%"]     # medians of +50, +30, +40%
+    assert lines[("fast-src", "throughput", "2")][0] == "+inf%"           # an infeasible run counts as unbounded
+
+
 def test_the_kernel_fit_recovers_the_factors_that_made_the_timings():
     """Timings made by the step model's own kernel laws from known factors come back as those factors, from the
     priors: the fit bench/gpu_probe.py runs on a GPU's measured kernels."""
