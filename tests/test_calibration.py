@@ -31,7 +31,8 @@ def test_round_trip(tmp_path):
                                       ("- 1", "expected a mapping"),
                                       ("hbm: 0.5", "unknown key.*hbm.*under 'efficiency'"),
                                       ("gpus: {H1OO: {hbm: 0.5}}", "unknown GPU 'H1OO'; did you mean H100-SXM"),
-                                      (b"\xff\xfe", "not a readable text file")])
+                                      (b"\xff\xfe", "not a readable text file"),
+                                      ("gpus: {H100: {hbm: 0.5}, H100-SXM: {hbm: 0.6}}", "the same GPU is named twice")])
 def test_bad_calibration_files(tmp_path, text, msg):
     """Refused with the reason, never read as the defaults: a factor outside 'efficiency' or under a GPU name the
     catalog does not know would otherwise apply nowhere, silently."""

@@ -76,6 +76,7 @@ def test_workload_file_with_stages_and_a_shared_prefix():
                      ({"prompt": {"kind": "fixed", "value": 10, "sigma": 1}}, "prompt: unknown key.*sigma"),
                      ({"mode": "batch", "stages": [{"rate": 1, "duration_s": 5}]}, "open-loop"),
                      ({"shared_prefix": {"tokens": 700}}, "shorter than every prompt"),
+                     ({"shared_prefix": {"tokens": 10, "count": 2}}, "shared_prefix: unknown key.*count"),
                      ({"rate": float("nan"), "stages": None}, "finite number of requests/s")):
         with pytest.raises(UserError, match=msg):
             workload_from_dict({"prompt": 600, "output": 200, "mode": "constant", "rate": 1, **bad}, "w.yaml")

@@ -169,9 +169,12 @@ class Calibration:
         if not isinstance(given, dict):
             raise UserError(f"{p}: 'gpus' maps GPU names to factors")
         try:    # an alias ("H100") or a typo must not leave its factors unused: names as the catalog spells them
-            given = {load_gpu(str(name)).name: factors for name, factors in given.items()}
+            canonical = [(load_gpu(str(name)).name, factors) for name, factors in given.items()]
         except UserError as exc:
             raise UserError(f"{p}: gpus: {exc}") from None
+        given = dict(canonical)
+        if len(given) < len(canonical):     # "H100" and "H100-SXM" both given: one would silently replace the other
+            raise UserError(f"{p}: gpus: the same GPU is named twice ({', '.join(map(str, data['gpus']))})")
         names = sorted(set(builtin) | set(given))
         # A file's factors apply over the built-in per-GPU ones, which apply over the file's global ones.
         per_gpu = tuple((name, base.with_overrides({**{k: v for k, v in builtin.get(name, {}).items()

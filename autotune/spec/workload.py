@@ -323,7 +323,11 @@ def _stages(raw: object, where: str) -> tuple[Stage, ...]:
 def _prefix(raw: object, where: str) -> SharedPrefix:
     if raw is None:
         return SharedPrefix()
-    if not isinstance(raw, dict) or not set(raw) <= {"tokens", "distinct"}:
+    if not isinstance(raw, dict):
         raise UserError(f"{where}: shared_prefix is {{tokens: N, distinct: K}}")
+    try:
+        _only(raw, {"tokens", "distinct"})
+    except UserError as exc:
+        raise UserError(f"{where}: shared_prefix: {exc}") from None
     return SharedPrefix(integer(raw.get("tokens", 0), f"{where}: shared_prefix tokens"),
                         integer(raw.get("distinct", 1), f"{where}: shared_prefix distinct"))
