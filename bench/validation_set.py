@@ -77,7 +77,7 @@ class Run:
         """What identifies the configuration (rows of one run in the long CSV share it)."""
         w = self.workload
         return (self.source, self.model, self.gpu, self.p2p, self.layout, self.knobs, w.mode, w.num_requests,
-                w.concurrency, w.rate, w.prompt, w.output, w.stages)
+                w.concurrency, w.rate, w.prompt, w.output, w.stages, w.cached_prompt_tokens)
 
 
 def predicted_value(pred: Prediction, key: str) -> float | None:
@@ -168,9 +168,13 @@ def _run_from_row(r: dict, base: Path) -> Run | None:
     if not inp or not out:
         return None
     sharegpt = r.get("dataset", "").strip().lower() == "sharegpt"
+    # Prompt tokens of each request that the server's prefix cache already held (an earlier run on the same server
+    # sent the same prompts' openings; README, "How rows are replayed").
+    cached = _int(r.get("cached_prompt_tokens") or "") or 0
     w = Workload(r["source_id"], _lengths(inp, sharegpt), _lengths(out, sharegpt), mode=mode,
-                 num_requests=n, concurrency=concurrency, rate=rate)
-    label = (f"{r['model']} {r['gpu']} {layout.label()} {inp}/{out} {mode}"
+                 num_requests=n, concurrency=concurrency, rate=rate, cached_prompt_tokens=cached)
+    label = (f"{r['model']} {r['gpu']} {layout.label()} {inp}/{out}" + (f" ({cached} cached)" if cached else "")
+             + f" {mode}"
              + (f" c{concurrency}" if concurrency else "") + (f" r{rate:g}" if rate else "")
              + (f" seqs{knobs.max_num_seqs}" if knobs.max_num_seqs else ""))
     # A row can say that its run fell back to V0 whatever its version (vLLM 0.8's PP did; the log says so).

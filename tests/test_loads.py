@@ -114,6 +114,37 @@ def test_prefix_cache_hits_cut_prefill():
     assert warm.get("ttft_p99_s") >= cold.get("ttft_p50_s") * 0.8   # the first request of a prefix pays in full
 
 
+def test_each_requests_own_cached_tokens_skip_its_prefill_on_the_engine_that_holds_them():
+    """A burst of prompts whose first halves the server already cached (an earlier run sent them): one engine
+    prefills half the tokens; with DP2 the load balancer, blind to the cache, finds them for about half the
+    requests only, so DP2 gains less."""
+    burst = dict(mode="concurrency", concurrency=64, num_requests=64)
+    sc = {c: _scenario(_fixed(prompt=8192, output=16, cached_prompt_tokens=c, **burst), "Llama-3.1-70B", gpus=8)
+          for c in (0, 4096)}
+    tp8 = {c: predict(s, Layout(tp=8)) for c, s in sc.items()}
+    dp2 = {c: predict(s, Layout(dp=2, tp=4)) for c, s in sc.items()}
+    # Prefill is most of a 16-token request: the burst's last first token comes about twice as early.
+    assert tp8[4096].get("ttft_p99_s") == pytest.approx(tp8[0].get("ttft_p99_s") / 2, rel=0.2)
+    dp2_gain = dp2[0].get("ttft_p99_s") / dp2[4096].get("ttft_p99_s")
+    assert 1.05 < dp2_gain < 0.8 * tp8[0].get("ttft_p99_s") / tp8[4096].get("ttft_p99_s")
+    # The goodput estimate prefills only what is not cached either.
+    from autotune.sim.goodput import LoadShape
+    shape = LoadShape.of(sc[4096].workload.sample())
+    assert shape.mean_prefill == 4096 and shape.mean_prompt == 8192
+
+
+def test_cached_prompt_tokens_in_a_workload_file():
+    w = workload_from_dict({"prompt": 600, "output": 200, "cached_prompt_tokens": 400}, "w.yaml")
+    assert w.cached_prompt_tokens == 400 and w.sample().cached_tokens == 400
+    assert workload_from_dict(w.to_dict(), "again") == w
+    for bad, msg in (({"cached_prompt_tokens": 600}, "shorter than every prompt"),
+                     ({"cached_prompt_tokens": -1}, "must be >= 0"),
+                     ({"cached_prompt_tokens": 10.5}, "cached_prompt_tokens must be an integer"),
+                     ({"cached_prompt_tokens": 100, "shared_prefix": {"tokens": 50}}, "not both")):
+        with pytest.raises(UserError, match=msg):
+            workload_from_dict({"prompt": 600, "output": 200, **bad}, "w.yaml")
+
+
 def test_cli_constant_mode_means_and_overload_in_json():
     out = subprocess.run([sys.executable, "-m", "autotune.cli", "predict", "--model", "Llama-3.1-8B", "--gpu",
                           "H100-SXM", "--gpus", "1", "--layout", "tp=1", "--workload", "chat", "--mode", "constant",

@@ -197,6 +197,32 @@ def test_an_api_key_that_starts_with_a_dash_reaches_the_server_whole(tiny_model,
     assert args.api_key in (backend.api_key, [backend.api_key]) and args.max_num_seqs == 4
 
 
+def test_a_workloads_cached_prompt_tokens_are_in_the_servers_prefix_cache_when_the_run_starts(tiny_model, tmp_path):
+    """The client primes each request's cached part before the measured run, and vLLM's own counters show the
+    measured prompts finding it (320-token prompts, the first 256 cached: two blocks of 128 each)."""
+    from dataclasses import replace
+
+    from autotune.spec.layout import EngineKnobs, Layout
+    from autotune.spec.trial import TrialSpec
+    from autotune.spec.workload import LengthDist
+    from autotune.trials import vllm_backend
+
+    ctx = one_cpu_context(tiny_model, tmp_path, requests=8)
+    ctx = replace(ctx, workload=replace(ctx.workload, prompt=LengthDist("fixed", value=320), cached_prompt_tokens=256))
+    knobs = EngineKnobs(max_num_seqs=8, block_size=128, gpu_memory_utilization=0.3)
+    logs, result = [], None
+    for event in vllm_backend.VllmBackend().run(TrialSpec(0, Layout(), knobs), ctx):
+        if event.kind == "log":
+            logs.append(event.payload)
+        if event.kind == "result":
+            result = event.payload
+    assert result.ok, result.reason
+    line = next(x for x in logs if "prefix cache:" in x)
+    hits = int(line.split("prefix cache: ")[1].split(" of ")[0].replace(",", ""))
+    assert hits >= 8 * 256, line      # without the priming, random prompts would share nothing
+    assert not vllm_processes()
+
+
 def test_a_hung_server_fails_its_trial_with_the_failed_request_count(tiny_model, tmp_path, monkeypatch):
     """SIGSTOP the whole server mid-load: the requests time out, the few that finished do not make the trial
     COMPLETE, and teardown still leaves no process."""

@@ -40,7 +40,7 @@ G, NRUN, NDEC, ASUM, PF_ALLOC, PF_LEFT, PREFIX_HELD, SHARED, DRAIN_OK, PREEMPTIO
 # Per-replica float state; the time split (PHASE_FIELDS) follows from SPLIT on.
 CLOCK, KV_AREA, KV_PEAK, KV_LIMITED, SPLIT = range(5)
 # Engine limits.
-L_SEQS, L_TOKENS, L_CAP, L_PREFIX_HIT = range(4)
+L_SEQS, L_TOKENS, L_CAP, L_PREFIX_HIT, L_OWN_CACHED = range(5)
 NONE = -1
 
 
@@ -80,11 +80,12 @@ class RunResult:
 
 def simulate(cost: StepCost, limits: EngineLimits, dp: int, prompt: np.ndarray, output: np.ndarray,
              arrival: np.ndarray, prefix_id: np.ndarray | None, prefix_tokens: int, mode: str, concurrency: int,
-             router: str) -> RunResult:
+             router: str, cached_tokens: int) -> RunResult:
     """Run the requests on `dp` engines. A request reaches its engine cost.frontend_s after the client sends it
     (HTTP, tokenisation, the hop to the engine core); its arrival stays the client's send time, so TTFT and E2E are
     what the client measures. Open loops send at `arrival`; a closed loop (`concurrency` clients) sends each
-    client's next request when its last one completes (vllm bench serve --max-concurrency)."""
+    client's next request when its last one completes (vllm bench serve --max-concurrency). `cached_tokens` of each
+    prompt are its own, already in the prefix cache when it arrives."""
     n = len(prompt)
     rq = np.full((n, IN_PREFILL + 1), NONE, dtype=np.int64)
     rq[:, PROMPT], rq[:, OUTPUT] = prompt, output
@@ -95,7 +96,8 @@ def simulate(cost: StepCost, limits: EngineLimits, dp: int, prompt: np.ndarray, 
     rqf[:, ARRIVAL] = arrival
     block = limits.block_size
     lim = np.array([limits.max_num_seqs, limits.max_num_batched_tokens, limits.kv_capacity_tokens,
-                    prefix_tokens // block * block if prefix_id is not None else 0], dtype=np.int64)
+                    prefix_tokens // block * block if prefix_id is not None else 0, cached_tokens // block * block],
+                   dtype=np.int64)
     # The last block of a sequence is partly empty; sliding-window layers hold a fixed amount per sequence.
     per_seq = block * (1 - cost.eff.last_block_fill) + limits.kv_tokens_per_seq
     table = cost.table(limits.max_num_seqs, limits.max_num_batched_tokens)
@@ -258,6 +260,13 @@ def _record(ri, rf, r, lim, per_seq, series):
 
 
 @njit(cache=True)
+def _home(rid, dp):
+    """The engine that holds request rid's own cached prefix: where its earlier turn or run was routed, unrelated to
+    where the load balancer sends it now (Knuth's multiplicative hash spreads the ids evenly)."""
+    return ((rid * 2654435761) % 4294967296 >> 16) % dp
+
+
+@njit(cache=True)
 def _admit(rq, ri, rf, r, lim, per_seq, seen):
     if ri[r, NRUN] >= lim[L_SEQS] or ri[r, NWAIT] == 0:
         return
@@ -269,11 +278,16 @@ def _admit(rq, ri, rf, r, lim, per_seq, seen):
         # Automatic prefix caching (vllm/v1/core/kv_cache_manager.py): full blocks of a computed prefix are hashed
         # and reused; a hit skips their prefill, and their KV is held once however many requests share it.
         hit = lim[L_PREFIX_HIT] if pid >= 0 and seen[r, pid] else 0
-        need = rq[rid, PROMPT] + rq[rid, GEN] - hit
+        # A request's own cached blocks (never shared: the workload refuses both kinds together) are taken at
+        # admission like any hit and held by it alone, on the engine that cached them: vLLM's DP load balancer
+        # routes by queue lengths, not by cache (DPLBAsyncMPClient.get_core_engine_for_request), so a request
+        # finds them on 1 engine in dp.
+        own = lim[L_OWN_CACHED] if _home(rid, ri.shape[0]) == r else 0
+        need = rq[rid, PROMPT] + rq[rid, GEN] - hit - own
         # Chunked prefill allocates blocks chunk by chunk: admission needs room for the first chunk only, plus one
         # token for every decoding request in the same step.
         first_chunk = min(need, budget - ri[r, PF_LEFT])
-        if used + first_chunk + per_seq + ri[r, NDEC] > lim[L_CAP]:
+        if used + own + first_chunk + per_seq + ri[r, NDEC] > lim[L_CAP]:
             break
         _dequeue(rq, ri, r, WNEXT, WHEAD, WTAIL, NWAIT)
         _link_last(rq, ri, r, rid, RPREV, RNEXT, RHEAD, RTAIL)
@@ -282,10 +296,11 @@ def _admit(rq, ri, rf, r, lim, per_seq, seen):
             rq[rid, CACHED] = hit
             ri[r, SHARED] += hit
         # A hit's chunks still attend over the cached prefix.
-        rq[rid, PLEFT], rq[rid, PDONE], rq[rid, PALLOC], rq[rid, IN_PREFILL] = need, hit, 0, 1
+        rq[rid, PLEFT], rq[rid, PDONE], rq[rid, PALLOC], rq[rid, IN_PREFILL] = need, hit + own, own, 1
         _link_last(rq, ri, r, rid, PPREV, PNEXT, PHEAD, PTAIL)
         ri[r, PF_LEFT] += need
-        used += first_chunk + per_seq
+        ri[r, PF_ALLOC] += own
+        used += own + first_chunk + per_seq
 
 
 @njit(cache=True)

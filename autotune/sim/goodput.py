@@ -71,6 +71,7 @@ def kv_safe_seqs(kv_capacity_tokens: int, mean_context: float) -> int:
 class LoadShape:
     """The lengths of a load, as the mean-value estimate needs them."""
     mean_prompt: float
+    mean_prefill: float     # prompt tokens computed: less the prefix-cache hits (a shared prefix after its first use)
     mean_output: float
     mean_context: float     # of the running set (mean_running_ctx)
     output_cv2: float       # squared coefficient of variation of the output lengths: of the requests' lifetimes
@@ -78,7 +79,9 @@ class LoadShape:
     @classmethod
     def of(cls, requests) -> "LoadShape":
         out = requests.output.astype(float)
-        return cls(float(requests.prompt.mean()), float(out.mean()), mean_running_ctx(requests),
+        prompt = float(requests.prompt.mean())
+        hits = requests.cached_tokens + (requests.prefix_tokens if requests.prefix_id is not None else 0)
+        return cls(prompt, prompt - hits, float(out.mean()), mean_running_ctx(requests),
                    float(out.var() / out.mean() ** 2))
 
 
@@ -106,8 +109,10 @@ def estimate_capacity(scenario: Scenario, layout: Layout, knobs: EngineKnobs, lo
     cost, _ = step_cost(scenario, layout, knobs)
 
     def tpot(n: int) -> float:
-        prefill = round(n * load.mean_prompt / load.mean_output)
-        return cost.step_time(n, n * load.mean_context, prefill, prefill * load.mean_prompt / 2)[0]
+        prefill = round(n * load.mean_prefill / load.mean_output)
+        # Each computed token attends over the cached tokens before it and half its own prompt's computed part.
+        attention = prefill * (load.mean_prompt - load.mean_prefill / 2)
+        return cost.step_time(n, n * load.mean_context, prefill, attention)[0]
     kv = kv_safe_seqs(plan.kv_capacity_tokens, load.mean_context)
     n, limit = (knobs.max_num_seqs, "max_num_seqs") if knobs.max_num_seqs <= kv else (kv, "KV cache")
     if slo.tpot_p99_s is not None and tpot(n) > slo.tpot_p99_s:

@@ -143,7 +143,7 @@ def predict(scenario: Scenario, layout: Layout, knobs: EngineKnobs = EngineKnobs
     prefix = reqs_in.prefix_id if reqs_in.prefix_tokens and reqs_in.prefix_id is not None else None
     run = simulate(cost, limits, layout.dp, reqs_in.prompt, reqs_in.output, reqs_in.arrival, prefix,
                    reqs_in.prefix_tokens if prefix is not None else 0, workload.mode, workload.concurrency,
-                   scenario.router)
+                   scenario.router, reqs_in.cached_tokens)
     metrics, series, engine_series = _summarise(run, reqs_in.prompt, reqs_in.output, layout, plan)
     joules = energy_joules(cluster.gpu, eff, [r.time_split for r in run.replicas], layout.tp * layout.pp,
                            metrics["makespan_s"])

@@ -135,6 +135,9 @@ class Workload:
     seed: int = 0
     stages: tuple[Stage, ...] = ()
     prefix: SharedPrefix = SharedPrefix()
+    # Each request's first this-many prompt tokens are in the server's prefix cache when it arrives, its own (earlier
+    # turns of its conversation; the same prompts sent before on that server): their prefill is skipped.
+    cached_prompt_tokens: int = 0
 
     def with_(self, **changes) -> "Workload":
         changes = {k: v for k, v in changes.items() if v is not None}
@@ -172,6 +175,12 @@ class Workload:
         if self.prefix.tokens and self.prefix.tokens >= self.prompt.bounds[0]:
             raise UserError(f"shared_prefix tokens ({self.prefix.tokens}) must be shorter than every prompt "
                             f"(shortest {self.prompt.bounds[0]})")
+        if not 0 <= self.cached_prompt_tokens < self.prompt.bounds[0]:
+            raise UserError(f"cached_prompt_tokens ({self.cached_prompt_tokens}) must be >= 0 and shorter than every "
+                            f"prompt (shortest {self.prompt.bounds[0]})")
+        if self.cached_prompt_tokens and self.prefix.tokens:
+            raise UserError("give shared_prefix or cached_prompt_tokens, not both: a request's own cached tokens "
+                            "already cover a shared system prompt")
 
     @property
     def max_model_len(self) -> int:
@@ -205,14 +214,15 @@ class Workload:
         prefix_id = (rng.integers(0, self.prefix.distinct, n) if self.prefix.tokens
                      else np.full(n, -1, dtype=np.int64))
         return Requests(prompt=prompt, output=output, arrival=arrival, prefix_id=prefix_id,
-                        prefix_tokens=self.prefix.tokens)
+                        prefix_tokens=self.prefix.tokens, cached_tokens=self.cached_prompt_tokens)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "prompt": self.prompt.to_dict(), "output": self.output.to_dict(),
                 "mode": self.mode, "num_requests": self.num_requests,
                 "concurrency": self.concurrency, "rate": self.rate, "seed": self.seed,
                 "stages": [{"rate": s.rate, "duration_s": s.duration_s} for s in self.stages],
-                "shared_prefix": {"tokens": self.prefix.tokens, "distinct": self.prefix.distinct}}
+                "shared_prefix": {"tokens": self.prefix.tokens, "distinct": self.prefix.distinct},
+                "cached_prompt_tokens": self.cached_prompt_tokens}
 
 
 @dataclass(frozen=True)
@@ -222,6 +232,7 @@ class Requests:
     arrival: np.ndarray = field(repr=False)
     prefix_id: np.ndarray | None = field(default=None, repr=False)   # which shared prefix, -1 for none
     prefix_tokens: int = 0
+    cached_tokens: int = 0      # each request's own prompt tokens already in the prefix cache
 
     def __len__(self) -> int:
         return len(self.prompt)
@@ -250,7 +261,7 @@ PRESETS: dict[str, Workload] = {
 
 # The keys a workload file (or a search space's workload) may have: any other is a typo that would be ignored.
 WORKLOAD_KEYS = frozenset({"name", "preset", "prompt", "output", "mode", "num_requests", "concurrency", "rate", "seed",
-                           "stages", "shared_prefix"})
+                           "stages", "shared_prefix", "cached_prompt_tokens"})
 
 
 def _only(d: dict, keys: set | frozenset) -> None:
@@ -279,7 +290,7 @@ def workload_from_dict(d: object, where: str) -> Workload:
     try:
         _only(d, WORKLOAD_KEYS)
         counts = {k: integer(d.get(k, default), k) for k, default in (("num_requests", 2000), ("concurrency", 0),
-                                                                     ("seed", 0))}
+                                                                     ("seed", 0), ("cached_prompt_tokens", 0))}
     except UserError as exc:
         raise UserError(f"{where}: {exc}") from None
     try:
@@ -294,6 +305,7 @@ def workload_from_dict(d: object, where: str) -> Workload:
             seed=counts["seed"],
             stages=_stages(d.get("stages"), where),
             prefix=_prefix(d.get("shared_prefix"), where),
+            cached_prompt_tokens=counts["cached_prompt_tokens"],
         )
     except KeyError as exc:
         raise UserError(f"{where}: missing key {exc}") from None

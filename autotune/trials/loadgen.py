@@ -95,6 +95,8 @@ async def drive(base_url: str, model: str, workload: Workload, timeout_s: float 
     async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
         for _ in range(warmup):
             await _one(session, url, model, prompts[0][:16], 4, RequestRecord(16, 4), timeout_s)
+        if requests.cached_tokens:
+            await _prime(session, url, model, [p[:requests.cached_tokens] for p in prompts], timeout_s)
         start = time.perf_counter()
         if workload.mode == "concurrency":
             queue = iter(range(len(records)))
@@ -117,6 +119,21 @@ async def drive(base_url: str, model: str, workload: Workload, timeout_s: float 
         r.finish = None if r.finish is None else r.finish - start
         r.token_times = [t - start for t in r.token_times]
     return records
+
+
+async def _prime(session: aiohttp.ClientSession, url: str, model: str, prefixes: list[list[int]], timeout_s: float,
+                 at_once: int = 32) -> None:
+    """Send each request's cached part once, one token out, so that the server's prefix cache holds it when the
+    measured run starts (as an earlier turn of the conversation would have left it)."""
+    queue = iter(prefixes)
+
+    async def worker():
+        for prefix in queue:
+            rec = RequestRecord(len(prefix), 1)
+            await _one(session, url, model, prefix, 1, rec, timeout_s)
+            if rec.error:
+                raise RuntimeError(f"priming the prefix cache failed: {rec.error}")
+    await asyncio.gather(*(worker() for _ in range(at_once)))
 
 
 def failed_requests_reason(records: list[RequestRecord], share: float) -> str | None:

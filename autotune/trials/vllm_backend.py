@@ -261,7 +261,7 @@ class VllmBackend:
         t0 = time.time()
         worker = threading.Thread(target=load, daemon=True)
         worker.start()
-        kv_peak, preemptions, capacity = 0.0, 0, None
+        kv_peak, preemptions, capacity, prefix = 0.0, 0, None, (0, 0)
         while not done.is_set() or not samples.empty():
             scrape_at = time.time()
             try:
@@ -277,6 +277,7 @@ class VllmBackend:
                                  "waiting_by_reason": json.dumps(e.waiting_by_reason) if e.waiting_by_reason
                                  else None})
                 preemptions = max(preemptions, sum(e.preemptions for e in m.engines.values()))
+                prefix = max(prefix, m.prefix_cache())
                 yield Event("series", rows)
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError, ValueError):
                 if self.proc.poll() is not None:
@@ -287,6 +288,12 @@ class VllmBackend:
             if done.is_set():
                 break
         worker.join(timeout=REQUEST_TIMEOUT_S)
+        # The loop's last scrape may precede the last requests: the prefix-cache counters are read once more.
+        try:
+            with urllib.request.urlopen(base + "/metrics", timeout=5) as r:
+                prefix = max(prefix, parse(r.read().decode()).prefix_cache())
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError, ValueError):
+            pass    # a server that died is reported below
         energy1 = sampler.energy_j() if sampler else None
         if sampler:
             sampler.close()
@@ -315,7 +322,8 @@ class VllmBackend:
                                   ctx.cluster.usd_per_gpu_hour, joules))
         predicted = predict(Scenario(ctx.model, ctx.cluster, ctx.workload, ctx.calibration), spec.layout, spec.knobs)
         yield Event("log", f"measured {metrics['output_tok_s']:,.1f} output tok/s, {preemptions} preemptions; "
-                           f"{metrics['failed_requests']} failed requests")
+                           f"{metrics['failed_requests']} failed requests; prefix cache: {prefix[0]:,} of "
+                           f"{prefix[1]:,} prompt tokens hit")
         yield Event("result", TrialResult(spec.number, True, "", metrics,
                                           predicted.to_json() if predicted.feasible else None,
                                           tuple(serve_commands(ctx.model, ctx.cluster, spec.layout,

@@ -1,5 +1,6 @@
 """vLLM's Prometheus /metrics, per DP engine: KV-cache use (the current name and the one it replaced), running
-and waiting requests (and waiting by reason), preemptions, and the cache size from cache_config_info."""
+and waiting requests (and waiting by reason), preemptions, prefix-cache lookups and hits, and the cache size from
+cache_config_info."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ class EngineSample:
     running: int = 0
     waiting: int = 0
     preemptions: int = 0
+    prefix_queries: int = 0     # prompt tokens looked up in the prefix cache, since the server started
+    prefix_hits: int = 0        # of which found there
     waiting_by_reason: dict[str, int] = field(default_factory=dict)
 
 
@@ -24,6 +27,11 @@ class EngineSample:
 class MetricsSample:
     engines: dict[int, EngineSample]
     kv_capacity_tokens: int | None = None
+
+    def prefix_cache(self) -> tuple[int, int]:
+        """(hits, lookups) in prompt tokens over every engine since the server started."""
+        return (sum(e.prefix_hits for e in self.engines.values()),
+                sum(e.prefix_queries for e in self.engines.values()))
 
 
 def parse(text: str) -> MetricsSample:
@@ -51,6 +59,10 @@ def parse(text: str) -> MetricsSample:
                 eng(labels).waiting_by_reason[labels.get("reason", "?")] = int(value)
             elif name == "vllm:num_preemptions_total":
                 eng(labels).preemptions = int(value)
+            elif name == "vllm:prefix_cache_queries_total":
+                eng(labels).prefix_queries = int(value)
+            elif name == "vllm:prefix_cache_hits_total":
+                eng(labels).prefix_hits = int(value)
             elif name == "vllm:cache_config_info" and labels.get("num_gpu_blocks") not in (None, "None"):
                 capacity = int(labels["num_gpu_blocks"]) * int(labels.get("block_size", 16))
     return MetricsSample(engines, capacity)
