@@ -27,6 +27,12 @@ class Efficiency:
                                         # TFLOP/s at M = 1024 (0.73 of 2x BF16's ~670); vLLM's CUTLASS and Triton
                                         # block kernels reach 400-490 TFLOP/s at M >= 2048 (0.3-0.37) and are
                                         # slower still at decode sizes on narrow shapes (vLLM PR #23280)
+    mxfp4_moe_gemm: float = 0.43        # MXFP4 expert GEMMs (gpt-oss; weights dequantised in the kernel, W4A16 Marlin
+                                        # on Hopper) against the BF16 GEMMs' FLOP/s share at prefill sizes: a Marlin
+                                        # MXFP4 MoE in a live server prefilling 16k-token chunks on H100 ran at 254
+                                        # TFLOP/s, 25.7% of BF16 peak, "issue-bound, not bandwidth-bound" (sglang PR
+                                        # #38884), i.e. 0.43 of `flops`. Blackwell's FP8 x MXFP4 kernels may do better
+                                        # (811 TFLOP/s at 8192 rows, triton PR #10114): no server figure yet
     gemm_ramp_tokens: float = 128.0     # a GEMM of M rows runs at flops x M/(M + this): below one 128-row tile the
                                         # tensor cores idle (CUTLASS/cuBLAS Hopper tile shapes)
     kernel_floor_s: float = 2.0e-6      # the least a kernel takes inside a CUDA graph, however small its work
@@ -81,7 +87,7 @@ class Efficiency:
             values = {k: float(v) for k, v in overrides.items()}
         except (TypeError, ValueError) as exc:
             raise UserError(f"{where}: efficiency factors are numbers ({exc})") from None
-        fractions = ("hbm", "kv_read", "flops", "fp8_block_gemm", "link", "last_block_fill", "power_compute_frac",
+        fractions = ("hbm", "kv_read", "flops", "fp8_block_gemm", "mxfp4_moe_gemm", "link", "last_block_fill", "power_compute_frac",
                      "power_memory_frac", "power_idle_frac")
         bad = [k for k, v in values.items() if v < 0 or (k in fractions and not 0 < v <= 1)]
         if bad:

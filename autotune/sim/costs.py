@@ -105,6 +105,9 @@ class StepCost:
         # Block-scaled FP8 GEMMs reach a smaller share of both rooflines than per-tensor ones (`fp8_block_gemm`).
         block = eff.fp8_block_gemm if model.block_quantized else 1.0
         self.gemm_rate, self.weight_bw = self.peak_flops * eff.flops * block, self.bw * block
+        # MXFP4 experts dequantise their weights inside the GEMM: each row they multiply costs more, while the few-row
+        # GEMMs of decode stay bound by their tiles (the ramp) and weight reads as before.
+        self.expert_row_cost = 1 / eff.mxfp4_moe_gemm if model.expert_dtype == "mxfp4" else 1.0
         # Achieved over peak rates (of the weight GEMMs, which dominate): an ideal (roofline) time is an achieved
         # time times these.
         self.flop_scale, self.bw_scale = self.gemm_rate / self.peak_flops, self.weight_bw / self.peak_bw
@@ -232,8 +235,8 @@ class StepCost:
         # A step reads every weight it multiplies: the layers' (the experts its tokens touch) and the LM head (BF16 in
         # quantised checkpoints), not the input embedding table, of which it gathers one row per token.
         weights = (s.layer_bytes + s.expert_bytes * touched) / self.weight_bw + s.lm_head_bytes / self.bw
-        c0 = (gemm_flops(self.dense_params, tokens, ramp) + gemm_flops(self.expert_params, tokens, expert_ramp)) \
-            / self.gemm_rate
+        c0 = (gemm_flops(self.dense_params, tokens, ramp)
+              + gemm_flops(self.expert_params, tokens * self.expert_row_cost, expert_ramp)) / self.gemm_rate
         return c0, weights, self._comm_tokens(tokens)
 
     def _coeffs(self, num_seqs, prefill_tokens, microbatches) -> StepLines:
