@@ -217,12 +217,13 @@ class Workload:
                         prefix_tokens=self.prefix.tokens, cached_tokens=self.cached_prompt_tokens)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "prompt": self.prompt.to_dict(), "output": self.output.to_dict(),
-                "mode": self.mode, "num_requests": self.num_requests,
-                "concurrency": self.concurrency, "rate": self.rate, "seed": self.seed,
-                "stages": [{"rate": s.rate, "duration_s": s.duration_s} for s in self.stages],
-                "shared_prefix": {"tokens": self.prefix.tokens, "distinct": self.prefix.distinct},
-                "cached_prompt_tokens": self.cached_prompt_tokens}
+        d = {"name": self.name, "prompt": self.prompt.to_dict(), "output": self.output.to_dict(),
+             "mode": self.mode, "num_requests": self.num_requests,
+             "concurrency": self.concurrency, "rate": self.rate, "seed": self.seed,
+             "stages": [{"rate": s.rate, "duration_s": s.duration_s} for s in self.stages],
+             "shared_prefix": {"tokens": self.prefix.tokens, "distinct": self.prefix.distinct}}
+        # Written only when set, so a study recorded before the key existed still resumes as the same study.
+        return d | ({"cached_prompt_tokens": self.cached_prompt_tokens} if self.cached_prompt_tokens else {})
 
 
 @dataclass(frozen=True)
