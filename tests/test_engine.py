@@ -87,6 +87,19 @@ def test_a_small_kv_cache_preempts_and_a_large_one_does_not(make_scenario):
     assert tight.get("kv_capacity_tokens") == 2399 * 16
 
 
+def test_a_queue_waiting_for_the_token_budget_is_not_blamed_on_the_kv_cache():
+    """A burst of long prompts waits for chunked prefill's token budget, with the cache half empty: the run is
+    bound by compute, not by KV capacity; the same burst in a cache too small to admit them all is."""
+    from autotune.spec.workload import LengthDist, Workload
+
+    burst = Workload("b", LengthDist("fixed", value=8192), LengthDist("fixed", value=128), num_requests=64)
+    sc = Scenario(load_model("Qwen3-32B"), Cluster.of(load_gpu("H100"), 8), burst)
+    roomy = predict(sc, Layout(tp=8))
+    assert roomy.get("kv_peak_frac") < 0.8 and roomy.get("bottleneck") != "KV capacity"
+    tight = predict(sc, Layout(tp=8), EngineKnobs(num_gpu_blocks_override=8192 * 12 // 16))
+    assert tight.get("bottleneck") == "KV capacity"
+
+
 def test_max_num_seqs_caps_the_running_batch(make_scenario):
     p = predict(make_scenario("Llama-3.1-8B", gpus=1, num_requests=300), Layout(), EngineKnobs(max_num_seqs=48))
     assert max(s[2] for s in p.engine_series[0]) <= 48

