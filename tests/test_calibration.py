@@ -64,6 +64,25 @@ def test_the_accuracy_fit_gives_each_source_one_vote_and_clips_wild_rows(monkeyp
     assert loss(wild) == pytest.approx(CLIP) and CLIP < math.log(50)
 
 
+def test_validation_rows_replay_the_prefixes_an_earlier_run_on_the_same_server_cached(monkeypatch, tmp_path):
+    """A row's cached_prompt_tokens reaches the replayed workload (the runs of one server, same seed, after the
+    first); a file without the column replays with none."""
+    from pathlib import Path
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    from validation_set import ROWS_DIR, load_rows
+
+    runs = [r for r in load_rows() if r.source == "scicom-benchmaxxing-runpod"]
+    cached = {(r.workload.prompt.value, r.workload.cached_prompt_tokens) for r in runs}
+    assert {(2048, 1024), (4096, 2048), (8192, 4096), (15000, 8192), (1024, 0)} == cached
+    assert all("cached" in r.label for r in runs if r.workload.cached_prompt_tokens)
+    # The column is each file's last: an older file is the same without it.
+    lines = (ROWS_DIR / "rows_ground_truth.csv").read_text().splitlines()
+    assert lines[0].endswith(",cached_prompt_tokens")
+    (tmp_path / "rows_old.csv").write_text("\n".join(line.rsplit(",", 1)[0] for line in lines) + "\n")
+    old = load_rows(tmp_path)
+    assert old and all(r.workload.cached_prompt_tokens == 0 for r in old)
+
+
 def test_the_accuracy_report_by_source_shows_each_sources_bias(monkeypatch, capsys):
     from pathlib import Path
     from types import SimpleNamespace
