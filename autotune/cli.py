@@ -11,6 +11,7 @@ import sys
 from autotune.errors import UserError
 from autotune.sim.engine import ROUTERS
 from autotune.sim.recommend import GOALS, TOLERANCE
+from autotune.spec.hardware import GPUS
 from autotune.spec.metrics import LATENCY_METRICS
 from autotune.spec.workload import MODES, OPEN_LOOP
 
@@ -29,7 +30,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _common(p: argparse.ArgumentParser) -> None:
     _model_args(p)
-    p.add_argument("--gpu", required=True, help="GPU type: H100-SXM, H200, A100-80GB, B200, MI300X, L40S")
+    p.add_argument("--gpu", required=True, help=f"GPU type: {', '.join(g for g in GPUS if g != 'CPU')} (or CPU for "
+                                                "vllm-cpu)")
     p.add_argument("--gpus", type=int, required=True, help="number of GPUs")
     p.add_argument("--gpus-per-node", type=int, default=None, help="default: the GPU's usual node (8)")
     _p2p_arg(p)
