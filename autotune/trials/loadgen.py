@@ -99,12 +99,8 @@ async def drive(base_url: str, model: str, workload: Workload, timeout_s: float 
             await _prime(session, url, model, [p[:requests.cached_tokens] for p in prompts], timeout_s)
         start = time.perf_counter()
         if workload.mode == "concurrency":
-            queue = iter(range(len(records)))
-
-            async def worker():
-                for i in queue:
-                    await _one(session, url, model, prompts[i], records[i].max_tokens, records[i], timeout_s)
-            await asyncio.gather(*(worker() for _ in range(workload.concurrency)))
+            await _clients(workload.concurrency, range(len(records)), lambda i: _one(
+                session, url, model, prompts[i], records[i].max_tokens, records[i], timeout_s))
         else:
             async def at(i: int):
                 delay = requests.arrival[i] - (time.perf_counter() - start)
@@ -121,19 +117,26 @@ async def drive(base_url: str, model: str, workload: Workload, timeout_s: float 
     return records
 
 
+async def _clients(n: int, jobs, send) -> None:
+    """A closed loop of n clients: each sends its next job (await send(job)) when its last one is done."""
+    queue = iter(jobs)
+
+    async def client():
+        for job in queue:
+            await send(job)
+    await asyncio.gather(*(client() for _ in range(n)))
+
+
 async def _prime(session: aiohttp.ClientSession, url: str, model: str, prefixes: list[list[int]], timeout_s: float,
                  at_once: int = 32) -> None:
     """Send each request's cached part once, one token out, so that the server's prefix cache holds it when the
     measured run starts (as an earlier turn of the conversation would have left it)."""
-    queue = iter(prefixes)
-
-    async def worker():
-        for prefix in queue:
-            rec = RequestRecord(len(prefix), 1)
-            await _one(session, url, model, prefix, 1, rec, timeout_s)
-            if rec.error:
-                raise RuntimeError(f"priming the prefix cache failed: {rec.error}")
-    await asyncio.gather(*(worker() for _ in range(at_once)))
+    async def send(prefix: list[int]) -> None:
+        rec = RequestRecord(len(prefix), 1)
+        await _one(session, url, model, prefix, 1, rec, timeout_s)
+        if rec.error:
+            raise RuntimeError(f"priming the prefix cache failed: {rec.error}")
+    await _clients(at_once, prefixes, send)
 
 
 def failed_requests_reason(records: list[RequestRecord], share: float) -> str | None:

@@ -26,7 +26,7 @@ from autotune.spec.metrics import cost_stats
 from autotune.spec.trial import TrialResult, TrialSpec
 from autotune.trials.backend import Event, StudyContext
 from autotune.trials.loadgen import drive, failed_requests_reason, summarise
-from autotune.trials.vllm_metrics import parse
+from autotune.trials.vllm_metrics import MetricsSample, parse
 
 STARTUP_TIMEOUT_S = float(os.environ.get("AUTOTUNE_STARTUP_TIMEOUT_S", 300))
 REQUEST_TIMEOUT_S = float(os.environ.get("AUTOTUNE_REQUEST_TIMEOUT_S", 600))
@@ -265,8 +265,7 @@ class VllmBackend:
         while not done.is_set() or not samples.empty():
             scrape_at = time.time()
             try:
-                with urllib.request.urlopen(base + "/metrics", timeout=5) as r:
-                    m = parse(r.read().decode())
+                m = _scrape(base)
                 capacity = m.kv_capacity_tokens or capacity
                 rows = []
                 for e in m.engines.values():
@@ -277,9 +276,8 @@ class VllmBackend:
                                  "waiting_by_reason": json.dumps(e.waiting_by_reason) if e.waiting_by_reason
                                  else None})
                 preemptions = max(preemptions, sum(e.preemptions for e in m.engines.values()))
-                prefix = max(prefix, m.prefix_cache())
                 yield Event("series", rows)
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError, ValueError):
+            except SCRAPE_ERRORS:
                 if self.proc.poll() is not None:
                     break
             if sampler:
@@ -288,11 +286,11 @@ class VllmBackend:
             if done.is_set():
                 break
         worker.join(timeout=REQUEST_TIMEOUT_S)
-        # The loop's last scrape may precede the last requests: the prefix-cache counters are read once more.
+        # The prefix-cache counters count from the server's start: read once the load is over (the loop's last
+        # scrape may precede the last requests).
         try:
-            with urllib.request.urlopen(base + "/metrics", timeout=5) as r:
-                prefix = max(prefix, parse(r.read().decode()).prefix_cache())
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError, ValueError):
+            prefix = _scrape(base).prefix_cache()
+        except SCRAPE_ERRORS:
             pass    # a server that died is reported below
         energy1 = sampler.energy_j() if sampler else None
         if sampler:
@@ -323,11 +321,20 @@ class VllmBackend:
         predicted = predict(Scenario(ctx.model, ctx.cluster, ctx.workload, ctx.calibration), spec.layout, spec.knobs)
         yield Event("log", f"measured {metrics['output_tok_s']:,.1f} output tok/s, {preemptions} preemptions; "
                            f"{metrics['failed_requests']} failed requests; prefix cache: {prefix[0]:,} of "
-                           f"{prefix[1]:,} prompt tokens hit")
+                           f"{prefix[1]:,} prompt tokens hit since the server started")
         yield Event("result", TrialResult(spec.number, True, "", metrics,
                                           predicted.to_json() if predicted.feasible else None,
                                           tuple(serve_commands(ctx.model, ctx.cluster, spec.layout,
                                                                _knobs(spec, ctx)))))
+
+
+# What reading /metrics can raise while the server is busy, starting or gone.
+SCRAPE_ERRORS = (urllib.error.URLError, ConnectionError, TimeoutError, OSError, ValueError)
+
+
+def _scrape(base: str) -> MetricsSample:
+    with urllib.request.urlopen(base + "/metrics", timeout=5) as r:
+        return parse(r.read().decode())
 
 
 def _knobs(spec: TrialSpec, ctx: StudyContext):
