@@ -1,10 +1,12 @@
 """The simulator's residuals on the validation set, by figure and regime, for the intervals every prediction carries
 (autotune/sim/uncertainty.py reads autotune/sim/residuals.json, which this writes).
 
-The residuals are those of the shipped factors (the priors, never fitted to these rows; see README "Accuracy"). The
-honesty check printed here is out of sample: for each source, its figures are scored against intervals built from
-every other source only, and the share that falls inside is the intervals' real coverage; it is stored beside the
-residuals and shown with every interval.
+The residuals are those of the shipped factors (the priors, never fitted to these rows; see README "Accuracy").
+Each figure's margin is a split-conformal quantile over sources: every source's residuals against the median the
+other sources give its regime. The honesty check printed here is nested, so that no source is scored against a
+margin it helped choose: each source's figures against the other sources' medians and a margin chosen from the
+other sources alone; the share that falls inside is the intervals' real coverage, stored beside the residuals and
+shown with every interval.
 
     python bench/intervals.py [--write]
 """
@@ -69,18 +71,50 @@ def pair_spread(rows: list[tuple[list, str]], level: float) -> dict[str, float]:
     return out
 
 
-def coverage(rows: list[tuple[list, str]]) -> dict[str, tuple[int, int]]:
-    """Leave one source out: (inside, total) per figure, each source's figures against the intervals that the
-    other sources' residuals give (the same regime fallback as at run time)."""
-    counts = {f: [0, 0] for f in FIGURES}
-    for source in sorted({s for _, s in rows}):
-        others = [r for r, s in rows if s != source]
-        for r in (r for r, s in rows if s == source):
-            band = uncertainty.band_of(others, r[0], tuple(r[1:5]), uncertainty.LEVEL)
-            if band:
-                counts[r[0]][0] += band[0] <= r[6] <= band[1]
-                counts[r[0]][1] += 1
-    return {f: (a, b) for f, (a, b) in counts.items()}
+class HeldOut:
+    """The residuals with the regime medians that sets of sources leave, memoised: the nested leave-one-source-out
+    below asks for the same regime's median without the same sources many times."""
+
+    def __init__(self, rows: list[tuple[list, str]]):
+        self.rows = rows
+        self.sources = sorted({s for _, s in rows})
+        self._medians: dict[tuple, float | None] = {}
+
+    def median(self, without: frozenset, row: list) -> float | None:
+        key = (without, row[0], tuple(row[1:5]))
+        if key not in self._medians:
+            med = uncertainty.regime_median([r for r, s in self.rows if s not in without], row[0], key[2])
+            self._medians[key] = med and med[0]
+        return self._medians[key]
+
+    def scores(self, sources: list[str], without: frozenset = frozenset()) -> dict[str, list[float]]:
+        """Per figure, each residual of `sources` minus the median of its regime from the other sources of
+        `sources` (those in `without` left out as well)."""
+        out: dict[str, list[float]] = {f: [] for f in FIGURES}
+        for source in sources:
+            for r in (r for r, s in self.rows if s == source):
+                med = self.median(without | {source}, r)
+                if med is not None:
+                    out[r[0]].append(r[6] - med)
+        return out
+
+    def margins(self, sources: list[str], without: frozenset = frozenset()) -> dict[str, list[float]]:
+        """[90% margin, 96% margin] per figure, from the leave-one-source-out scores of `sources`."""
+        return {f: [uncertainty.conformal_margin(v, uncertainty.LEVEL),
+                    uncertainty.conformal_margin(v, uncertainty.WIDE_LEVEL)]
+                for f, v in self.scores(sources, without).items() if v}
+
+    def coverage(self) -> dict[str, tuple[int, int]]:
+        """(inside, total) per figure: each source's figures against the others' regime medians and the 90% margin
+        chosen on the others alone."""
+        counts = {f: [0, 0] for f in FIGURES}
+        for source in self.sources:
+            margins = self.margins([s for s in self.sources if s != source], frozenset({source}))
+            for figure, scores in self.scores([source]).items():
+                if figure in margins:
+                    counts[figure][0] += sum(abs(v) <= margins[figure][0] for v in scores)
+                    counts[figure][1] += len(scores)
+        return {f: (a, b) for f, (a, b) in counts.items()}
 
 
 def main() -> None:
@@ -89,23 +123,23 @@ def main() -> None:
     args = ap.parse_args()
     rows = residual_rows()
     print(f"{len(rows)} residuals from {len({s for _, s in rows})} sources")
+    held = HeldOut(rows)
+    margins = held.margins(held.sources)
     for figure in FIGURES:
-        r = sorted(row[6] for row, _ in rows if row[0] == figure)
-        if r:
-            q_lo, q_hi = uncertainty.LEVEL
-            lo, hi = r[int(q_lo * (len(r) - 1))], r[int(math.ceil(q_hi * (len(r) - 1)))]
-            print(f"  {figure:10s} n={len(r):4d}  {q_hi - q_lo:.0%} of log(pred/meas) in [{lo:+.2f}, {hi:+.2f}]: the "
-                  f"measured value lies within x{math.exp(-hi):.2f} .. x{math.exp(-lo):.2f} of the prediction")
-    nominal = uncertainty.LEVEL[1] - uncertainty.LEVEL[0]
-    print(f"\nout-of-sample coverage of the nominal {nominal:.0%} intervals (each source against the other sources' "
-          "residuals):")
-    covered = coverage(rows)
+        r = [row[6] for row, _ in rows if row[0] == figure]
+        if figure in margins:
+            m = margins[figure][0]
+            print(f"  {figure:10s} n={len(r):4d}  median log(pred/meas) {np.median(r):+.2f}; {uncertainty.LEVEL:.0%} "
+                  f"margin about a regime's median +-{m:.2f}: the measured value within x{math.exp(-m):.2f} .. "
+                  f"x{math.exp(m):.2f} of the prediction with its regime's bias removed")
+    print(f"\nout-of-sample coverage of the nominal {uncertainty.LEVEL:.0%} intervals (each source against the other "
+          "sources' medians and a margin chosen on the other sources alone):")
+    covered = held.coverage()
     for figure, (inside, total) in covered.items():
         if total:
             print(f"  {figure:10s} {inside / total:5.0%} of {total}")
-    nominal_pair = uncertainty.LEVEL[1] - uncertainty.LEVEL[0]
-    spread = pair_spread(rows, nominal_pair)
-    print(f"\n{nominal_pair:.0%} of side-by-side pairs (two layouts or knob settings under the same load) get "
+    spread = pair_spread(rows, uncertainty.LEVEL)
+    print(f"\n{uncertainty.LEVEL:.0%} of side-by-side pairs (two layouts or knob settings under the same load) get "
           "their ratio right within:")
     for figure, v in spread.items():
         print(f"  {figure:10s} x{math.exp(v):.2f}")
@@ -115,7 +149,8 @@ def main() -> None:
                               "commit": commit, "calibration": "shipped defaults (priors)",
                               "fields": ["figure", "arch", "model", "parallel", "load", "gpu", "log_pred_over_meas",
                                          "source", "case"],
-                              "nominal_level": nominal,
+                              "nominal_level": uncertainty.LEVEL,
+                              "margins": {f: [round(v, 4) for v in m] for f, m in margins.items()},
                               "coverage": {f: round(a / b, 3) for f, (a, b) in covered.items() if b},
                               "pair_log_spread": {f: round(v, 4) for f, v in spread.items()}},
                "rows": [row for row, _ in rows]}

@@ -1,8 +1,11 @@
 """How sure a prediction is. The simulator's residuals on the validation set (log predicted/measured, written by
-`python bench/intervals.py` into residuals.json with its provenance) give each predicted figure an interval, by
-figure and regime (GPU generation, dense/MoE/MLA, parallelism kind, batch/online load); a case unlike every
-validated row (an unseen GPU, model class, or parallelism kind for that class) is flagged as an extrapolation and
-gets the wider interval of all the figure's residuals."""
+`python bench/intervals.py` into residuals.json with its provenance) give each predicted figure an interval: the
+median residual of its regime (GPU generation, dense/MoE/MLA, parallelism kind, batch/online load), the bias shared
+by the validated runs like it, plus or minus the figure's margin, the distance from that median within which 90% of
+the residuals of a source left out of the median fall (split conformal prediction with sources as the
+exchangeable units: most of the error is a bias shared by one source's runs, so rows of the same source are not
+independent draws). A case unlike every validated row (an unseen GPU, model class, or parallelism for that class)
+is flagged as an extrapolation and also gets the median of all the figure's residuals with the 96% margin."""
 
 from __future__ import annotations
 
@@ -19,13 +22,19 @@ from autotune.spec.metrics import figure_of
 from autotune.spec.models import ModelSpec
 
 RESIDUALS = Path(__file__).parent / "residuals.json"
-LEVEL = (0.05, 0.95)        # a nominal 90% interval from the regime's residuals
-WIDE = (0.02, 0.98)         # a nominal 96% interval of every residual of the figure, added for extrapolations
-# A regime with fewer residuals, or from fewer sources, falls back to the next coarser one. Most of the error is a
-# bias shared by one source's runs (its hardware, version, flags), so a regime seen through one or two sources
-# would give intervals that miss the next source (bench/intervals.py measures exactly this).
+LEVEL = 0.90                # the nominal coverage of an interval
+WIDE_LEVEL = 0.96           # the nominal coverage of an extrapolation's interval
+# A regime with fewer residuals, or from fewer sources, falls back to the next coarser one: a median seen through
+# one or two sources is those sources' bias.
 MIN_ROWS, MIN_SOURCES = 12, 4
 REGIME_FIELDS = ("arch", "model", "parallel", "load")   # finest first; dropped from the right when too few rows
+
+
+def conformal_margin(scores: list[float], level: float) -> float:
+    """The split-conformal quantile of |scores| for coverage `level`: the ceil((n + 1) level)-th smallest (the
+    largest when n is too small for the level)."""
+    a = np.sort(np.abs(scores))
+    return float(a[min(len(a), int(np.ceil((len(a) + 1) * level))) - 1])
 
 
 @dataclass(frozen=True)
@@ -53,21 +62,26 @@ def _table() -> dict:
     return json.loads(RESIDUALS.read_text())
 
 
-def band_of(rows: list, figure: str, fields: tuple, quantiles: tuple[float, float]
-            ) -> tuple[float, float, int, int] | None:
-    """Quantiles of the residuals of `figure` in the finest regime (a prefix of `fields`) with MIN_ROWS of them from
-    MIN_SOURCES sources: (low, high, count, depth); None when even all of the figure's residuals are too few."""
+def regime_median(rows: list, figure: str, fields: tuple) -> tuple[float, int, int] | None:
+    """The median residual of `figure` in the finest regime (a prefix of `fields`) with MIN_ROWS of them from
+    MIN_SOURCES sources: (median, count, depth); None when even all of the figure's residuals are too few."""
     for depth in range(len(fields), -1, -1):
         sel = [row for row in rows if row[0] == figure and tuple(row[1:1 + depth]) == fields[:depth]]
         if len(sel) >= MIN_ROWS and len({row[7] for row in sel}) >= MIN_SOURCES:
-            lo, hi = np.quantile([row[6] for row in sel], quantiles)
-            return float(lo), float(hi), len(sel), depth
+            return float(np.median([row[6] for row in sel])), len(sel), depth
     return None
 
 
 @lru_cache(maxsize=4096)
-def _band(figure: str, fields: tuple, quantiles: tuple[float, float]) -> tuple[float, float, int, int] | None:
-    return band_of(_table()["rows"], figure, fields, quantiles)
+def _band(figure: str, fields: tuple, wide: bool) -> tuple[float, float, int, int] | None:
+    """(low, high, count, depth) of the residual band: the regime's median and the figure's margin."""
+    med = regime_median(_table()["rows"], figure, fields)
+    margins = provenance().get("margins", {}).get(figure)
+    if med is None or not margins:
+        return None
+    mid, n, depth = med
+    margin = margins[1 if wide else 0]
+    return mid - margin, mid + margin, n, depth
 
 
 @lru_cache(maxsize=1024)
@@ -99,9 +113,9 @@ def intervals(model: ModelSpec, gpu: GpuSpec, layout: Layout, mode: str, metrics
         figure = figure_of(key)
         if figure is None or isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             continue
-        band = _band(figure, fields, LEVEL)
+        band = _band(figure, fields, False)
         if why:     # an extrapolation: at least the regime's band, and every residual's wide band
-            wide = _band(figure, (), WIDE)
+            wide = _band(figure, (), True)
             band = band and wide and (min(band[0], wide[0]), max(band[1], wide[1]), wide[2], 0)
         if band is None:
             continue
