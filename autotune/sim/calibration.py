@@ -57,7 +57,11 @@ class Efficiency:
     # The frontend (vllm/entrypoints/openai + vllm/v1/engine/async_llm.py): HTTP parsing, tokenisation and the ZMQ
     # hop to the engine core before a request is scheduled, and detokenisation + SSE streaming of every output token
     # in the API server processes, pipelined with the engine (vLLM V1 architecture blog, Jan 2025).
-    frontend_latency_s: float = 4e-3    # from the client's send to the engine's queue
+    frontend_latency_s: float = 4e-3    # from the client's send to the engine's queue, per tokeniser batch (HTTP,
+                                        # the batch's wait, the ZMQ hop), besides its prompts' tokenising
+    tokenize_s_per_token: float = 1e-6  # the API server's tokeniser, per prompt token of a batch, one worker: "for
+                                        # concurrency=1, DGX H100's CPU can do only about 1k tokens/ms" (vLLM issue
+                                        # #19012, which led to micro-batched tokenisation, PR #19334)
     api_server_tok_s: float = 30000.0   # output tokens/s one API server process detokenises and streams
     fixed_memory_gib: float = 1.5       # CUDA context, CUDA graphs, allocator slack
     # vLLM's profiling forward pass (gpu_worker.determine_available_memory) peaks in one layer: bf16 copies per

@@ -165,8 +165,10 @@ class StepCost:
         self.batch_cap = math.ceil(knobs.max_num_seqs / self.pp) if knobs.max_num_seqs else 1
         # Every DP engine's tokens are detokenised and streamed by the API server processes, shared by all engines.
         self.frontend_s_per_token = self.dp / (knobs.api_servers_for(layout) * eff.api_server_tok_s)
-        # A request reaches the engine core this long after the client sent it (HTTP, tokenisation, ZMQ hop).
+        # A request reaches the engine core this long after the client sent it (HTTP, tokenisation, ZMQ hop) when
+        # the API server's tokeniser is free; busy, it takes the prompts sent meanwhile as its next batch.
         self.frontend_s = eff.frontend_latency_s
+        self.ingress = np.array([knobs.api_servers_for(layout), eff.frontend_latency_s, eff.tokenize_s_per_token])
         self._cache: dict[int, StepLines] = {}
 
     # ---- per-microbatch terms ------------------------------------------------------------

@@ -42,6 +42,7 @@ CLOCK, KV_AREA, KV_PEAK, KV_LIMITED, SPLIT = range(5)
 # Engine limits.
 L_SEQS, L_TOKENS, L_CAP, L_PREFIX_HIT, L_OWN_CACHED = range(5)
 NONE = -1
+MICROBATCH = 32     # prompts one tokeniser batch takes at most (AsyncMicrobatchTokenizer's max_batch_size)
 
 
 @dataclass(frozen=True)
@@ -81,9 +82,9 @@ class RunResult:
 def simulate(cost: StepCost, limits: EngineLimits, dp: int, prompt: np.ndarray, output: np.ndarray,
              arrival: np.ndarray, prefix_id: np.ndarray | None, prefix_tokens: int, mode: str, concurrency: int,
              router: str, cached_tokens: int) -> RunResult:
-    """Run the requests on `dp` engines. A request reaches its engine cost.frontend_s after the client sends it
-    (HTTP, tokenisation, the hop to the engine core); its arrival stays the client's send time, so TTFT and E2E are
-    what the client measures. Open loops send at `arrival`; a closed loop (`concurrency` clients) sends each
+    """Run the requests on `dp` engines. A request reaches its engine after the API server has tokenised it (HTTP,
+    tokenisation in micro-batches, the hop to the engine core: cost.ingress); its arrival stays the client's send
+    time, so TTFT and E2E are what the client measures. Open loops send at `arrival`; a closed loop (`concurrency` clients) sends each
     client's next request when its last one completes (vllm bench serve --max-concurrency). `cached_tokens` of each
     prompt are its own, already in the prefix cache when it arrives."""
     n = len(prompt)
@@ -103,7 +104,7 @@ def simulate(cost: StepCost, limits: EngineLimits, dp: int, prompt: np.ndarray, 
     table = cost.table(limits.max_num_seqs, limits.max_num_batched_tokens)
     prefixes = int(rq[:, PREFIX].max()) + 1 if n else 0
     ri, rf, itl, series = _run(rq, rqf, lim, per_seq, table.decode, table.mixed, table.params, dp, MODES[mode],
-                               concurrency, ROUTERS[router], cost.frontend_s, max(prefixes, 1))
+                               concurrency, ROUTERS[router], cost.ingress, max(prefixes, 1))
     replicas = [ReplicaResult(float(rf[r, CLOCK]), int(ri[r, PREEMPTIONS]), float(rf[r, KV_AREA]),
                               float(rf[r, KV_PEAK]), float(rf[r, KV_LIMITED]),
                               rf[r, SPLIT:SPLIT + len(PHASE_FIELDS)].tolist(), series[series[:, 0] == r, 1:])
@@ -540,9 +541,23 @@ def _series_array(series):
 
 
 @njit(cache=True)
-def _run(rq, rqf, lim, per_seq, decode, mixed, params, dp, mode, concurrency, router, frontend_s, prefixes):
+def _tokenise(rq, tok_free, queue, ready, w, t, batch_s, token_s):
+    """API server w's tokeniser takes its queued prompts as one micro-batch at t (at most MICROBATCH); they reach the
+    engines when it is done."""
+    take = min(len(queue[w]), MICROBATCH)
+    done = t + batch_s
+    for i in range(take):
+        done += token_s * rq[queue[w][i], PROMPT]
+    for i in range(take):
+        heapq.heappush(ready, (done, queue[w][i]))
+    del queue[w][:take]
+    tok_free[w] = done
+
+
+@njit(cache=True)
+def _run(rq, rqf, lim, per_seq, decode, mixed, params, dp, mode, concurrency, router, ingress, prefixes):
     """Feed the requests to the engines and run them to the end, in global time order when arrivals depend on
-    time."""
+    time. ingress = (API servers, seconds per tokeniser batch, seconds per prompt token)."""
     n = rq.shape[0]
     ri = np.zeros((dp, NEXT_VERSION + 1), dtype=np.int64)
     for col in (RHEAD, RTAIL, WHEAD, WTAIL, FHEAD, FTAIL, PHEAD, PTAIL):
@@ -555,17 +570,22 @@ def _run(rq, rqf, lim, per_seq, decode, mixed, params, dp, mode, concurrency, ro
     itl = [(0.0, 0.0)][:0]
     series = [(0, 0.0, 0.0, np.int64(0), np.int64(0), np.int64(0))][:0]
     out = np.empty(int(lim[L_SEQS]) + 1, dtype=np.int64)
+    servers, batch_s, token_s = int(ingress[0]), ingress[1], ingress[2]
     if mode == 0:
-        # Everything arrives at t=0: both routers deal round-robin, and the replicas never interact again.
+        # Everything arrives at t=0 (an offline batch: prompts tokenised before the engine starts): both routers deal
+        # round-robin, and the replicas never interact again.
         for rid in range(n):
-            _submit(rq, rqf, ri, rid % dp, rid, frontend_s)
+            _submit(rq, rqf, ri, rid % dp, rid, batch_s)
         for r in range(dp):
             while _busy(ri, r):
                 _step(rq, rqf, ri, rf, r, lim, per_seq, decode, mixed, params, heaps[r], seen, done_times, itl,
                       series, out, INF)
         return ri, rf, _itl_array(itl), _series_array(series)
     closed = mode == 1
-    pending = [(0.0, np.int64(0))][:0]
+    pending = [(0.0, np.int64(0))][:0]     # (client's send time, request)
+    ready = [(0.0, np.int64(0))][:0]       # (arrival at the engines, request): tokenised
+    queue = [[np.int64(0)][:0] for _ in range(servers)]
+    tok_free = np.zeros(servers)
     if closed:
         next_rid = min(concurrency, n)
         for rid in range(n):
@@ -580,28 +600,47 @@ def _run(rq, rqf, lim, per_seq, decode, mixed, params, dp, mode, concurrency, ro
     ri[:, DRAIN_OK] = 1 if next_rid >= n else 0
     turn = 0
     while True:
-        t_arrival = pending[0][0] + frontend_s if len(pending) else INF
+        # The next event outside the engines: a send, a tokeniser freeing with prompts queued, an arrival.
+        t_next, kind, w = INF, 0, 0
+        if len(pending):
+            t_next, kind = pending[0][0], 1
+        for x in range(servers):
+            if len(queue[x]) and tok_free[x] < t_next:
+                t_next, kind, w = tok_free[x], 2, x
+        if len(ready) and ready[0][0] < t_next:
+            t_next, kind = ready[0][0], 3
         r = -1
         for x in range(dp):
             if _busy(ri, x) and (r < 0 or rf[x, CLOCK] < rf[r, CLOCK]):
                 r = x
-        if r < 0 and not len(pending):
+        if r < 0 and kind == 0:
             return ri, rf, _itl_array(itl), _series_array(series)
-        if r < 0 or rf[r, CLOCK] >= t_arrival:
-            t, rid = heapq.heappop(pending)
-            if router == 1:
-                target = turn % dp
-                turn += 1
+        if r < 0 or rf[r, CLOCK] >= t_next:
+            if kind == 1:
+                t, rid = heapq.heappop(pending)
+                # vLLM's API server tokenises in micro-batches on one worker (AsyncMicrobatchTokenizer, vLLM PR
+                # #19334): a prompt sent while it is busy waits and goes with the next batch.
+                w = rid % servers
+                queue[w].append(rid)
+                if tok_free[w] <= t:
+                    _tokenise(rq, tok_free, queue, ready, w, t, batch_s, token_s)
+            elif kind == 2:
+                _tokenise(rq, tok_free, queue, ready, w, t_next, batch_s, token_s)
             else:
-                target, load = 0, _load_at(ri, 0, done_times, t)
-                for x in range(1, dp):
-                    lx = _load_at(ri, x, done_times, t)
-                    if lx < load:
-                        target, load = x, lx
-            _submit(rq, rqf, ri, target, rid, t + frontend_s)
+                t, rid = heapq.heappop(ready)
+                if router == 1:
+                    target = turn % dp
+                    turn += 1
+                else:
+                    target, load = 0, _load_at(ri, 0, done_times, t)
+                    for x in range(1, dp):
+                        lx = _load_at(ri, x, done_times, t)
+                        if lx < load:
+                            target, load = x, lx
+                _submit(rq, rqf, ri, target, rid, t)
             continue
         done = _step(rq, rqf, ri, rf, r, lim, per_seq, decode, mixed, params, heaps[r], seen, done_times, itl,
-                     series, out, t_arrival)
+                     series, out, t_next)
         for i in range(done):
             if closed and next_rid < n:
                 t_done = rqf[out[i], FINISH]

@@ -129,15 +129,16 @@ def estimate_capacity(scenario: Scenario, layout: Layout, knobs: EngineKnobs, lo
         # Near that rate arrivals wait for one of the n slots: the most rate whose p99 wait, plus the first step,
         # fits the TTFT SLO.
         service = load.mean_output * t
+        ingress = cost.frontend_s + cost.eff.tokenize_s_per_token * load.mean_prompt
 
         def ttft99(r: float) -> float:
-            return wait_p99(r / layout.dp, n, service, load.output_cv2) + t + cost.frontend_s
+            return wait_p99(r / layout.dp, n, service, load.output_cv2) + t + ingress
         if ttft99(rate * (1 - 1e-9)) > slo.ttft_p99_s:
             lo, hi = 0.0, rate
             for _ in range(40):
                 mid = (lo + hi) / 2
                 lo, hi = (mid, hi) if ttft99(mid) <= slo.ttft_p99_s else (lo, mid)
-            rate, limit = lo, f"TTFT SLO (queueing for a slot: p99 wait {ttft99(lo) - t - cost.frontend_s:,.2f} s)"
+            rate, limit = lo, f"TTFT SLO (queueing for a slot: p99 wait {ttft99(lo) - t - ingress:,.2f} s)"
     return Capacity(rate, n, t, limit)
 
 
