@@ -84,9 +84,9 @@ def simulate(cost: StepCost, limits: EngineLimits, dp: int, prompt: np.ndarray, 
              router: str, cached_tokens: int) -> RunResult:
     """Run the requests on `dp` engines. A request reaches its engine after the API server has tokenised it (HTTP,
     tokenisation in micro-batches, the hop to the engine core: cost.ingress); its arrival stays the client's send
-    time, so TTFT and E2E are what the client measures. Open loops send at `arrival`; a closed loop (`concurrency` clients) sends each
-    client's next request when its last one completes (vllm bench serve --max-concurrency). `cached_tokens` of each
-    prompt are its own, already in the prefix cache when it arrives."""
+    time, so TTFT and E2E are what the client measures. Open loops send at `arrival`; a closed loop (`concurrency`
+    clients) sends each client's next request when its last one completes (vllm bench serve --max-concurrency).
+    `cached_tokens` of each prompt are its own, already in the prefix cache when it arrives."""
     n = len(prompt)
     rq = np.full((n, IN_PREFILL + 1), NONE, dtype=np.int64)
     rq[:, PROMPT], rq[:, OUTPUT] = prompt, output
@@ -572,8 +572,8 @@ def _run(rq, rqf, lim, per_seq, decode, mixed, params, dp, mode, concurrency, ro
     out = np.empty(int(lim[L_SEQS]) + 1, dtype=np.int64)
     servers, batch_s, token_s = int(ingress[0]), ingress[1], ingress[2]
     if mode == 0:
-        # Everything arrives at t=0 (an offline batch: prompts tokenised before the engine starts): both routers deal
-        # round-robin, and the replicas never interact again.
+        # Everything arrives at once, one frontend hop after t=0 (an offline batch tokenises its prompts before the
+        # engine starts): both routers deal round-robin, and the replicas never interact again.
         for rid in range(n):
             _submit(rq, rqf, ri, rid % dp, rid, batch_s)
         for r in range(dp):
