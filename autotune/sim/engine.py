@@ -570,7 +570,8 @@ def _run(rq, rqf, lim, per_seq, decode, mixed, params, dp, mode, concurrency, ro
     itl = [(0.0, 0.0)][:0]
     series = [(0, 0.0, 0.0, np.int64(0), np.int64(0), np.int64(0))][:0]
     out = np.empty(int(lim[L_SEQS]) + 1, dtype=np.int64)
-    servers, batch_s, token_s = int(ingress[0]), ingress[1], ingress[2]
+    # More API servers than requests leave the rest idle: each request already has a tokeniser to itself.
+    servers, batch_s, token_s = min(int(ingress[0]), max(n, 1)), ingress[1], ingress[2]
     if mode == 0:
         # Everything arrives at once, one frontend hop after t=0 (an offline batch tokenises its prompts before the
         # engine starts): both routers deal round-robin, and the replicas never interact again.
