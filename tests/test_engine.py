@@ -278,21 +278,28 @@ def test_fp8_weights_speed_the_weight_gemms_only_and_block_scales_cost_what_the_
     assert 0.9 < tput[block] / tput[bf16] < 1.2 < tput[per_tensor] / tput[bf16]
 
 
-def test_mxfp4_experts_cost_more_per_prefilled_row_but_decode_reads_the_same_bytes():
-    """gpt-oss's MXFP4 experts: a prefill chunk's expert GEMMs run at `mxfp4_moe_gemm` of the BF16 share, a decode
-    step's few-row expert GEMMs (tile-bound) and its weight reads are as before."""
+@pytest.mark.parametrize("name, as_bf16, read_share", [
+    ("gpt-oss-120b", {"expert_dtype": None}, 0.5),                               # 4.25-bit experts read, not 16
+    # 8-bit weights read, not 16, at `fp8_block_gemm` of the bandwidth (block-scaled kernels read slower)
+    ("DeepSeek-R1", {"weight_dtype": "bf16", "block_quantized": False}, 0.9),
+])
+def test_quantised_experts_cost_more_per_prefilled_row_but_decode_reads_fewer_bytes(name, as_bf16, read_share):
+    """MXFP4 (gpt-oss) and FP8 (DeepSeek-R1) experts: a prefill chunk's expert GEMMs run at `mxfp4_moe_gemm` or
+    `fp8_moe_gemm` of the BF16 share, below what BF16 experts of the same shape would; a decode step's few-row
+    expert GEMMs (tile-bound) cost about the same and its weight reads shrink with the format."""
     from dataclasses import replace
 
-    oss = load_model("gpt-oss-120b")
-    assert oss.expert_dtype == "mxfp4"
-    as_bf16 = replace(oss, expert_dtype=None)      # the same shape priced as if its experts were BF16 GEMMs
+    quantised = load_model(name)
+    bf16 = replace(quantised, **as_bf16)      # the same shape priced as if it were a BF16 checkpoint
     cost = {m: StepCost(m, Cluster.of(load_gpu("H100"), 8), Layout(tp=8), stage_shape(m, Layout(tp=8), "bf16"),
-                        DEFAULT, EngineKnobs()) for m in (oss, as_bf16)}
+                        DEFAULT, EngineKnobs()) for m in (quantised, bf16)}
+    experts = {m: c.expert_row_cost for m, c in cost.items()}
+    assert experts[bf16] == 1.0 and experts[quantised] > 1.0
     prefill = {m: c.lines(0, 8192).c0 for m, c in cost.items()}
     decode = {m: c.lines(8).c0 for m, c in cost.items()}
-    assert prefill[oss] > 1.5 * prefill[as_bf16]
-    assert decode[oss] < 1.1 * decode[as_bf16]
-    assert cost[oss].lines(8).m0 < 0.5 * cost[as_bf16].lines(8).m0     # 4.25-bit experts read, not 16
+    assert prefill[quantised] > 1.2 * prefill[bf16]
+    assert decode[quantised] < 1.1 * decode[bf16]
+    assert cost[quantised].lines(8).m0 < read_share * cost[bf16].lines(8).m0
 
 
 def test_a_decode_step_reads_the_lm_head_whole_but_gathers_from_the_input_embedding():

@@ -33,6 +33,11 @@ class Efficiency:
                                         # TFLOP/s, 25.7% of BF16 peak, "issue-bound, not bandwidth-bound" (sglang PR
                                         # #38884), i.e. 0.43 of `flops`. Blackwell's FP8 x MXFP4 kernels may do better
                                         # (811 TFLOP/s at 8192 rows, triton PR #10114): no server figure yet
+    fp8_moe_gemm: float = 0.34          # FP8 expert GEMMs (Triton fused MoE, W8A8) against the BF16 GEMMs' FLOP/s
+                                        # share at prefill sizes, whatever the FP8 roofline says: vLLM's
+                                        # benchmark_moe.py on H100, Qwen3-30B-A3B fp8_w8a8 (E=128, N=768, K=2048,
+                                        # top-8), 1,648 us at 4,096 tokens and 912 us at 2,048: 188 and 170 TFLOP/s,
+                                        # 0.19 of BF16 peak, about 6x the modelled FP8 row cost (vLLM PR #24700)
     gemm_ramp_tokens: float = 128.0     # a GEMM of M rows runs at flops x M/(M + this): below one 128-row tile the
                                         # tensor cores idle (CUTLASS/cuBLAS Hopper tile shapes)
     kernel_floor_s: float = 2.0e-6      # the least a kernel takes inside a CUDA graph, however small its work
@@ -91,7 +96,7 @@ class Efficiency:
             values = {k: float(v) for k, v in overrides.items()}
         except (TypeError, ValueError) as exc:
             raise UserError(f"{where}: efficiency factors are numbers ({exc})") from None
-        fractions = ("hbm", "kv_read", "flops", "fp8_block_gemm", "mxfp4_moe_gemm", "link", "last_block_fill",
+        fractions = ("hbm", "kv_read", "flops", "fp8_block_gemm", "mxfp4_moe_gemm", "fp8_moe_gemm", "link", "last_block_fill",
                      "power_compute_frac", "power_memory_frac", "power_idle_frac")
         bad = [k for k, v in values.items() if v < 0 or (k in fractions and not 0 < v <= 1)]
         if bad:

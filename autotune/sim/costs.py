@@ -107,7 +107,10 @@ class StepCost:
         self.gemm_rate, self.weight_bw = self.peak_flops * eff.flops * block, self.bw * block
         # MXFP4 experts dequantise their weights inside the GEMM: each row they multiply costs more, while the few-row
         # GEMMs of decode stay bound by their tiles (the ramp) and weight reads as before.
-        self.expert_row_cost = 1 / eff.mxfp4_moe_gemm if model.expert_dtype == "mxfp4" else 1.0
+        expert_dtype = model.expert_dtype or model.weight_dtype
+        self.expert_row_cost = (1 / eff.mxfp4_moe_gemm if expert_dtype == "mxfp4" else
+                                self.gemm_rate / (self.bf16_rate * eff.fp8_moe_gemm) if model.is_moe and
+                                expert_dtype == "fp8" else 1.0)
         # Achieved over peak rates (of the weight GEMMs, which dominate): an ideal (roofline) time is an achieved
         # time times these.
         self.flop_scale, self.bw_scale = self.gemm_rate / self.peak_flops, self.weight_bw / self.peak_bw
