@@ -96,8 +96,8 @@ class Efficiency:
             values = {k: float(v) for k, v in overrides.items()}
         except (TypeError, ValueError) as exc:
             raise UserError(f"{where}: efficiency factors are numbers ({exc})") from None
-        fractions = ("hbm", "kv_read", "flops", "fp8_block_gemm", "mxfp4_moe_gemm", "fp8_moe_gemm", "link", "last_block_fill",
-                     "power_compute_frac", "power_memory_frac", "power_idle_frac")
+        fractions = ("hbm", "kv_read", "flops", "fp8_block_gemm", "mxfp4_moe_gemm", "fp8_moe_gemm", "link",
+                     "last_block_fill", "power_compute_frac", "power_memory_frac", "power_idle_frac")
         bad = [k for k, v in values.items() if v < 0 or (k in fractions and not 0 < v <= 1)]
         if bad:
             raise UserError(f"{where}: out of range: {', '.join(bad)} ({', '.join(fractions)} in (0, 1]; others >= 0)")

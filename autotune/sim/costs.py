@@ -105,8 +105,10 @@ class StepCost:
         # Block-scaled FP8 GEMMs reach a smaller share of both rooflines than per-tensor ones (`fp8_block_gemm`).
         block = eff.fp8_block_gemm if model.block_quantized else 1.0
         self.gemm_rate, self.weight_bw = self.peak_flops * eff.flops * block, self.bw * block
-        # MXFP4 experts dequantise their weights inside the GEMM: each row they multiply costs more, while the few-row
-        # GEMMs of decode stay bound by their tiles (the ramp) and weight reads as before.
+        # Quantised experts' kernels run below their roofline at prefill sizes: MXFP4 dequantises its weights inside
+        # the GEMM, and FP8's Triton fused MoE reaches a fraction of the BF16 GEMMs' rate whatever FP8's peak says.
+        # Each row they multiply costs more, while the few-row GEMMs of decode stay bound by their tiles (the ramp)
+        # and weight reads as before.
         expert_dtype = model.expert_dtype or model.weight_dtype
         self.expert_row_cost = (1 / eff.mxfp4_moe_gemm if expert_dtype == "mxfp4" else
                                 self.gemm_rate / (self.bf16_rate * eff.fp8_moe_gemm) if model.is_moe and
