@@ -107,12 +107,10 @@ class StepCost:
         self.gemm_rate, self.weight_bw = self.peak_flops * eff.flops * block, self.bw * block
         # Quantised experts' kernels run below their roofline at prefill sizes: MXFP4 dequantises its weights inside
         # the GEMM, and FP8's Triton fused MoE reaches a fraction of the BF16 GEMMs' rate whatever FP8's peak says.
-        # Each row they multiply costs more, while the few-row GEMMs of decode stay bound by their tiles (the ramp)
-        # and weight reads as before.
-        expert_dtype = model.expert_dtype or model.weight_dtype
-        self.expert_row_cost = (1 / eff.mxfp4_moe_gemm if expert_dtype == "mxfp4" else
-                                self.gemm_rate / (self.bf16_rate * eff.fp8_moe_gemm) if model.is_moe and
-                                expert_dtype == "fp8" else 1.0)
+        # Each row they multiply runs at that share of the BF16 rate, while the few-row GEMMs of decode stay bound by
+        # their tiles (the ramp) and weight reads as before.
+        share = {"mxfp4": eff.mxfp4_moe_gemm, "fp8": eff.fp8_moe_gemm}.get(model.expert_dtype or model.weight_dtype)
+        self.expert_row_cost = self.gemm_rate / (self.bf16_rate * share) if model.is_moe and share else 1.0
         # Achieved over peak rates (of the weight GEMMs, which dominate): an ideal (roofline) time is an achieved
         # time times these.
         self.flop_scale, self.bw_scale = self.gemm_rate / self.peak_flops, self.weight_bw / self.peak_bw
@@ -169,11 +167,11 @@ class StepCost:
         # batches than stages, and the other stages idle.
         self.batch_cap = math.ceil(knobs.max_num_seqs / self.pp) if knobs.max_num_seqs else 1
         # Every DP engine's tokens are detokenised and streamed by the API server processes, shared by all engines.
-        self.frontend_s_per_token = self.dp / (knobs.api_servers_for(layout) * eff.api_server_tok_s)
-        # A request reaches the engine core this long after the client sent it (HTTP, tokenisation, ZMQ hop) when
-        # the API server's tokeniser is free; busy, it takes the prompts sent meanwhile as its next batch.
-        self.frontend_s = eff.frontend_latency_s
-        self.ingress = np.array([knobs.api_servers_for(layout), eff.frontend_latency_s, eff.tokenize_s_per_token])
+        api_servers = knobs.api_servers_for(layout)
+        self.frontend_s_per_token = self.dp / (api_servers * eff.api_server_tok_s)
+        # A request reaches the engine core after its API server's tokeniser is done with it (HTTP, tokenisation,
+        # ZMQ hop); a busy tokeniser takes the prompts sent meanwhile as its next batch (engine._tokenise).
+        self.ingress = np.array([api_servers, eff.frontend_latency_s, eff.tokenize_s_per_token])
         self._cache: dict[int, StepLines] = {}
 
     # ---- per-microbatch terms ------------------------------------------------------------
@@ -279,6 +277,10 @@ class StepCost:
         """The scalars the compiled formulas need beside a step's lines (indexed by the P_* constants)."""
         return np.array([self.pp, self.serial, float(self.overlapped), self.flop_scale, self.bw_scale, self.kv_scale,
                          self.attn_flops_per_ctx / self.bf16_rate])
+
+    def ingress_s(self, prompt_tokens: float) -> float:
+        """From a request's send to its arrival in the engine core, when it finds its API server's tokeniser idle."""
+        return self.eff.frontend_latency_s + self.eff.tokenize_s_per_token * prompt_tokens
 
     def table(self, max_seqs: int, max_tokens: int) -> "StepTable":
         """Every step the engine can take, tabulated once for the compiled engine: the lines of a decode step by

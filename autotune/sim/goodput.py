@@ -129,7 +129,7 @@ def estimate_capacity(scenario: Scenario, layout: Layout, knobs: EngineKnobs, lo
         # Near that rate arrivals wait for one of the n slots: the most rate whose p99 wait, plus the first step,
         # fits the TTFT SLO.
         service = load.mean_output * t
-        ingress = cost.frontend_s + cost.eff.tokenize_s_per_token * load.mean_prompt
+        ingress = cost.ingress_s(load.mean_prompt)
 
         def ttft99(r: float) -> float:
             return wait_p99(r / layout.dp, n, service, load.output_cv2) + t + ingress
