@@ -1,7 +1,7 @@
 # One command to set up and run the main job, one to run the tests (see README).
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Compile the simulator's engine (numba) once, into its __pycache__, so that later runs start at once; again after
+# Compile the simulator's engine (numba) once, into its cache, so that later runs start at once; again after
 # vLLM's install, which may bring another numba.
 WARM := $(PY) -m autotune.cli predict --model Llama-3.1-8B --gpu H200 --gpus 1 --layout tp=1 --requests 20 >/dev/null
 

@@ -1,5 +1,10 @@
 """The event-driven engine against first principles: closed forms, conservation, vLLM's scheduling rules."""
 
+import os
+import shutil
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -50,6 +55,18 @@ def test_steps_within_finds_the_first_step_past_the_budget():
     row = table.decode[32]
     k = steps_within(row, table.params, 32, 1000, 0.5, 10_000)
     assert decode_run(row, table.params, 32, 1000, k)[TOTAL] >= 0.5 > decode_run(row, table.params, 32, 1000, k - 1)[TOTAL]
+
+
+def test_attention_reads_its_kv_cache_after_the_gemms_not_behind_them():
+    """A big batch's weight GEMMs are compute-bound and its attention reads the KV cache: separate kernels, one
+    after the other, so every cached token read adds its time even when the step's FLOPs outweigh all its bytes."""
+    cost = _cost(knobs=EngineKnobs(max_num_seqs=1024))
+    lines = cost.lines(1024)
+    assert lines.c0 > lines.m0 and lines.m1 > lines.c1            # GEMMs compute-bound, attention memory-bound
+    small = 0.1 * (lines.c0 - lines.m0) / lines.m1                  # a context whose KV reads the GEMMs' FLOPs outlast
+    gpu = {c: cost.step_time(1024, c)[0] - cost.step_time(1024, c)[1] for c in (small, 2 * small)}
+    extra = gpu[2 * small] - gpu[small]
+    assert extra == pytest.approx(lines.m1 * small, rel=1e-9)
 
 
 def test_more_sequences_cost_more_per_step_but_less_per_token():
@@ -311,3 +328,25 @@ def test_a_decode_step_reads_the_lm_head_whole_but_gathers_from_the_input_embedd
         assert shape.non_expert_bytes == pytest.approx(shape.layer_bytes + m.embedding_bytes)   # both held
         cost = _cost(m.name)
         assert cost.lines(1).m0 == pytest.approx((shape.layer_bytes + shape.lm_head_bytes) / cost.bw)
+
+
+def test_the_compiled_cache_is_dropped_when_any_simulator_source_changes(tmp_path):
+    """numba checks only a cached function's own file: the compiled engine must not outlive an edit of costs.py."""
+    import autotune
+    src = tmp_path / "src"
+    shutil.copytree(os.path.dirname(autotune.__file__), src / "autotune",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env.update(PYTHONPATH=str(src), XDG_CACHE_HOME=str(tmp_path / "cache"))
+
+    def cache_dir():
+        out = subprocess.run([sys.executable, "-c", "import os, autotune.sim; print(os.environ['NUMBA_CACHE_DIR'])"],
+                             env=env, cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+        return tmp_path / out.strip()
+
+    marker = cache_dir() / "engine.compiled"
+    marker.write_text("compiled against the old costs")
+    assert cache_dir() == marker.parent and marker.exists()          # sources unchanged: the cache is kept
+    with open(src / "autotune" / "sim" / "costs.py", "a") as f:
+        f.write("\n# an edit\n")
+    assert cache_dir() == marker.parent and not marker.exists()      # costs.py edited: emptied

@@ -33,8 +33,9 @@ CUSTOM_ALLREDUCE_WORLDS = (2, 4, 6, 8)
 
 @dataclass(frozen=True)
 class StepLines:
-    """One step as lines in the context C it reads: GPU time = pp * (max(compute, memory) + comm), with
-    compute = c0 + c1*C and memory = m0 + m1*C (seconds per microbatch and stage); the engine's CPU work
+    """One step as lines in the context C it reads: GPU time = pp * (max(c0, m0) + max(c1*C, m1*C) + comm +
+    kernels): the weight GEMMs' compute c0 against their weight reads m0, attention's compute c1*C against its KV
+    reads m1*C (seconds per microbatch and stage); the engine's CPU work
     `overhead` adds to it (or hides behind it with async scheduling), and the API servers' output processing puts
     a floor `floor` under the step (see `combine`)."""
 
@@ -42,7 +43,6 @@ class StepLines:
     c1: float
     m0: float
     m1: float
-    weights: float      # the part of m0 that reads weights (the rest of the memory time reads the KV cache)
     comm: float
     kernels: float      # sampling and the kernels' latency floor, outside the layers' roofline
     overhead: float
@@ -254,7 +254,7 @@ class StepCost:
         overhead = self.overhead_base * microbatches + self.eff.seq_overhead_s * num_seqs
         floor = self.frontend_s_per_token * num_seqs
         kernels = self.kernels + self.sample_per_seq * num_seqs / microbatches
-        return StepLines(c0, c1, weights, m1, weights, comm + self._comm_seqs(num_seqs / microbatches),
+        return StepLines(c0, c1, weights, m1, comm + self._comm_seqs(num_seqs / microbatches),
                          kernels, overhead, floor, microbatches)
 
     def lines(self, num_seqs: int, prefill_tokens: int = 0) -> StepLines:
@@ -291,7 +291,7 @@ class StepCost:
         mb = self.batches(n)
         ln = self._coeffs(n, 0, mb)
         decode = np.stack([np.broadcast_to(np.asarray(v, dtype=float), n.shape) for v in
-                           (ln.c0, ln.c1, ln.m0, ln.m1, ln.weights, ln.comm, ln.kernels, ln.overhead, ln.floor,
+                           (ln.c0, ln.c1, ln.m0, ln.m1, ln.comm, ln.kernels, ln.overhead, ln.floor,
                             ln.microbatches, self._comm_seqs(n / mb), self._logits_s(n / mb))], axis=1)
         tokens = np.arange(max_tokens + 1, dtype=float)
         mixed = np.zeros((self.pp, max_tokens + 1, 3))
@@ -319,7 +319,7 @@ class StepTable(NamedTuple):
 
 
 # Columns of StepTable.decode and entries of StepCost.params.
-D_C0, D_C1, D_M0, D_M1, D_WEIGHTS, D_COMM, D_KERNELS, D_OVERHEAD, D_FLOOR, D_MB, D_COMM_SEQS, D_LOGITS = range(12)
+D_C0, D_C1, D_M0, D_M1, D_COMM, D_KERNELS, D_OVERHEAD, D_FLOOR, D_MB, D_COMM_SEQS, D_LOGITS = range(11)
 P_PP, P_SERIAL, P_OVERLAPPED, P_FLOP_SCALE, P_BW_SCALE, P_KV_SCALE, P_PREFILL_ATTN = range(7)
 
 # Where the time of a run of steps went: indexes into the tuples decode_run returns.
@@ -338,12 +338,16 @@ def combine(gpu, cpu, floor, overlapped):
 
 @njit(cache=True)
 def step_from_lines(c0, c1, m0, m1, comm, kernels, overhead, floor, mb, params, context, prefill_context):
-    """One step's (time, CPU overhead, roofline-ideal time) from its lines."""
+    """One step's (time, CPU overhead, roofline-ideal time) from its lines. The weight GEMMs and attention are
+    separate kernels, one after the other: each is bound by its own roofline, compute or memory, and their times add
+    (a roofline per operator, Williams et al. CACM 2009; InferSim's layers/attn.py), so compute-bound GEMMs of a big
+    batch do not hide behind the memory-bound attention of its long contexts."""
     # A prefill chunk's attention is compute-bound: it reads its context once but multiplies by every new token.
-    compute = c0 + c1 * context + params[P_PREFILL_ATTN] * prefill_context
-    memory = m0 + m1 * context
-    ideal = mb * max(compute * params[P_FLOP_SCALE], m0 * params[P_BW_SCALE] + m1 * context * params[P_KV_SCALE])
-    gpu = params[P_PP] * (max(compute, memory) + comm + kernels)
+    attention = c1 * context + params[P_PREFILL_ATTN] * prefill_context
+    kv = m1 * context
+    ideal = mb * (max(c0 * params[P_FLOP_SCALE], m0 * params[P_BW_SCALE])
+                  + max(attention * params[P_FLOP_SCALE], kv * params[P_KV_SCALE]))
+    gpu = params[P_PP] * (max(c0, m0) + max(attention, kv) + comm + kernels)
     total = combine(gpu + params[P_SERIAL], overhead, floor, params[P_OVERLAPPED] > 0)
     return total, total - gpu, ideal
 
@@ -360,46 +364,29 @@ def mixed_step(row, tok, params, context, prefill_context):
 
 
 @njit(cache=True)
-def _arith(a, s, k0, k1):
-    """sum_{k=k0}^{k1-1} (a + s*k), zero when k1 = k0."""
-    return (k1 - k0) * a + s * (k1 * (k1 - 1) - k0 * (k0 - 1)) / 2
-
-
-@njit(cache=True)
-def _split(d0, ds, steps):
-    """A step k is compute-bound while d0 + ds*k >= 0: the compute-bound and memory-bound ranges of 0..steps-1."""
-    if ds == 0:
-        k = steps if d0 >= 0 else 0
-        return 0, k, k, steps
-    if ds > 0:
-        k = min(max(math.ceil(-d0 / ds), 0), steps)
-        return k, steps, 0, k
-    k = min(max(math.floor(-d0 / ds) + 1, 0), steps)
-    return 0, k, k, steps
-
-
-@njit(cache=True)
 def decode_run(row, params, n, context0, steps):
     """`steps` decode steps of n sequences whose total context grows by n tokens a step, in closed form, from the
     decode lines `row` (a StepTable.decode row). Returns the time split as PHASE_FIELDS."""
     pp = params[P_PP]
-    a_c, s_c = row[D_C0] + row[D_C1] * context0, row[D_C1] * n
-    a_m, s_m = row[D_M0] + row[D_M1] * context0, row[D_M1] * n
-    c_lo, c_hi, m_lo, m_hi = _split(a_c - a_m, s_c - s_m, steps)
-    comp = _arith(a_c, s_c, c_lo, c_hi)
-    mem = _arith(a_m, s_m, m_lo, m_hi)
-    weights = row[D_WEIGHTS] * (m_hi - m_lo)
-    gpu = pp * (comp + mem)
+    # The GEMMs cost the same every step; attention's compute and KV reads both grow with the context, so one of
+    # them binds for the whole run: its sum is its rate times the run's summed context.
+    context = steps * context0 + n * steps * (steps - 1) / 2
+    c0, m0, c1, m1 = row[D_C0], row[D_M0], row[D_C1] * context, row[D_M1] * context
+    comp = (c0 * steps if c0 >= m0 else 0.0) + (c1 if c1 >= m1 else 0.0)
+    weights = m0 * steps if m0 > c0 else 0.0
+    kv = m1 if m1 > c1 else 0.0
+    gpu = pp * (comp + weights + kv)
     comm = pp * row[D_COMM] * steps
     kernels = pp * row[D_KERNELS] * steps
-    # Over a run the CPU time and the floor are constant per step while the GPU time grows slowly with context:
-    # comparing the sums is exact unless they cross inside the run.
+    # The CPU time and the floor are constant per step while the GPU time grows slowly with context: comparing the
+    # sums is exact unless they cross inside the run.
     total = combine(gpu + comm + kernels + params[P_SERIAL] * steps, row[D_OVERHEAD] * steps, row[D_FLOOR] * steps,
                     params[P_OVERLAPPED] > 0)
     mbs = row[D_MB]
-    return (total, pp * comp, pp * weights, pp * (mem - weights), comm, kernels, total - gpu - comm - kernels,
-            (gpu + comm + kernels) * (pp - mbs) / pp,
-            mbs * (comp * params[P_FLOP_SCALE] + weights * params[P_BW_SCALE] + (mem - weights) * params[P_KV_SCALE]))
+    ideal = mbs * (max(c0 * params[P_FLOP_SCALE], m0 * params[P_BW_SCALE]) * steps
+                   + max(c1 * params[P_FLOP_SCALE], m1 * params[P_KV_SCALE]))
+    return (total, pp * comp, pp * weights, pp * kv, comm, kernels, total - gpu - comm - kernels,
+            (gpu + comm + kernels) * (pp - mbs) / pp, ideal)
 
 
 @njit(cache=True)
