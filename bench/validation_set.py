@@ -141,7 +141,10 @@ SHAREGPT_SIGMA = 1.0
 SHAREGPT_BOUNDS = (4, 1024)
 
 
-def _lengths(mean: int, sharegpt: bool) -> LengthDist:
+def _lengths(mean: int, sharegpt: bool, range_ratio: float = 0.0) -> LengthDist:
+    if range_ratio:     # vllm bench serve's random dataset: uniform in mean x [1 - r, 1 + r] (--random-range-ratio)
+        low, high = max(1, round(mean * (1 - range_ratio))), round(mean * (1 + range_ratio))
+        return LengthDist("bins", bins=((1.0, low, high),))
     if not sharegpt:
         return LengthDist("fixed", value=mean)
     return LengthDist("lognormal", median=mean / math.exp(SHAREGPT_SIGMA ** 2 / 2), sigma=SHAREGPT_SIGMA,
@@ -171,7 +174,10 @@ def _run_from_row(r: dict, base: Path) -> Run | None:
     # Prompt tokens of each request that the server's prefix cache already held (an earlier run on the same server
     # sent the same prompts' openings; README, "How rows are replayed").
     cached = _int(r.get("cached_prompt_tokens") or "") or 0
-    w = Workload(r["source_id"], _lengths(inp, sharegpt), _lengths(out, sharegpt), mode=mode,
+    spread = float(r.get("range_ratio") or 0)
+    if not 0 <= spread < 1:
+        raise ValueError(f"range_ratio {spread} outside [0, 1)")
+    w = Workload(r["source_id"], _lengths(inp, sharegpt, spread), _lengths(out, sharegpt, spread), mode=mode,
                  num_requests=n, concurrency=concurrency, rate=rate, cached_prompt_tokens=cached)
     label = (f"{r['model']} {r['gpu']} {layout.label()} {inp}/{out}" + (f" ({cached} cached)" if cached else "")
              + f" {mode}"

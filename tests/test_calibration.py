@@ -75,12 +75,28 @@ def test_validation_rows_replay_the_prefixes_an_earlier_run_on_the_same_server_c
     cached = {(r.workload.prompt.value, r.workload.cached_prompt_tokens) for r in runs}
     assert {(2048, 1024), (4096, 2048), (8192, 4096), (15000, 8192), (1024, 0)} == cached
     assert all("cached" in r.label for r in runs if r.workload.cached_prompt_tokens)
-    # The column is each file's last: an older file is the same without it.
+    # The optional columns are each file's last: an older file is the same without them.
     lines = (ROWS_DIR / "rows_ground_truth.csv").read_text().splitlines()
-    assert lines[0].endswith(",cached_prompt_tokens")
-    (tmp_path / "rows_old.csv").write_text("\n".join(line.rsplit(",", 1)[0] for line in lines) + "\n")
+    assert lines[0].endswith(",cached_prompt_tokens,range_ratio")
+    (tmp_path / "rows_old.csv").write_text("\n".join(line.rsplit(",", 2)[0] for line in lines) + "\n")
     old = load_rows(tmp_path)
-    assert old and all(r.workload.cached_prompt_tokens == 0 for r in old)
+    assert old and all(r.workload.cached_prompt_tokens == 0 and r.workload.prompt.kind == "fixed" for r in old)
+
+
+def test_validation_rows_spread_their_lengths_as_a_stated_range_ratio_does(monkeypatch, tmp_path):
+    """vllm bench serve --random-range-ratio r draws lengths uniformly in mean x [1 - r, 1 + r]: a closed loop of
+    fixed lengths would march in waves that the real, spread run never forms. A ratio of 1 or more is refused."""
+    from pathlib import Path
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    from validation_set import ROWS_DIR, load_rows
+
+    runs = [r for r in load_rows() if r.source == "vllm-blog-2026-04-22-fp8-kvcache"]
+    assert runs and all(r.workload.prompt.bins == ((1.0, 17000, 23000),) for r in runs)
+    assert all(r.workload.output.bins == ((1.0, 1700, 2300),) for r in runs)
+    lines = (ROWS_DIR / "rows_dense.csv").read_text().splitlines()
+    (tmp_path / "rows_bad.csv").write_text("\n".join([lines[0], lines[1].rsplit(",", 1)[0] + ",1.5"]) + "\n")
+    with pytest.raises(SystemExit, match="range_ratio"):
+        load_rows(tmp_path)
 
 
 def test_the_accuracy_report_by_source_shows_each_sources_bias(monkeypatch, capsys):
