@@ -371,10 +371,11 @@ def decode_run(row, params, n, context0, steps):
     # The GEMMs cost the same every step; attention's compute and KV reads both grow with the context, so one of
     # them binds for the whole run: its sum is its rate times the run's summed context.
     context = steps * context0 + n * steps * (steps - 1) / 2
-    c0, m0, c1, m1 = row[D_C0], row[D_M0], row[D_C1] * context, row[D_M1] * context
-    comp = (c0 * steps if c0 >= m0 else 0.0) + (c1 if c1 >= m1 else 0.0)
+    c0, m0 = row[D_C0], row[D_M0]
+    attention, reads = row[D_C1] * context, row[D_M1] * context    # summed over the run
+    comp = (c0 * steps if c0 >= m0 else 0.0) + (attention if attention >= reads else 0.0)
     weights = m0 * steps if m0 > c0 else 0.0
-    kv = m1 if m1 > c1 else 0.0
+    kv = reads if reads > attention else 0.0
     gpu = pp * (comp + weights + kv)
     comm = pp * row[D_COMM] * steps
     kernels = pp * row[D_KERNELS] * steps
@@ -384,7 +385,7 @@ def decode_run(row, params, n, context0, steps):
                     params[P_OVERLAPPED] > 0)
     mbs = row[D_MB]
     ideal = mbs * (max(c0 * params[P_FLOP_SCALE], m0 * params[P_BW_SCALE]) * steps
-                   + max(c1 * params[P_FLOP_SCALE], m1 * params[P_KV_SCALE]))
+                   + max(attention * params[P_FLOP_SCALE], reads * params[P_KV_SCALE]))
     return (total, pp * comp, pp * weights, pp * kv, comm, kernels, total - gpu - comm - kernels,
             (gpu + comm + kernels) * (pp - mbs) / pp, ideal)
 
