@@ -5,8 +5,9 @@ training runs) replays through the same code path as `autotune predict`. Errors 
 
 * cross-validated by source: the sources are dealt into folds (one fold per source with --folds 0); for each fold the
   efficiency factors are fitted on every other fold and the fold's runs are predicted with them;
-* the shipped defaults (autotune/sim/calibration.py) are fitted on the training split only (the sources listed in
-  bench/validation/train_sources.txt and the shared runs) and scored on the test split, which they never saw.
+* the test split is scored with the shipped defaults (autotune/sim/calibration.py: the first-principles priors,
+  fitted on no row; --fit-defaults fits on the training split, bench/validation/train_sources.txt and the shared
+  runs, and scores that fit instead).
 
 It prints, per figure family (throughput, TTFT, TPOT/ITL, E2E), the median and mean |predicted/measured - 1|, and the
 share of pairs (two runs of the same source, model and GPU that differ in layout, knobs or load) whose predicted

@@ -139,7 +139,7 @@ class StepCost:
             self.attn_flops_per_ctx = shape.full_attention_layers * gqa_attention_flops(heads, model.head_dim, 1)
         self.kv_read_per_ctx = shape.kv_bytes_per_token
         per_node = cluster.gpus_per_node
-        intra = cluster.intra_node_gb_s * 1e9 * eff.link
+        intra = cluster.intra_node_gb_s(eff.link) * 1e9
         inter = gpu.inter_node_gb_s * 1e9 * eff.link
         self.tp_bw, self.tp_lat = (intra, eff.allreduce_latency_s) if self.tp <= per_node else (inter, eff.internode_latency_s)
         # The custom kernel and NVLS both write into peer memory: without P2P, NCCL's host-memory path takes all.

@@ -9,9 +9,12 @@ from autotune.errors import UserError
 
 GIB = 1024**3
 # Where the GPUs of a node cannot reach each other's memory (PCIe peer-to-peer off: virtualised hosts, ACS on the
-# switches), NCCL bounces every transfer through host memory, its SHM transport: 6-9 GB/s (NVIDIA/nccl#406, NCCL's
-# maintainer: "12GB/s instead of 9 or 6"), 6.1 GB/s all-reduce bus bandwidth on 8 PCIe L20s (NVIDIA/nccl#1817).
-SHM_GB_S = 7.5
+# switches, consumer cards), NCCL bounces every transfer through host memory, its SHM transport. What nccl-tests
+# measure there is already an achieved rate, so no link efficiency scales it: all-reduce bus bandwidth 4.0 GB/s on
+# 2 RTX 2080 Ti under one PCIe switch (Anthony-Hoo/Anthony-Hoo.github.io, AutoDL multi-GPU interconnection test),
+# 3.9 GB/s with P2P disabled (NVIDIA/nccl#384), 1.9 GB/s for a 20 MB all-reduce inside a serving process on 2 RTX
+# 5070 Ti (sgl-project/sglang#39605); NCCL's maintainer quotes "9 or 6" GB/s (NVIDIA/nccl#406).
+SHM_GB_S = 4.0
 # More GPUs than any serving deployment has: a count beyond it is a typo, refused before any work (layout
 # enumeration is linear in the count).
 MAX_GPUS = 65536
@@ -124,10 +127,11 @@ class Cluster:
             raise UserError(f"{num_gpus} GPUs do not fill whole nodes of {per_node} {gpu.name}")
         return cls(gpu, num_gpus // per_node, per_node, usd_per_gpu_hour, p2p)
 
-    @property
-    def intra_node_gb_s(self) -> float:
-        """Per-GPU bandwidth of collectives inside a node: the fabric's, or host memory's without P2P."""
-        return self.gpu.intra_node_gb_s if self.p2p else min(self.gpu.intra_node_gb_s, SHM_GB_S)
+    def intra_node_gb_s(self, link: float) -> float:
+        """Achieved per-GPU bandwidth of collectives inside a node: the fabric's peak at `link` of it, or without
+        P2P the SHM transport's measured rate where that is lower."""
+        fabric = self.gpu.intra_node_gb_s * link
+        return fabric if self.p2p else min(fabric, SHM_GB_S)
 
     def describe(self) -> str:
         return f"{self.num_nodes} x {self.gpus_per_node} {self.gpu.name}" + ("" if self.p2p else " (no P2P)")
