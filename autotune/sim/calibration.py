@@ -129,8 +129,8 @@ def descend(eff: Efficiency, bounds: dict[str, tuple[float, float]], loss: Calla
 
 # The first-principles values above are the priors every fit starts from (bench/accuracy.py cross-validates from
 # them) and the shipped defaults. A fit on the training split of bench/validation only
-# (`python bench/accuracy.py --fit-defaults`; the test split never informs it) would replace them if it did better.
-# Not shipped: the fit on the current training split drives the TP costs to their bounds (link 1.0, custom
+# (`python bench/accuracy.py --fit-defaults OUT`; the test split never informs it) is not shipped: the fit on the
+# current training split drives the TP costs to their bounds (link 1.0, custom
 # all-reduce 3 us, flops 0.8, tp_bw_loss ~0) and then ranks TP8 above DP2xTP4 for a 32B model on 8 H200, against
 # the study's measured finding; out of sample it is no better than the priors (README, "Accuracy"). Until the
 # model reproduces both, the defaults are the priors.

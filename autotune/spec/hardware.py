@@ -13,7 +13,8 @@ GIB = 1024**3
 # measure there is already an achieved rate, so no link efficiency scales it: all-reduce bus bandwidth 4.0 GB/s on
 # 2 RTX 2080 Ti under one PCIe switch (Anthony-Hoo/Anthony-Hoo.github.io, AutoDL multi-GPU interconnection test),
 # 3.9 GB/s with P2P disabled (NVIDIA/nccl#384), 1.9 GB/s for a 20 MB all-reduce inside a serving process on 2 RTX
-# 5070 Ti (sgl-project/sglang#39605); NCCL's maintainer quotes "9 or 6" GB/s (NVIDIA/nccl#406).
+# 5070 Ti (sgl-project/sglang#39605); NCCL's maintainer quotes "9 or 6" GB/s (NVIDIA/nccl#406); NVIDIA/nccl#1817's
+# 6.1 GB/s on 8 L20s is an average over 8 B-512 MiB messages with some hops over P2P, not a large-message SHM rate.
 SHM_GB_S = 4.0
 # More GPUs than any serving deployment has: a count beyond it is a typo, refused before any work (layout
 # enumeration is linear in the count).
