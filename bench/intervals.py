@@ -144,7 +144,11 @@ def main() -> None:
     for figure, v in spread.items():
         print(f"  {figure:10s} x{math.exp(v):.2f}")
     if args.write:
+        # The residuals are the working tree's: say so when it differs from HEAD (besides the file written here).
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
+                                  f":!{uncertainty.RESIDUALS}"], capture_output=True, text=True).stdout.strip()
+        commit += " with uncommitted changes" if changed else ""
         doc = {"provenance": {"written_by": "python bench/intervals.py --write", "date": time.strftime("%Y-%m-%d"),
                               "commit": commit, "calibration": "shipped defaults (priors)",
                               "fields": ["figure", "arch", "model", "parallel", "load", "gpu", "log_pred_over_meas",

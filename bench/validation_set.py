@@ -177,6 +177,8 @@ def _run_from_row(r: dict, base: Path) -> Run | None:
     spread = float(r.get("range_ratio") or 0)
     if not 0 <= spread < 1:
         raise ValueError(f"range_ratio {spread} outside [0, 1)")
+    if spread and sharegpt:     # ShareGPT lengths follow their own distribution; a spread there would be ignored
+        raise ValueError("range_ratio applies to random-dataset rows, not to ShareGPT ones")
     w = Workload(r["source_id"], _lengths(inp, sharegpt, spread), _lengths(out, sharegpt, spread), mode=mode,
                  num_requests=n, concurrency=concurrency, rate=rate, cached_prompt_tokens=cached)
     label = (f"{r['model']} {r['gpu']} {layout.label()} {inp}/{out}" + (f" ({cached} cached)" if cached else "")

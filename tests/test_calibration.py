@@ -97,6 +97,17 @@ def test_validation_rows_spread_their_lengths_as_a_stated_range_ratio_does(monke
     (tmp_path / "rows_bad.csv").write_text("\n".join([lines[0], lines[1].rsplit(",", 1)[0] + ",1.5"]) + "\n")
     with pytest.raises(SystemExit, match="range_ratio"):
         load_rows(tmp_path)
+    # ShareGPT rows draw their own lengths: a spread stated there would be silently ignored, so it is refused.
+    import csv
+    with open(ROWS_DIR / "rows_dense.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        row = next(r for r in reader if r["dataset"].strip().lower() == "sharegpt")
+    with open(tmp_path / "rows_bad.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=reader.fieldnames)
+        writer.writeheader()
+        writer.writerow({**row, "range_ratio": "0.2"})
+    with pytest.raises(SystemExit, match="ShareGPT"):
+        load_rows(tmp_path)
 
 
 def test_the_accuracy_report_by_source_shows_each_sources_bias(monkeypatch, capsys):

@@ -181,6 +181,9 @@ def test_without_p2p_collectives_go_through_host_memory():
     cost = {p2p: _cost("Qwen3-30B-A3B", Layout(tp=2), 2, "A100-PCIe-40GB", p2p) for p2p in (True, False)}
     assert cost[True].tp_custom_lat == DEFAULT.custom_allreduce_latency_s and cost[False].tp_custom_lat is None
     assert cost[False].tp_bw == pytest.approx(SHM_GB_S * 1e9) and cost[False].tp_bw < cost[True].tp_bw
+    # A measured, achieved rate: the fabric's link efficiency does not scale it again.
+    no_p2p = Cluster.of(load_gpu("A100-PCIe-40GB"), 2, p2p=False)
+    assert no_p2p.intra_node_gb_s(0.4) == no_p2p.intra_node_gb_s(1.0) == SHM_GB_S
     prefill = {p2p: c.step_time(0, 0.0, 8192, 8192 ** 2 / 2)[0] for p2p, c in cost.items()}
     assert prefill[False] > 1.5 * prefill[True]
     # NVLS writes into peer memory too: an H100 node without P2P loses it.
