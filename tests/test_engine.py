@@ -227,16 +227,38 @@ def test_moe_tokens_cross_dp_ranks_the_same_way_with_ep_or_without():
     # vLLM's default all2all backend all-gathers the DP ranks' tokens and reduce-scatters the outputs, EP or not;
     # with one DP rank the TP ranks hold every token already and EP needs no dispatch (use_all2all_kernels).
     tokens = np.array([1.0, 64.0, 8192.0])
-    comm = {str(lay): _cost("Qwen3-30B-A3B", lay, lay.world_size, gpu="H100-SXM")._comm_tokens(tokens)
+    comm = {str(lay): _cost("Qwen3-30B-A3B", lay, lay.world_size, gpu="H100-SXM")._token_terms(tokens)[2]
             for lay in (Layout(tp=4), Layout(tp=4, ep=4), Layout(dp=2, tp=2), Layout(dp=2, tp=2, ep=4))}
     assert comm[str(Layout(tp=4, ep=4))] == pytest.approx(comm[str(Layout(tp=4))])
     assert comm[str(Layout(dp=2, tp=2, ep=4))] == pytest.approx(comm[str(Layout(dp=2, tp=2))])
     # What DP2xTP2 pays beyond its own TP2 all-reduces: a gather and a scatter per MoE layer, growing with tokens.
-    alone = _cost("Qwen3-30B-A3B", Layout(tp=2), 2, gpu="H100-SXM")._comm_tokens(tokens)
+    alone = _cost("Qwen3-30B-A3B", Layout(tp=2), 2, gpu="H100-SXM")._token_terms(tokens)[2]
     extra = comm[str(Layout(dp=2, tp=2))] - alone
     assert extra[0] == pytest.approx(2 * load_model("Qwen3-30B-A3B").num_moe_layers * DEFAULT.alltoall_latency_s,
                                      rel=0.01)
     assert extra[0] < extra[1] < extra[2]
+
+
+@pytest.mark.parametrize("model,lockstep", [("Qwen3-30B-A3B", True), ("Qwen3-32B", False)])
+def test_a_moe_models_dp_engines_step_together_so_one_long_prefill_stalls_the_others(make_scenario, model, lockstep):
+    # vLLM's DP engines of a MoE model run every forward pass together (the expert layers gather all their tokens):
+    # while engine 0 prefills a long prompt, engine 1's decode steps wait for it. Dense replicas never wait.
+    from dataclasses import replace
+    from autotune.spec.workload import Requests
+    sc = replace(make_scenario(model, gpus=2), router="round-robin")
+
+    def run(prompt0):
+        # Round-robin deals request 0 to engine 0 and request 1 (600 tokens to decode) to engine 1.
+        p = predict(sc, Layout(dp=2), EngineKnobs(), Requests(np.array([prompt0, 16]), np.array([8, 600]), np.zeros(2)))
+        return p.get("makespan_s"), p.get("ttft_p99_s"), p.get("time_share")["bubble"]
+
+    short, long = run(16), run(16_000)
+    prefill = long[1] - short[1]
+    assert prefill > 0.1
+    if lockstep:
+        assert long[0] - short[0] > 0.5 * prefill and long[2] > short[2]
+    else:
+        assert long[0] == pytest.approx(short[0], rel=1e-9) and long[2] == short[2] == 0
 
 
 def test_tp_speeds_a_single_stream_up_sub_linearly():

@@ -151,6 +151,11 @@ class StepCost:
         # vLLM's all2all kernels run only with EP across DP ranks (fused_moe/config.py: use_all2all_kernels =
         # dp_size > 1 and use_ep); without EP, DP falls back to all-gather and reduce-scatter whatever the backend.
         self.all2all = knobs.all2all_backend if self.ep > 1 else DEFAULT_ALL2ALL
+        # The DP engines of a MoE model step together: every step all-reduces their token counts first
+        # (coordinate_batch_across_dp, vllm/v1/worker/dp_utils.py), an engine without work runs a dummy batch
+        # (DPEngineCoreProc, vllm/v1/engine/core.py), and every expert layer waits for all of them; so each step
+        # takes the slowest engine's time (engine._round).
+        self.lockstep = model.is_moe and self.dp > 1
         self.pp_bw = intra if self.tp * self.pp <= per_node else inter
         self.overhead_base = eff.step_overhead_s
         # The multiprocess executor's broadcast of each step to the tp x pp workers sits between the scheduler and
@@ -176,19 +181,14 @@ class StepCost:
 
     # ---- per-microbatch terms ------------------------------------------------------------
     def _comm_tokens(self, tokens):
-        """Communication that grows with the tokens of a microbatch (a scalar or an array of token counts)."""
+        """Communication that grows with the tokens of a microbatch (a scalar or an array of token counts), outside the
+        routed experts (_expert_terms)."""
         m, s, e = self.model, self.shape, self.eff
         t = 0.0
         if self.tp > 1:
             # Two all-reduces per layer: after attention and after the MLP (Megatron-LM, Shoeybi et al. 2019).
             t += 2 * s.layers * allreduce_s(tokens * m.hidden_size * BF16, self.tp, self.tp_bw, self.tp_lat,
                                             self.tp_custom_lat, self.tp_multicast)
-        if m.is_moe:
-            # With DP = 1 the TP ranks already hold every token: EP needs no exchange, its partial outputs sum in
-            # the MLP's all-reduce above.
-            if self.dp > 1:
-                t += s.moe_layers * (2 * e.alltoall_latency_s + self._moe_exchange_bytes(tokens) / self.ep_bw)
-            t += s.moe_layers * e.moe_routing_s
         if self.pp > 1:
             # Hand hidden states and residual to the next stage: metadata over the CPU group, then each TP rank sends
             # its 1/tp slice and the receiving ranks all-gather them (send_tensor_dict with all_gather_group,
@@ -226,23 +226,33 @@ class StepCost:
         # An all-gather over the TP group: (p-1)/p of the gathered buffer arrives at each rank.
         return self.tp_lat + (self.tp - 1) / self.tp * nbytes / self.tp_bw
 
+    def _expert_terms(self, tokens):
+        """(c0, weights, comm) of the routed experts when every DP engine brings a microbatch of `tokens` tokens: the
+        engines' tokens meet in the expert layers, so in lockstep their mean prices these terms (engine._round)."""
+        m, s, e = self.model, self.shape, self.eff
+        if not m.is_moe:
+            return 0.0 * tokens, 0.0 * tokens, 0.0 * tokens
+        touched = touched_fraction(tokens * self.dp, m.num_experts, m.experts_per_token)
+        # Each touched expert's GEMM pays the ramp on its own few rows: ramp x touched experts, in this GPU's
+        # tokens (tokens x top_k spread over E experts).
+        expert_ramp = e.gemm_ramp_tokens * touched * m.num_experts / m.experts_per_token / self.dp
+        c0 = gemm_flops(self.expert_params, tokens * self.expert_row_cost, expert_ramp) / self.gemm_rate
+        comm = s.moe_layers * e.moe_routing_s + 0.0 * tokens
+        if self.dp > 1:
+            # With DP = 1 the TP ranks already hold every token: EP needs no exchange, its partial outputs sum in
+            # the MLP's all-reduce.
+            comm = comm + s.moe_layers * (2 * e.alltoall_latency_s + self._moe_exchange_bytes(tokens) / self.ep_bw)
+        return c0, s.expert_bytes * touched / self.weight_bw, comm
+
     def _token_terms(self, tokens):
         """(c0, weights, comm) of a microbatch of `tokens` tokens: what grows with the tokens it computes."""
-        m, ramp = self.model, self.eff.gemm_ramp_tokens
         s = self.shape
-        touched, expert_ramp = 0.0, 0.0
-        if m.is_moe:
-            gather = self.dp    # DP ranks step in lockstep and their tokens meet in the expert layers
-            touched = touched_fraction(tokens * gather, m.num_experts, m.experts_per_token)
-            # Each touched expert's GEMM pays the ramp on its own few rows: ramp x touched experts, in this GPU's
-            # tokens (tokens x top_k spread over E experts).
-            expert_ramp = ramp * touched * m.num_experts / m.experts_per_token / gather
+        expert_c0, expert_weights, expert_comm = self._expert_terms(tokens)
         # A step reads every weight it multiplies: the layers' (the experts its tokens touch) and the LM head (BF16 in
         # quantised checkpoints), not the input embedding table, of which it gathers one row per token.
-        weights = (s.layer_bytes + s.expert_bytes * touched) / self.weight_bw + s.lm_head_bytes / self.bw
-        c0 = (gemm_flops(self.dense_params, tokens, ramp)
-              + gemm_flops(self.expert_params, tokens * self.expert_row_cost, expert_ramp)) / self.gemm_rate
-        return c0, weights, self._comm_tokens(tokens)
+        weights = s.layer_bytes / self.weight_bw + expert_weights + s.lm_head_bytes / self.bw
+        c0 = gemm_flops(self.dense_params, tokens, self.eff.gemm_ramp_tokens) / self.gemm_rate + expert_c0
+        return c0, weights, self._comm_tokens(tokens) + expert_comm
 
     def _coeffs(self, num_seqs, prefill_tokens, microbatches) -> StepLines:
         """The step's lines for a running-sequence count, or an array of them (the one place the formula lives)."""
@@ -294,9 +304,9 @@ class StepCost:
                            (ln.c0, ln.c1, ln.m0, ln.m1, ln.comm, ln.kernels, ln.overhead, ln.floor,
                             ln.microbatches, self._comm_seqs(n / mb), self._logits_s(n / mb))], axis=1)
         tokens = np.arange(max_tokens + 1, dtype=float)
-        mixed = np.zeros((self.pp, max_tokens + 1, 3))
+        mixed = np.zeros((self.pp, max_tokens + 1, 6))
         for b in range(1, self.pp + 1):
-            for i, v in enumerate(self._token_terms(tokens / b)):
+            for i, v in enumerate((*self._token_terms(tokens / b), *self._expert_terms(tokens / b))):
                 mixed[b - 1, :, i] = v
         return StepTable(np.ascontiguousarray(decode), mixed, self.params)
 
@@ -311,7 +321,7 @@ class StepCost:
 
 class StepTable(NamedTuple):
     """StepCost.table: `decode[n]` holds the D_* columns, `mixed[batches - 1, tokens]` the (c0, weights, comm)
-    token terms, `params` the P_* scalars."""
+    token terms and then the routed experts' share of them, `params` the P_* scalars."""
 
     decode: np.ndarray
     mixed: np.ndarray

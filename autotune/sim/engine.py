@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from autotune.sim.costs import (COMPUTE, D_MB, IDEAL, OVERHEAD, PHASE_FIELDS, TOTAL, StepCost, decode_run, mixed_step,
-                                steps_within)
+from autotune.sim.costs import (BUBBLE, COMPUTE, D_MB, IDEAL, OVERHEAD, PHASE_FIELDS, TOTAL, StepCost, decode_run,
+                                mixed_step, steps_within)
 
 INF = np.inf
 MODES = {"batch": 0, "concurrency": 1, "poisson": 2, "constant": 2}
@@ -104,7 +104,7 @@ def simulate(cost: StepCost, limits: EngineLimits, dp: int, prompt: np.ndarray, 
     table = cost.table(limits.max_num_seqs, limits.max_num_batched_tokens)
     prefixes = int(rq[:, PREFIX].max()) + 1 if n else 0
     ri, rf, itl, series = _run(rq, rqf, lim, per_seq, table.decode, table.mixed, table.params, dp, MODES[mode],
-                               concurrency, ROUTERS[router], cost.ingress, max(prefixes, 1))
+                               concurrency, ROUTERS[router], cost.ingress, max(prefixes, 1), cost.lockstep)
     replicas = [ReplicaResult(float(rf[r, CLOCK]), int(ri[r, PREEMPTIONS]), float(rf[r, KV_AREA]),
                               float(rf[r, KV_PEAK]), float(rf[r, KV_LIMITED]),
                               rf[r, SPLIT:SPLIT + len(PHASE_FIELDS)].tolist(), series[series[:, 0] == r, 1:])
@@ -319,15 +319,11 @@ def _start_decoding(rq, ri, r, rid, heap):
 
 
 @njit(cache=True)
-def _mixed_step(rq, rqf, ri, rf, r, lim, per_seq, decode, mixed, params, heap, seen, done_times, itl, series, out):
-    """One step that decodes every running request and prefills chunks up to the token budget."""
-    cap = lim[L_CAP]
-    while ri[r, NDEC] and _used(ri, rf, r, per_seq) + ri[r, NDEC] > cap:
-        _preempt(rq, ri, r)
-    if ri[r, PHEAD] == NONE:
-        return 0
+def _chunks(rq, ri, rf, r, lim, per_seq, take_them):
+    """The prefill chunks of engine r's next step, in queue order up to the token budget and the free KV blocks:
+    (tokens, attention context, prefills they complete). take_them=False only plans them."""
     budget = lim[L_TOKENS] - ri[r, NDEC]
-    free = cap - _used(ri, rf, r, per_seq) - ri[r, NDEC]
+    free = lim[L_CAP] - _used(ri, rf, r, per_seq) - ri[r, NDEC]
     chunk_tokens, attn_context, finished = 0, 0.0, 0
     rid = ri[r, PHEAD]
     while rid != NONE:
@@ -335,30 +331,67 @@ def _mixed_step(rq, rqf, ri, rf, r, lim, per_seq, decode, mixed, params, heap, s
         if take <= 0:
             break
         attn_context += take * (rq[rid, PDONE] + take / 2)
-        rq[rid, PLEFT] -= take
-        rq[rid, PDONE] += take
-        rq[rid, PALLOC] += take
+        if take_them:
+            rq[rid, PLEFT] -= take
+            rq[rid, PDONE] += take
+            rq[rid, PALLOC] += take
         budget -= take
         free -= take
         chunk_tokens += take
-        if rq[rid, PLEFT] == 0:
+        if rq[rid, PLEFT] == (0 if take_them else take):
             finished += 1       # chunks are taken in queue order, so the finished ones are at the front
         rid = rq[rid, PNEXT]
-    if not chunk_tokens and not ri[r, NDEC]:
+    return chunk_tokens, attn_context, finished
+
+
+@njit(cache=True)
+def _prefill_fits(rq, ri, rf, r, lim, per_seq):
+    """Preempt as vLLM's scheduler does before a step with prefill chunks; whether such a step then runs."""
+    while ri[r, NDEC] and _used(ri, rf, r, per_seq) + ri[r, NDEC] > lim[L_CAP]:
+        _preempt(rq, ri, r)
+    if ri[r, PHEAD] == NONE:
+        return False
+    if not ri[r, NDEC] and not _chunks(rq, ri, rf, r, lim, per_seq, False)[0]:
         _preempt(rq, ri, r)      # partial prefills hold the whole cache: free the newest, as vLLM would
-        return 0
-    ri[r, PF_ALLOC] += chunk_tokens
+        return False
+    return True
+
+
+@njit(cache=True)
+def _mixed_cost(rq, ri, rf, r, lim, per_seq, decode, mixed, params, group_tokens):
+    """(time, CPU overhead, ideal time) of engine r's next step with its prefill chunks; with group_tokens >= 0
+    (a lockstep group's mean tokens per engine), its routed experts' terms are those of the group's tokens."""
+    chunk_tokens, attn_context, _ = _chunks(rq, ri, rf, r, lim, per_seq, False)
     n = ri[r, NDEC]
-    context = ri[r, ASUM] + n * ri[r, G]
     row = decode[n]
     mb = int(row[D_MB])
-    tok = mixed[mb - 1, n + chunk_tokens]
-    dt, overhead, ideal = mixed_step(row, tok, params, context, attn_context)
+    tok = mixed[mb - 1, n + chunk_tokens, :3]
+    if group_tokens >= 0:
+        tok = tok - mixed[mb - 1, n + chunk_tokens, 3:] + mixed[mb - 1, group_tokens, 3:]
+    return mixed_step(row, tok, params, ri[r, ASUM] + n * ri[r, G], attn_context)
+
+
+@njit(cache=True)
+def _mixed_step(rq, rqf, ri, rf, r, lim, per_seq, decode, mixed, params, heap, seen, done_times, itl, series, out,
+                group_tokens, stall, n_out):
+    """One step that decodes every running request and prefills chunks up to the token budget; in a lockstep group
+    (group_tokens >= 0) it prices the experts at the group's tokens and waits `stall` for the slowest engine.
+    Completions go to out[n_out:]; returns the new count."""
+    if not _prefill_fits(rq, ri, rf, r, lim, per_seq):
+        return n_out
+    cap = lim[L_CAP]
+    dt, overhead, ideal = _mixed_cost(rq, ri, rf, r, lim, per_seq, decode, mixed, params, group_tokens)
+    chunk_tokens, attn_context, finished = _chunks(rq, ri, rf, r, lim, per_seq, True)
+    ri[r, PF_ALLOC] += chunk_tokens
+    n = ri[r, NDEC]
     waiting_blocked = ri[r, KV_BLOCKED] and ri[r, NWAIT] > 0 and ri[r, NRUN] < lim[L_SEQS]
     rf[r, SPLIT + TOTAL] += dt
     rf[r, SPLIT + COMPUTE] += dt - overhead    # prefill chunks are compute-bound
     rf[r, SPLIT + OVERHEAD] += overhead
     rf[r, SPLIT + IDEAL] += ideal
+    rf[r, SPLIT + TOTAL] += stall
+    rf[r, SPLIT + BUBBLE] += stall
+    dt += stall
     rf[r, CLOCK] += dt
     rf[r, KV_AREA] += _used(ri, rf, r, per_seq) * dt
     if waiting_blocked:
@@ -367,7 +400,7 @@ def _mixed_step(rq, rqf, ri, rf, r, lim, per_seq, decode, mixed, params, heap, s
         itl.append((dt, float(n)))
     ri[r, PF_LEFT] -= chunk_tokens
     ri[r, G] += 1
-    n_out = _complete(rq, rqf, ri, rf, r, heap, done_times, out, 0)
+    n_out = _complete(rq, rqf, ri, rf, r, heap, done_times, out, n_out)
     for _ in range(finished):
         rid = ri[r, PHEAD]
         _prefill_remove(rq, ri, r, rid)
@@ -393,15 +426,23 @@ def _mixed_step(rq, rqf, ri, rf, r, lim, per_seq, decode, mixed, params, heap, s
 
 
 @njit(cache=True)
-def _account(ri, rf, r, lim, phase, mean_used, n, k, itl):
-    total = phase[TOTAL]
+def _decode_steps(rq, rqf, ri, rf, r, lim, per_seq, heap, done_times, out, phase, k, stall, n_out):
+    """k decode steps of engine r's running requests whose time split is `phase` (decode_run's), plus `stall`
+    waiting for the other engines of a lockstep group; completions go to out[n_out:], returns the new count."""
+    n = ri[r, NDEC]
+    used = _used(ri, rf, r, per_seq)
+    total = phase[TOTAL] + stall
     rf[r, CLOCK] += total
     for i in range(len(phase)):
         rf[r, SPLIT + i] += phase[i]
-    rf[r, KV_AREA] += mean_used * total
-    itl.append((total / k, float(n * k)))
+    rf[r, SPLIT + TOTAL] += stall
+    rf[r, SPLIT + BUBBLE] += stall
+    rf[r, KV_AREA] += (used + n * k / 2) * total
     if ri[r, KV_BLOCKED] and ri[r, NWAIT] and ri[r, NRUN] < lim[L_SEQS]:
         rf[r, KV_LIMITED] += total
+    ri[r, G] += k
+    rf[r, KV_PEAK] = max(rf[r, KV_PEAK], (used + n * k) / lim[L_CAP])
+    return _complete(rq, rqf, ri, rf, r, heap, done_times, out, n_out)
 
 
 @njit(cache=True)
@@ -461,16 +502,10 @@ def _step(rq, rqf, ri, rf, r, lim, per_seq, decode, mixed, params, heap, seen, d
           t_limit):
     """Advance engine r to its next event, not past the first step boundary after t_limit; the requests that
     completed are out[:returned count]."""
-    while ri[r, NFUT] and rqf[ri[r, FHEAD], AT_ENGINE] <= rf[r, CLOCK]:
-        _enqueue(rq, ri, r, _dequeue(rq, ri, r, FNEXT, FHEAD, FTAIL, NFUT), WNEXT, WHEAD, WTAIL, NWAIT)
-    if not ri[r, JUST_PREEMPTED]:   # vLLM admits nobody in a step that had to preempt
-        _admit(rq, ri, rf, r, lim, per_seq, seen)
-    else:
-        ri[r, KV_BLOCKED] = 1
-    ri[r, JUST_PREEMPTED] = 0
+    _schedule(rq, rqf, ri, rf, r, lim, per_seq, seen)
     if ri[r, PHEAD] != NONE:
         return _mixed_step(rq, rqf, ri, rf, r, lim, per_seq, decode, mixed, params, heap, seen, done_times, itl,
-                           series, out)
+                           series, out, -1, 0.0, 0)
     n = ri[r, NDEC]
     if not n:
         if ri[r, NWAIT]:   # nothing running, yet the head does not fit: impossible by the validity check
@@ -491,17 +526,121 @@ def _step(rq, rqf, ri, rf, r, lim, per_seq, decode, mixed, params, heap, seen, d
     if k_full <= 0:
         _preempt(rq, ri, r)
         return 0
-    k = min(top - ri[r, G], k_full)
-    t_next = min(t_limit, rqf[ri[r, FHEAD], AT_ENGINE] if ri[r, NFUT] else INF)
-    context = ri[r, ASUM] + n * ri[r, G]
-    if t_next < INF:
-        k = steps_within(decode[n], params, n, context, t_next - rf[r, CLOCK], k)
-    phase = decode_run(decode[n], params, n, context, k)
-    _account(ri, rf, r, lim, phase, used + n * k / 2, n, k, itl)
-    ri[r, G] += k
-    rf[r, KV_PEAK] = max(rf[r, KV_PEAK], (used + n * k) / cap)
-    n_out = _complete(rq, rqf, ri, rf, r, heap, done_times, out, 0)
+    k = _decode_horizon(rqf, ri, rf, r, decode, params, min(top - ri[r, G], k_full), t_limit)
+    phase = decode_run(decode[n], params, n, ri[r, ASUM] + n * ri[r, G], k)
+    itl.append((phase[TOTAL] / k, float(n * k)))
+    n_out = _decode_steps(rq, rqf, ri, rf, r, lim, per_seq, heap, done_times, out, phase, k, 0.0, 0)
     _record(ri, rf, r, lim, per_seq, series)
+    return n_out
+
+
+@njit(cache=True)
+def _schedule(rq, rqf, ri, rf, r, lim, per_seq, seen):
+    """The scheduler's start of a step on engine r: the requests that reached it join its queue, and the queue is
+    admitted while slots, tokens and KV blocks last."""
+    if not (ri[r, NFUT] or ri[r, NWAIT] or ri[r, JUST_PREEMPTED]):
+        return      # nobody to admit (and KV_BLOCKED already 0: only a queue waiting for room sets it)
+    while ri[r, NFUT] and rqf[ri[r, FHEAD], AT_ENGINE] <= rf[r, CLOCK]:
+        _enqueue(rq, ri, r, _dequeue(rq, ri, r, FNEXT, FHEAD, FTAIL, NFUT), WNEXT, WHEAD, WTAIL, NWAIT)
+    if not ri[r, JUST_PREEMPTED]:   # vLLM admits nobody in a step that had to preempt
+        _admit(rq, ri, rf, r, lim, per_seq, seen)
+    else:
+        ri[r, KV_BLOCKED] = 1
+    ri[r, JUST_PREEMPTED] = 0
+
+
+@njit(cache=True)
+def _decode_horizon(rqf, ri, rf, r, decode, params, k, t_limit):
+    """Of k decode steps, those engine r takes before its next arrival or t_limit (the first step boundary after)."""
+    n = ri[r, NDEC]
+    t_next = min(t_limit, rqf[ri[r, FHEAD], AT_ENGINE] if ri[r, NFUT] else INF)
+    if t_next < INF:
+        k = steps_within(decode[n], params, n, ri[r, ASUM] + n * ri[r, G], t_next - rf[r, CLOCK], k)
+    return k
+
+
+@njit(cache=True)
+def _group_clock(rqf, ri, rf):
+    """When a lockstep group steps next: at its running engines' common clock (an engine given work joins there),
+    or, with nothing running, when the first request reaches an engine."""
+    t_run, t_first = -INF, INF
+    for r in range(ri.shape[0]):
+        if ri[r, NRUN] or ri[r, NWAIT]:
+            t_run = max(t_run, rf[r, CLOCK])
+        elif ri[r, NFUT]:
+            t_first = min(t_first, max(rf[r, CLOCK], rqf[ri[r, FHEAD], AT_ENGINE]))
+    return t_run if t_run > -INF else t_first
+
+
+@njit(cache=True)
+def _round(rq, rqf, ri, rf, lim, per_seq, decode, mixed, params, heaps, seen, done_times, itl, series, out, t,
+           t_limit):
+    """One step of every engine of a lockstep group from time t, or k decode steps when none prefills (k up to the
+    first completion, KV limit or arrival anywhere in the group, the first step boundary after t_limit). Each takes
+    the slowest engine's time: the rest wait for it (the GPUs idle, `bubble`). Returns the completions in out."""
+    dp = ri.shape[0]
+    cap = lim[L_CAP]
+    kind = np.zeros(dp, dtype=np.int64)     # 0: no step, 1: decode steps, 2: a step with prefill chunks
+    k = np.int64(1) << 40
+    bound = t_limit
+    for r in range(dp):
+        if ri[r, NFUT]:
+            bound = min(bound, rqf[ri[r, FHEAD], AT_ENGINE])
+    for r in range(dp):
+        if not _busy(ri, r):
+            continue
+        rf[r, CLOCK] = max(rf[r, CLOCK], t)
+        _schedule(rq, rqf, ri, rf, r, lim, per_seq, seen)
+        if ri[r, PHEAD] != NONE:
+            if _prefill_fits(rq, ri, rf, r, lim, per_seq):
+                kind[r] = 2
+                k = 1
+            continue
+        n = ri[r, NDEC]
+        if not n:
+            if ri[r, NWAIT]:   # nothing running, yet the head does not fit: impossible by the validity check
+                raise RuntimeError("request larger than the KV cache")
+            continue
+        k_full = int((cap - _used(ri, rf, r, per_seq)) // n)
+        if k_full <= 0:
+            _preempt(rq, ri, r)
+            continue
+        kind[r] = 1
+        k = min(k, _decode_horizon(rqf, ri, rf, r, decode, params, min(_heap_top(heaps[r], rq)[0] - ri[r, G], k_full),
+                                   bound))
+    # The tokens every engine brings to the expert layers of a step with prefill chunks, on the mean.
+    tokens = 0
+    for r in range(dp):
+        if kind[r]:
+            tokens += ri[r, NDEC] + (_chunks(rq, ri, rf, r, lim, per_seq, False)[0] if kind[r] == 2 else 0)
+    group_tokens = (tokens + dp // 2) // dp
+    own = np.zeros(dp)
+    phases = np.zeros((dp, len(PHASE_FIELDS)))
+    decoded = 0
+    for r in range(dp):
+        n = ri[r, NDEC]
+        if kind[r] == 1:
+            phases[r] = decode_run(decode[n], params, n, ri[r, ASUM] + n * ri[r, G], k)
+            own[r] = phases[r, TOTAL]
+            decoded += n * k
+        elif kind[r] == 2:
+            own[r] = _mixed_cost(rq, ri, rf, r, lim, per_seq, decode, mixed, params, group_tokens)[0]
+    slowest = own.max()
+    if decoded:     # every decoding engine's tokens waited the group's steps
+        itl.append((slowest / k, float(decoded)))
+    n_out = 0
+    for r in range(dp):
+        if kind[r] == 2:
+            n_out = _mixed_step(rq, rqf, ri, rf, r, lim, per_seq, decode, mixed, params, heaps[r], seen, done_times,
+                                itl, series, out, group_tokens, slowest - own[r], n_out)
+        elif kind[r] == 1:
+            done = _decode_steps(rq, rqf, ri, rf, r, lim, per_seq, heaps[r], done_times, out, phases[r], k,
+                                 slowest - own[r], n_out)
+            if done > n_out:    # the series shows each engine at its own events, not at every step of the group
+                _record(ri, rf, r, lim, per_seq, series)
+            n_out = done
+        elif _busy(ri, r):
+            rf[r, CLOCK] = max(rf[r, CLOCK], t + slowest)
     return n_out
 
 
@@ -555,9 +694,10 @@ def _tokenise(rq, tok_free, queue, ready, w, t, batch_s, token_s):
 
 
 @njit(cache=True)
-def _run(rq, rqf, lim, per_seq, decode, mixed, params, dp, mode, concurrency, router, ingress, prefixes):
+def _run(rq, rqf, lim, per_seq, decode, mixed, params, dp, mode, concurrency, router, ingress, prefixes, lockstep):
     """Feed the requests to the engines and run them to the end, in global time order when arrivals depend on
-    time. ingress = (API servers, seconds per tokeniser batch, seconds per prompt token)."""
+    time; `lockstep` engines step together (_round). ingress = (API servers, seconds per tokeniser batch, seconds
+    per prompt token)."""
     n = rq.shape[0]
     ri = np.zeros((dp, NEXT_VERSION + 1), dtype=np.int64)
     for col in (RHEAD, RTAIL, WHEAD, WTAIL, FHEAD, FTAIL, PHEAD, PTAIL):
@@ -569,7 +709,7 @@ def _run(rq, rqf, lim, per_seq, decode, mixed, params, dp, mode, concurrency, ro
     done_times = [[0.0][:0] for _ in range(dp)]
     itl = [(0.0, 0.0)][:0]
     series = [(0, 0.0, 0.0, np.int64(0), np.int64(0), np.int64(0))][:0]
-    out = np.empty(int(lim[L_SEQS]) + 1, dtype=np.int64)
+    out = np.empty((int(lim[L_SEQS]) + 1) * dp, dtype=np.int64)
     # More API servers than requests leave the rest idle: each request already has a tokeniser to itself.
     servers, batch_s, token_s = min(int(ingress[0]), max(n, 1)), ingress[1], ingress[2]
     if mode == 0:
@@ -577,6 +717,12 @@ def _run(rq, rqf, lim, per_seq, decode, mixed, params, dp, mode, concurrency, ro
         # engine starts): both routers deal round-robin, and the replicas never interact again.
         for rid in range(n):
             _submit(rq, rqf, ri, rid % dp, rid, batch_s)
+        while lockstep:
+            t = _group_clock(rqf, ri, rf)
+            if t == INF:
+                break
+            _round(rq, rqf, ri, rf, lim, per_seq, decode, mixed, params, heaps, seen, done_times, itl, series, out,
+                   t, INF)
         for r in range(dp):
             while _busy(ri, r):
                 _step(rq, rqf, ri, rf, r, lim, per_seq, decode, mixed, params, heaps[r], seen, done_times, itl,
@@ -614,9 +760,10 @@ def _run(rq, rqf, lim, per_seq, decode, mixed, params, dp, mode, concurrency, ro
         for x in range(dp):
             if _busy(ri, x) and (r < 0 or rf[x, CLOCK] < rf[r, CLOCK]):
                 r = x
+        t_engines = _group_clock(rqf, ri, rf) if lockstep else (rf[r, CLOCK] if r >= 0 else INF)
         if r < 0 and kind == 0:
             return ri, rf, _itl_array(itl), _series_array(series)
-        if r < 0 or rf[r, CLOCK] >= t_next:
+        if r < 0 or t_engines >= t_next:
             if kind == 1:
                 t, rid = heapq.heappop(pending)
                 # vLLM's API server tokenises in micro-batches on one worker (AsyncMicrobatchTokenizer, vLLM PR
@@ -640,8 +787,12 @@ def _run(rq, rqf, lim, per_seq, decode, mixed, params, dp, mode, concurrency, ro
                             target, load = x, lx
                 _submit(rq, rqf, ri, target, rid, t)
             continue
-        done = _step(rq, rqf, ri, rf, r, lim, per_seq, decode, mixed, params, heaps[r], seen, done_times, itl,
-                     series, out, t_next)
+        if lockstep:
+            done = _round(rq, rqf, ri, rf, lim, per_seq, decode, mixed, params, heaps, seen, done_times, itl, series,
+                          out, t_engines, t_next)
+        else:
+            done = _step(rq, rqf, ri, rf, r, lim, per_seq, decode, mixed, params, heaps[r], seen, done_times, itl,
+                         series, out, t_next)
         for i in range(done):
             if closed and next_rid < n:
                 t_done = rqf[out[i], FINISH]

@@ -67,11 +67,12 @@ class Prediction:
         return out
 
 
-def _bottleneck(cost: dict[str, float], preemptions: int, kv_limited_share: float) -> str:
+def _bottleneck(cost: dict[str, float], preemptions: int, kv_limited_share: float, layout: Layout) -> str:
     if preemptions > 0 or kv_limited_share > 0.2:
         return "KV capacity"
     if cost["total"] and cost["bubble"] / cost["total"] > 0.25:
-        return "pipeline bubbles"
+        # Idle GPUs: pipeline stages without a batch, or a MoE model's DP engines waiting for the slowest.
+        return "pipeline bubbles" if layout.pp > 1 else "DP engines waiting"
     shares = {"compute": cost["compute"], "HBM bandwidth": cost["weights"] + cost["kv"],
               "communication": cost["comm"], "sampling and small kernels": cost["kernels"], "scheduler overhead": cost["overhead"]}
     return max(shares, key=shares.get)
@@ -214,7 +215,7 @@ def _summarise(run: RunResult, prompt: np.ndarray, output: np.ndarray, layout: L
         "kv_capacity_tokens": cap,
         "kv_peak_frac": max(r.kv_peak for r in replicas),
         "kv_mean_frac": sum(r.kv_area for r in replicas) / (cap * busy),
-        "bottleneck": _bottleneck(cost, preemptions, kv_limited),
+        "bottleneck": _bottleneck(cost, preemptions, kv_limited, layout),
         "roofline_frac": cost["ideal"] / cost["total"] if cost["total"] else None,
         "time_share": {k: (cost[k] / cost["total"] if cost["total"] else 0.0)
                        for k in ("compute", "weights", "kv", "comm", "kernels", "overhead", "bubble")},

@@ -195,6 +195,8 @@ def _limit_detail(p: Prediction) -> str:
         return f"communication: {share.get('comm', 0):.0%} of the time in all-reduce/all-to-all"
     if b == "pipeline bubbles":
         return f"pipeline bubbles: {share.get('bubble', 0):.0%} of stage time idle"
+    if b == "DP engines waiting":
+        return f"DP engines waiting: {share.get('bubble', 0):.0%} of the time waiting for the slowest DP engine's step"
     if b == "HBM bandwidth":
         return (f"HBM bandwidth: {share.get('weights', 0):.0%} of the time reading weights, "
                 f"{share.get('kv', 0):.0%} reading the KV cache")
