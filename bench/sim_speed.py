@@ -1,4 +1,5 @@
-"""Simulator speed on one core: one 2,000-request prediction (target < 20 ms, also in the capacity trap),
+"""Simulator speed on one core: one 2,000-request prediction (target < 20 ms, also in the capacity trap; a MoE
+model's 64 DP engines, which step together, take longer and are printed beside),
 `recommend` over the whole layout space (DeepSeek-R1 on 64 H200 under 2 s; Qwen3-32B on 8 H100 and DeepSeek-R1 on
 16 H200 under 1 s), `recommend --goal goodput`, and `size` for DeepSeek-R1 up to 64 H200 (target < 5 s).
 
@@ -47,6 +48,7 @@ def main() -> None:
             ("Llama-3.1-8B", "H200", 8, Layout(dp=8), None, "typical: every request admitted at once"),
             ("DeepSeek-R1-Distill-Qwen-32B", "H200", 8, Layout(dp=2, tp=4), 256, "admission-bound, no preemption"),
             ("DeepSeek-R1-Distill-Qwen-32B", "H200", 8, Layout(tp=8), None, "capacity trap: thousands of preemptions"),
+            ("DeepSeek-R1", "H200", 64, Layout(dp=64), 256, "a MoE model's 64 DP engines stepping together"),
     ):
         sc = _scenario(model, gpu, gpus)
         requests = sc.workload.sample()
