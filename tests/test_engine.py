@@ -261,6 +261,21 @@ def test_a_moe_models_dp_engines_step_together_so_one_long_prefill_stalls_the_ot
         assert long[0] == pytest.approx(short[0], rel=1e-9) and long[2] == short[2] == 0
 
 
+def test_reads_lose_bandwidth_only_where_parallelism_narrows_a_kv_head_group_or_an_experts_columns():
+    # Dense layers' weights read at one rate whatever TP; a GQA cache's reads slow as TP splits its 8 KV heads (no
+    # further once each GPU holds one); MLA's latent cache is whole on every rank; experts slice over dp x tp
+    # without EP, and stay whole with it.
+    dense = {tp: _cost("Llama-3.1-70B", Layout(tp=tp), tp) for tp in (1, 2, 8, 16)}
+    assert dense[8].weight_bw == dense[1].weight_bw
+    assert dense[1].kv_bw > dense[2].kv_bw > dense[8].kv_bw == dense[16].kv_bw
+    mla = {tp: _cost("DeepSeek-R1", Layout(tp=tp), tp) for tp in (2, 8)}
+    assert mla[8].kv_bw == mla[2].kv_bw == mla[8].bw
+    assert mla[8].expert_share < mla[2].expert_share < 1.0
+    assert _cost("DeepSeek-R1", Layout(dp=4, tp=2), 8).expert_share == mla[8].expert_share
+    assert _cost("DeepSeek-R1", Layout(tp=8, ep=8), 8).expert_share == 1.0
+    assert dense[8].expert_share == 1.0
+
+
 def test_tp_speeds_a_single_stream_up_sub_linearly():
     # TP divides the weights but not the kernels, the all-reduces or the sampling: TP8 is far from 8x TP1.
     itl = {tp: _cost("Llama-3.1-8B", Layout(tp=tp), tp).step_time(1, 1000)[0] for tp in (1, 2, 4, 8)}

@@ -44,8 +44,9 @@ class Efficiency:
                                         # (launch, ramp-up and tail of one grid; Nsight traces of decode steps)
     sampler_bytes_per_logit: float = 32.0  # HBM traffic of sampling per vocabulary entry of each sequence: fp32
                                         # cast, temperature, softmax, top-k/top-p passes (vllm/v1/sample/sampler.py)
-    tp_bw_loss: float = 0.15            # HBM efficiency lost per TP doubling in decode (GEMVs of narrower shards,
-                                        # fewer KV heads per GPU): empirical, what the modelled TP costs leave out
+    tp_bw_loss: float = 0.15            # HBM efficiency lost per halving of a KV head group or an expert's
+                                        # columns over GPUs (costs.narrowed_share): empirical, what the modelled TP
+                                        # costs leave out
     link: float = 0.75                  # achieved/peak NVLink or network bandwidth in collectives
     custom_allreduce_latency_s: float = 8e-6  # vLLM's custom all-reduce over peer memory, messages up to 8 MiB
                                         # (vllm/distributed/device_communicators/custom_all_reduce.py; PR #2192)

@@ -71,6 +71,12 @@ def allreduce_s(nbytes, ranks: int, bw: float, nccl_latency: float, custom_laten
     return nccl if custom_latency is None else np.where(nbytes <= CUSTOM_ALLREDUCE_MAX_BYTES, ring, nccl)
 
 
+def narrowed_share(loss: float, split: float) -> float:
+    """The share of HBM bandwidth left to reads split `split` ways over GPUs, at `loss` per halving (empirical:
+    Calibration.tp_bw_loss); the floor keeps a wild calibration physical."""
+    return max(0.5, 1.0 - loss * math.log2(split))
+
+
 def gemm_flops(params, rows, ramp):
     """FLOPs at the full rate of a GEMM of `rows` rows against `params` weights: 2 per weight per row (Kaplan et al.
     2020), and a GEMM of M rows runs at flops x M/(M + ramp), so it costs as M + ramp rows (below one tile of rows
@@ -100,8 +106,14 @@ class StepCost:
         self.peak_flops = gpu.tflops(model.weight_dtype) * 1e12
         self.peak_bw = gpu.hbm_tb_s * 1e12
         self.bf16_rate = gpu.tflops("bf16") * 1e12 * eff.flops
-        # Decode reads slow down as TP narrows each GPU's shard; the floor keeps a wild calibration physical.
-        self.bw = self.peak_bw * eff.hbm * max(0.5, 1.0 - eff.tp_bw_loss * math.log2(self.tp))
+        self.bw = self.peak_bw * eff.hbm
+        # Reads slow down where parallelism narrows what each GPU reads of one unit of work (`tp_bw_loss` per
+        # halving): a KV head group split over TP (fewer KV heads per GPU, fewer attention blocks per sequence;
+        # MLA's latent cache stays whole on every rank) and an expert's columns sliced over the dp x tp expert group
+        # without EP (fused-MoE tiles over narrower shards). The dense layers' full-width GEMVs keep their rate.
+        kv_split = 1.0 if model.is_mla else model.num_kv_heads / math.ceil(model.num_kv_heads / self.tp)
+        self.kv_bw = self.bw * narrowed_share(eff.tp_bw_loss, kv_split)
+        self.expert_share = narrowed_share(eff.tp_bw_loss, self.dp * self.tp if model.is_moe and self.ep == 1 else 1)
         # Block-scaled FP8 GEMMs reach a smaller share of both rooflines than per-tensor ones (`fp8_block_gemm`).
         block = eff.fp8_block_gemm if model.block_quantized else 1.0
         self.gemm_rate, self.weight_bw = self.peak_flops * eff.flops * block, self.bw * block
@@ -114,7 +126,7 @@ class StepCost:
         # Achieved over peak rates (of the weight GEMMs, which dominate): an ideal (roofline) time is an achieved
         # time times these.
         self.flop_scale, self.bw_scale = self.gemm_rate / self.peak_flops, self.weight_bw / self.peak_bw
-        self.kv_scale = self.bw / self.peak_bw * eff.kv_read
+        self.kv_scale = self.kv_bw / self.peak_bw * eff.kv_read
         # TP shrinks each GPU's work but not its kernel count: small models at high TP run into this floor.
         kernels = shape.layers * DENSE_LAYER_KERNELS + shape.moe_layers * (MOE_LAYER_KERNELS - DENSE_LAYER_KERNELS)
         self.kernels = kernels * eff.kernel_floor_s
@@ -242,7 +254,7 @@ class StepCost:
             # With DP = 1 the TP ranks already hold every token: EP needs no exchange, its partial outputs sum in
             # the MLP's all-reduce.
             comm = comm + s.moe_layers * (2 * e.alltoall_latency_s + self._moe_exchange_bytes(tokens) / self.ep_bw)
-        return c0, s.expert_bytes * touched / self.weight_bw, comm
+        return c0, s.expert_bytes * touched / (self.weight_bw * self.expert_share), comm
 
     def _token_terms(self, tokens):
         """(c0, weights, comm) of a microbatch of `tokens` tokens: what grows with the tokens it computes."""
@@ -259,7 +271,7 @@ class StepCost:
         c0, weights, comm = self._token_terms((num_seqs + prefill_tokens) / microbatches)
         c0 = c0 + self._logits_s(num_seqs / microbatches)
         c1 = self.attn_flops_per_ctx / microbatches / self.bf16_rate
-        m1 = self.kv_read_per_ctx / microbatches / (self.bw * self.eff.kv_read)
+        m1 = self.kv_read_per_ctx / microbatches / (self.kv_bw * self.eff.kv_read)
         # The scheduler's fixed cost is per batch: with PP, `microbatches` batches make one step of every sequence.
         overhead = self.overhead_base * microbatches + self.eff.seq_overhead_s * num_seqs
         floor = self.frontend_s_per_token * num_seqs
