@@ -132,9 +132,9 @@ def descend(eff: Efficiency, bounds: dict[str, tuple[float, float]], loss: Calla
 # them) and the shipped defaults. A fit on the training split of bench/validation only
 # (`python bench/accuracy.py --fit-defaults OUT`; the test split never informs it) is not shipped: the fit on the
 # current training split drives the TP costs to their bounds (link 1.0, custom
-# all-reduce 3 us, flops 0.8, tp_bw_loss ~0) and then ranks TP8 above DP2xTP4 for a 32B model on 8 H200, against
-# the study's measured finding; out of sample it is no better than the priors (README, "Accuracy"). Until the
-# model reproduces both, the defaults are the priors.
+# all-reduce 3 us, tp_bw_loss 0.02) and then ranks TP8 above DP2xTP4 for a 32B model and above PP with low TP for
+# DeepSeek-R1 on 8 H200, against the study's measured findings; out of sample it does worse than the priors on
+# three figures of four (README, "Accuracy"). Until a fit reproduces both, the defaults are the priors.
 PRIOR_EFFICIENCY = Efficiency()
 DEFAULT = PRIOR_EFFICIENCY
 
