@@ -582,10 +582,6 @@ def _round(rq, rqf, ri, rf, lim, per_seq, decode, mixed, params, heaps, seen, do
     cap = lim[L_CAP]
     kind = np.zeros(dp, dtype=np.int64)     # 0: no step, 1: decode steps, 2: a step with prefill chunks
     k = np.int64(1) << 40
-    bound = t_limit
-    for r in range(dp):
-        if ri[r, NFUT]:
-            bound = min(bound, rqf[ri[r, FHEAD], AT_ENGINE])
     for r in range(dp):
         if not _busy(ri, r):
             continue
@@ -606,8 +602,15 @@ def _round(rq, rqf, ri, rf, lim, per_seq, decode, mixed, params, heaps, seen, do
             _preempt(rq, ri, r)
             continue
         kind[r] = 1
-        k = min(k, _decode_horizon(rqf, ri, rf, r, decode, params, min(_heap_top(heaps[r], rq)[0] - ri[r, G], k_full),
-                                   bound))
+        k = min(k, _heap_top(heaps[r], rq)[0] - ri[r, G], k_full)
+    # The run of decode steps also ends at the next arrival at any engine (after this step's admissions).
+    bound = t_limit
+    for r in range(dp):
+        if ri[r, NFUT]:
+            bound = min(bound, rqf[ri[r, FHEAD], AT_ENGINE])
+    for r in range(dp):
+        if kind[r] == 1 and k > 1:
+            k = _decode_horizon(rqf, ri, rf, r, decode, params, k, bound)
     # The tokens every engine brings to the expert layers of a step with prefill chunks, on the mean.
     tokens = 0
     for r in range(dp):
