@@ -358,10 +358,10 @@ def _prefill_fits(rq, ri, rf, r, lim, per_seq):
 
 
 @njit(cache=True)
-def _mixed_cost(rq, ri, rf, r, lim, per_seq, decode, mixed, params, group_tokens):
-    """(time, CPU overhead, ideal time) of engine r's next step with its prefill chunks; with group_tokens >= 0
-    (a lockstep group's mean tokens per engine), its routed experts' terms are those of the group's tokens."""
-    chunk_tokens, attn_context, _ = _chunks(rq, ri, rf, r, lim, per_seq, False)
+def _mixed_cost(ri, r, decode, mixed, params, chunk_tokens, attn_context, group_tokens):
+    """(time, CPU overhead, ideal time) of engine r's step that decodes its running requests and prefills
+    `chunk_tokens` (attending over `attn_context`); with group_tokens >= 0 (a lockstep group's mean tokens per
+    engine), its routed experts' terms are those of the group's tokens."""
     n = ri[r, NDEC]
     row = decode[n]
     mb = int(row[D_MB])
@@ -374,14 +374,12 @@ def _mixed_cost(rq, ri, rf, r, lim, per_seq, decode, mixed, params, group_tokens
 @njit(cache=True)
 def _mixed_step(rq, rqf, ri, rf, r, lim, per_seq, decode, mixed, params, heap, seen, done_times, itl, series, out,
                 group_tokens, stall, n_out):
-    """One step that decodes every running request and prefills chunks up to the token budget; in a lockstep group
-    (group_tokens >= 0) it prices the experts at the group's tokens and waits `stall` for the slowest engine.
-    Completions go to out[n_out:]; returns the new count."""
-    if not _prefill_fits(rq, ri, rf, r, lim, per_seq):
-        return n_out
+    """One step that decodes every running request and prefills chunks up to the token budget (the caller checked
+    _prefill_fits); in a lockstep group (group_tokens >= 0) it prices the experts at the group's tokens and waits
+    `stall` for the slowest engine. Completions go to out[n_out:]; returns the new count."""
     cap = lim[L_CAP]
-    dt, overhead, ideal = _mixed_cost(rq, ri, rf, r, lim, per_seq, decode, mixed, params, group_tokens)
     chunk_tokens, attn_context, finished = _chunks(rq, ri, rf, r, lim, per_seq, True)
+    dt, overhead, ideal = _mixed_cost(ri, r, decode, mixed, params, chunk_tokens, attn_context, group_tokens)
     ri[r, PF_ALLOC] += chunk_tokens
     n = ri[r, NDEC]
     waiting_blocked = ri[r, KV_BLOCKED] and ri[r, NWAIT] > 0 and ri[r, NRUN] < lim[L_SEQS]
@@ -504,34 +502,45 @@ def _step(rq, rqf, ri, rf, r, lim, per_seq, decode, mixed, params, heap, seen, d
     completed are out[:returned count]."""
     _schedule(rq, rqf, ri, rf, r, lim, per_seq, seen)
     if ri[r, PHEAD] != NONE:
+        if not _prefill_fits(rq, ri, rf, r, lim, per_seq):
+            return 0
         return _mixed_step(rq, rqf, ri, rf, r, lim, per_seq, decode, mixed, params, heap, seen, done_times, itl,
                            series, out, -1, 0.0, 0)
-    n = ri[r, NDEC]
-    if not n:
-        if ri[r, NWAIT]:   # nothing running, yet the head does not fit: impossible by the validity check
-            raise RuntimeError("request larger than the KV cache")
-        if ri[r, NFUT]:
-            rf[r, CLOCK] = max(rf[r, CLOCK], rqf[ri[r, FHEAD], AT_ENGINE])
+    k = _decode_room(rq, ri, rf, r, lim, per_seq, heap)
+    if not k:
+        if not ri[r, NDEC] and not ri[r, NWAIT] and ri[r, NFUT]:
+            rf[r, CLOCK] = max(rf[r, CLOCK], rqf[ri[r, FHEAD], AT_ENGINE])     # idle until its next arrival
         return 0
-    cap = lim[L_CAP]
-    used = _used(ri, rf, r, per_seq)
-    k_full = int((cap - used) // n)
-    top = _heap_top(heap, rq)[0]
     # The one-pass drain needs the KV cache to last at least until the first completion (cheap to check, and in
     # the capacity trap it never does).
-    if t_limit == INF and ri[r, DRAIN_OK] and not ri[r, NFUT] and not ri[r, NWAIT] and top - ri[r, G] <= k_full:
+    if (t_limit == INF and ri[r, DRAIN_OK] and not ri[r, NFUT] and not ri[r, NWAIT]
+            and k == _heap_top(heap, rq)[0] - ri[r, G]):
         drained = _drain(rq, rqf, ri, rf, r, lim, per_seq, decode, params, heap, done_times, itl, series, out)
         if drained >= 0:
             return drained
-    if k_full <= 0:
-        _preempt(rq, ri, r)
-        return 0
-    k = _decode_horizon(rqf, ri, rf, r, decode, params, min(top - ri[r, G], k_full), t_limit)
+    n = ri[r, NDEC]
+    k = _decode_horizon(rqf, ri, rf, r, decode, params, k, t_limit)
     phase = decode_run(decode[n], params, n, ri[r, ASUM] + n * ri[r, G], k)
     itl.append((phase[TOTAL] / k, float(n * k)))
     n_out = _decode_steps(rq, rqf, ri, rf, r, lim, per_seq, heap, done_times, out, phase, k, 0.0, 0)
     _record(ri, rf, r, lim, per_seq, series)
     return n_out
+
+
+@njit(cache=True)
+def _decode_room(rq, ri, rf, r, lim, per_seq, heap):
+    """Decode steps engine r can take up to its next completion while its KV cache has room for every running
+    request's next token; 0 with nothing to decode, or after preempting the newest request for lack of room."""
+    n = ri[r, NDEC]
+    if not n:
+        if ri[r, NWAIT]:   # nothing running, yet the head does not fit: impossible by the validity check
+            raise RuntimeError("request larger than the KV cache")
+        return 0
+    k_full = int((lim[L_CAP] - _used(ri, rf, r, per_seq)) // n)
+    if k_full <= 0:
+        _preempt(rq, ri, r)
+        return 0
+    return min(_heap_top(heap, rq)[0] - ri[r, G], k_full)
 
 
 @njit(cache=True)
@@ -579,8 +588,9 @@ def _round(rq, rqf, ri, rf, lim, per_seq, decode, mixed, params, heaps, seen, do
     first completion, KV limit or arrival anywhere in the group, the first step boundary after t_limit). Each takes
     the slowest engine's time: the rest wait for it (the GPUs idle, `bubble`). Returns the completions in out."""
     dp = ri.shape[0]
-    cap = lim[L_CAP]
     kind = np.zeros(dp, dtype=np.int64)     # 0: no step, 1: decode steps, 2: a step with prefill chunks
+    chunk = np.zeros(dp, dtype=np.int64)    # a prefilling engine's planned chunk tokens and their attention context
+    attn = np.zeros(dp)
     k = np.int64(1) << 40
     for r in range(dp):
         if not _busy(ri, r):
@@ -591,18 +601,12 @@ def _round(rq, rqf, ri, rf, lim, per_seq, decode, mixed, params, heaps, seen, do
             if _prefill_fits(rq, ri, rf, r, lim, per_seq):
                 kind[r] = 2
                 k = 1
+                chunk[r], attn[r], _ = _chunks(rq, ri, rf, r, lim, per_seq, False)
             continue
-        n = ri[r, NDEC]
-        if not n:
-            if ri[r, NWAIT]:   # nothing running, yet the head does not fit: impossible by the validity check
-                raise RuntimeError("request larger than the KV cache")
-            continue
-        k_full = int((cap - _used(ri, rf, r, per_seq)) // n)
-        if k_full <= 0:
-            _preempt(rq, ri, r)
-            continue
-        kind[r] = 1
-        k = min(k, _heap_top(heaps[r], rq)[0] - ri[r, G], k_full)
+        room = _decode_room(rq, ri, rf, r, lim, per_seq, heaps[r])
+        if room:
+            kind[r] = 1
+            k = min(k, room)
     # The run of decode steps also ends at the next arrival at any engine (after this step's admissions).
     bound = t_limit
     for r in range(dp):
@@ -615,7 +619,7 @@ def _round(rq, rqf, ri, rf, lim, per_seq, decode, mixed, params, heaps, seen, do
     tokens = 0
     for r in range(dp):
         if kind[r]:
-            tokens += ri[r, NDEC] + (_chunks(rq, ri, rf, r, lim, per_seq, False)[0] if kind[r] == 2 else 0)
+            tokens += ri[r, NDEC] + chunk[r]
     group_tokens = (tokens + dp // 2) // dp
     own = np.zeros(dp)
     phases = np.zeros((dp, len(PHASE_FIELDS)))
@@ -627,7 +631,7 @@ def _round(rq, rqf, ri, rf, lim, per_seq, decode, mixed, params, heaps, seen, do
             own[r] = phases[r, TOTAL]
             decoded += n * k
         elif kind[r] == 2:
-            own[r] = _mixed_cost(rq, ri, rf, r, lim, per_seq, decode, mixed, params, group_tokens)[0]
+            own[r] = _mixed_cost(ri, r, decode, mixed, params, chunk[r], attn[r], group_tokens)[0]
     slowest = own.max()
     if decoded:     # every decoding engine's tokens waited the group's steps
         itl.append((slowest / k, float(decoded)))
