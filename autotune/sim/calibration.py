@@ -15,8 +15,14 @@ from autotune.spec.hardware import load_gpu
 
 @dataclass(frozen=True)
 class Efficiency:
-    hbm: float = 0.80                   # achieved/peak HBM bandwidth of the weight GEMVs in decode
-    kv_read: float = 0.90               # paged-attention KV reads relative to `hbm` (gathers over scattered blocks)
+    hbm: float = 0.80                   # achieved/peak HBM bandwidth of the weight GEMVs in decode (a prior between
+                                        # cuBLAS BF16 at decode sizes, ~3.0 of 3.35 TB/s on H100, vLLM PR #13917,
+                                        # and what a step's mix of smaller GEMVs reaches)
+    kv_read: float = 0.90               # paged-attention KV reads relative to `hbm` (gathers over scattered blocks;
+                                        # FA3 with 8-token pages reads 1.80-1.85 TB/s on H100, 0.67-0.69 of
+                                        # `hbm`'s rate: flash-attention issue #1572; larger pages and batches read
+                                        # faster, and the prior set on that side held up better on the validation
+                                        # rows)
     flops: float = 0.60                 # achieved/peak tensor FLOP/s of a prefill's large GEMMs and attention
                                         # (cuBLAS bf16 on H100 reaches 650-750 of 989 TFLOP/s on square GEMMs; a
                                         # layer's mix of shapes, norms and attention sits near 60%)
