@@ -56,7 +56,8 @@ def _load_args(p: argparse.ArgumentParser, modes: tuple[str, ...]) -> None:
         p.add_argument("--rate", type=float, default=None, help="requests/s for --mode poisson or constant")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--router", choices=tuple(ROUTERS), default="least-loaded",
-                   help="how requests are spread over DP replicas")
+                   help="how requests are spread over DP replicas: least-loaded (vLLM's DP load balancer, on "
+                        "the counts its coordinator published up to 100 ms before) or round-robin")
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:

@@ -27,6 +27,10 @@ from autotune.sim.costs import (BUBBLE, COMPUTE, D_MB, IDEAL, OVERHEAD, PHASE_FI
 INF = np.inf
 MODES = {"batch": 0, "concurrency": 1, "poisson": 2, "constant": 2}
 ROUTERS = {"least-loaded": 0, "round-robin": 1}
+# vLLM's DP load balancer sees each engine's waiting + running counts as the DP coordinator last published them, at
+# most every 100 ms (DPCoordinator's min_stats_update_interval_ms), plus the requests it has routed there since
+# (DPLBAsyncMPClient.get_core_engine_for_request): completions since the last publish are not seen yet.
+STATS_INTERVAL_S = 0.1
 
 # Per-request integer columns: lengths and progress, the replica, the decode bookkeeping, and the links of the
 # replica's lists (running in admission order, waiting, arrivals not yet at the engine, prefills in flight).
@@ -652,6 +656,19 @@ def _round(rq, rqf, ri, rf, lim, per_seq, decode, mixed, params, heaps, seen, do
 
 
 @njit(cache=True)
+def _next_done(rq, ri, rf, r, decode, params, heap):
+    """The earliest engine r can complete a request from its state now: the end of its run of decode steps up to its
+    next completion, or its clock while it has prompts to prefill or admit (a bound, never late)."""
+    n = ri[r, NDEC]
+    if not _busy(ri, r):
+        return INF
+    if not n or ri[r, PHEAD] != NONE or ri[r, NWAIT]:
+        return rf[r, CLOCK]
+    steps = _heap_top(heap, rq)[0] - ri[r, G]
+    return rf[r, CLOCK] + decode_run(decode[n], params, n, ri[r, ASUM] + n * ri[r, G], steps)[TOTAL]
+
+
+@njit(cache=True)
 def _load_at(ri, r, done_times, t):
     """Requests engine r holds at time t. Its clock may be past t (it ran to its next event while no arrival was
     known); completions it made after t had not happened yet at t."""
@@ -753,6 +770,7 @@ def _run(rq, rqf, lim, per_seq, decode, mixed, params, dp, mode, concurrency, ro
     heapq.heapify(pending)
     ri[:, DRAIN_OK] = 1 if next_rid >= n else 0
     turn = 0
+    next_done = np.full(dp, INF)    # each engine's earliest completion (_next_done), for a closed loop's bound
     while True:
         # The next event outside the engines: a send, a tokeniser freeing with prompts queued, an arrival.
         t_next, kind, w = INF, 0, 0
@@ -785,21 +803,36 @@ def _run(rq, rqf, lim, per_seq, decode, mixed, params, dp, mode, concurrency, ro
                 t, rid = heapq.heappop(ready)
                 if router == 1:
                     target = turn % dp
-                    turn += 1
                 else:
-                    target, load = 0, _load_at(ri, 0, done_times, t)
-                    for x in range(1, dp):
-                        lx = _load_at(ri, x, done_times, t)
-                        if lx < load:
+                    # The lowest published load wins; the scan starts one engine further each time, so ties (a
+                    # burst between two publishes) go round the engines.
+                    t_seen = np.floor(t / STATS_INTERVAL_S) * STATS_INTERVAL_S
+                    target, load = -1, 0
+                    for i in range(dp):
+                        x = (turn + i) % dp
+                        lx = _load_at(ri, x, done_times, t_seen)
+                        if target < 0 or lx < load:
                             target, load = x, lx
+                turn += 1
+                if next_done[target] == INF:    # an idle engine given work completes no earlier than now
+                    next_done[target] = max(rf[target, CLOCK], t)
                 _submit(rq, rqf, ri, target, rid, t)
             continue
         if lockstep:
             done = _round(rq, rqf, ri, rf, lim, per_seq, decode, mixed, params, heaps, seen, done_times, itl, series,
                           out, t_engines, t_next)
         else:
+            t_limit = t_next
+            if closed and next_rid < n:
+                # A completion on another engine sends a follow-up that the router may give to this one: it must
+                # not run ahead of the earliest such arrival (a frontend hop after that completion), or the request
+                # would wait for the clock it ran to.
+                for x in range(dp):
+                    if x != r:
+                        t_limit = min(t_limit, next_done[x] + batch_s)
             done = _step(rq, rqf, ri, rf, r, lim, per_seq, decode, mixed, params, heaps[r], seen, done_times, itl,
-                         series, out, t_next)
+                         series, out, t_limit)
+            next_done[r] = _next_done(rq, ri, rf, r, decode, params, heaps[r])
         for i in range(done):
             if closed and next_rid < n:
                 t_done = rqf[out[i], FINISH]
