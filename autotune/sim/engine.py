@@ -770,7 +770,8 @@ def _run(rq, rqf, lim, per_seq, decode, mixed, params, dp, mode, concurrency, ro
     heapq.heapify(pending)
     ri[:, DRAIN_OK] = 1 if next_rid >= n else 0
     turn = 0
-    next_done = np.full(dp, INF)    # each engine's earliest completion (_next_done), for a closed loop's bound
+    follow_ups = closed and dp > 1     # a completion may send a request to another engine
+    next_done = np.full(dp, INF)        # each engine's earliest completion (_next_done), to bound the others' runs
     while True:
         # The next event outside the engines: a send, a tokeniser freeing with prompts queued, an arrival.
         t_next, kind, w = INF, 0, 0
@@ -823,7 +824,7 @@ def _run(rq, rqf, lim, per_seq, decode, mixed, params, dp, mode, concurrency, ro
                           out, t_engines, t_next)
         else:
             t_limit = t_next
-            if closed and next_rid < n:
+            if follow_ups and next_rid < n:
                 # A completion on another engine sends a follow-up that the router may give to this one: it must
                 # not run ahead of the earliest such arrival (a frontend hop after that completion), or the request
                 # would wait for the clock it ran to.
@@ -832,7 +833,8 @@ def _run(rq, rqf, lim, per_seq, decode, mixed, params, dp, mode, concurrency, ro
                         t_limit = min(t_limit, next_done[x] + batch_s)
             done = _step(rq, rqf, ri, rf, r, lim, per_seq, decode, mixed, params, heaps[r], seen, done_times, itl,
                          series, out, t_limit)
-            next_done[r] = _next_done(rq, ri, rf, r, decode, params, heaps[r])
+            if follow_ups:
+                next_done[r] = _next_done(rq, ri, rf, r, decode, params, heaps[r])
         for i in range(done):
             if closed and next_rid < n:
                 t_done = rqf[out[i], FINISH]
