@@ -1,5 +1,6 @@
 """Simulator speed on one core: one 2,000-request prediction (target < 20 ms, also in the capacity trap; a MoE
-model's 64 DP engines, which step together, take longer and are printed beside),
+model's 64 DP engines, which step together, and a closed loop over DP engines, whose runs stop at each other's
+completions, take longer and are printed beside),
 `recommend` over the whole layout space (DeepSeek-R1 on 64 H200 under 2 s; Qwen3-32B on 8 H100 and DeepSeek-R1 on
 16 H200 under 1 s), `recommend --goal goodput`, and `size` for DeepSeek-R1 up to 64 H200 (target < 5 s).
 
@@ -23,8 +24,8 @@ from autotune.spec.models import load_model
 from autotune.spec.workload import PRESETS
 
 
-def _scenario(model: str, gpu: str, gpus: int) -> Scenario:
-    return Scenario(load_model(model), Cluster.of(load_gpu(gpu), gpus), PRESETS["natural-reasoning"])
+def _scenario(model: str, gpu: str, gpus: int, **load) -> Scenario:
+    return Scenario(load_model(model), Cluster.of(load_gpu(gpu), gpus), PRESETS["natural-reasoning"].with_(**load))
 
 
 def _time(fn, repeat: int) -> tuple[float, object]:
@@ -44,13 +45,17 @@ def main() -> None:
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})   # one core, as the target says
     print(f"cores used: {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else 'all'}")
     print("\none 2,000-request natural-reasoning prediction (median wall time):")
-    for model, gpu, gpus, layout, seqs, what in (
-            ("Llama-3.1-8B", "H200", 8, Layout(dp=8), None, "typical: every request admitted at once"),
-            ("DeepSeek-R1-Distill-Qwen-32B", "H200", 8, Layout(dp=2, tp=4), 256, "admission-bound, no preemption"),
-            ("DeepSeek-R1-Distill-Qwen-32B", "H200", 8, Layout(tp=8), None, "capacity trap: thousands of preemptions"),
-            ("DeepSeek-R1", "H200", 64, Layout(dp=64), 256, "a MoE model's 64 DP engines stepping together"),
+    for model, gpu, gpus, layout, seqs, what, load in (
+            ("Llama-3.1-8B", "H200", 8, Layout(dp=8), None, "typical: every request admitted at once", {}),
+            ("DeepSeek-R1-Distill-Qwen-32B", "H200", 8, Layout(dp=2, tp=4), 256, "admission-bound, no preemption",
+             {}),
+            ("DeepSeek-R1-Distill-Qwen-32B", "H200", 8, Layout(tp=8), None, "capacity trap: thousands of preemptions",
+             {}),
+            ("DeepSeek-R1", "H200", 64, Layout(dp=64), 256, "a MoE model's 64 DP engines stepping together", {}),
+            ("Llama-3.1-8B", "H200", 8, Layout(dp=8), 256, "a closed loop of 512 clients over 8 DP engines",
+             {"mode": "concurrency", "concurrency": 512}),
     ):
-        sc = _scenario(model, gpu, gpus)
+        sc = _scenario(model, gpu, gpus, **load)
         requests = sc.workload.sample()
         dt, p = _time(lambda: predict(sc, layout, EngineKnobs(max_num_seqs=seqs), requests), args.repeat)
         print(f"  {model} {layout.label()} seqs {p.knobs.max_num_seqs}: {dt * 1e3:7.1f} ms "
