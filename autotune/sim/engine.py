@@ -770,7 +770,9 @@ def _run(rq, rqf, lim, per_seq, decode, mixed, params, dp, mode, concurrency, ro
     heapq.heapify(pending)
     ri[:, DRAIN_OK] = 1 if next_rid >= n else 0
     turn = 0
-    follow_ups = closed and dp > 1     # a completion may send a request to another engine
+    # A completion may send a request to another engine, which must not have run ahead of it (a lockstep group steps
+    # together, up to the first completion anywhere, so only independent engines need the bound).
+    follow_ups = closed and dp > 1 and not lockstep
     next_done = np.full(dp, INF)        # each engine's earliest completion (_next_done), to bound the others' runs
     while True:
         # The next event outside the engines: a send, a tokeniser freeing with prompts queued, an arrival.
@@ -815,8 +817,8 @@ def _run(rq, rqf, lim, per_seq, decode, mixed, params, dp, mode, concurrency, ro
                         if target < 0 or lx < load:
                             target, load = x, lx
                 turn += 1
-                if next_done[target] == INF:    # an idle engine given work completes no earlier than now
-                    next_done[target] = max(rf[target, CLOCK], t)
+                if follow_ups and next_done[target] == INF:
+                    next_done[target] = max(rf[target, CLOCK], t)   # an idle engine given work: not before now
                 _submit(rq, rqf, ri, target, rid, t)
             continue
         if lockstep:
