@@ -6,14 +6,14 @@ training runs) replays through the same code path as `autotune predict`. Errors 
 * cross-validated by source: the sources are dealt into folds (one fold per source with --folds 0); for each fold the
   efficiency factors are fitted on every other fold and the fold's runs are predicted with them;
 * the test split is scored with the shipped defaults (autotune/sim/calibration.py: the first-principles priors,
-  fitted on no row; --fit-defaults fits on the training split, bench/validation/train_sources.txt and the shared
-  runs, and scores that fit instead).
+  with the frontend latency fitted on the training split, bench/validation/train_sources.txt and the shared runs;
+  --fit-defaults fits on that split, every factor or those --only names, and scores that fit instead).
 
 It prints, per figure family (throughput, TTFT, TPOT/ITL, E2E), the median and mean |predicted/measured - 1|, and the
 share of pairs (two runs of the same source, model and GPU that differ in layout, knobs or load) whose predicted
 order matches the measured order.
 
-    python bench/accuracy.py [--folds K] [--fit-defaults OUT.yaml] [--calibration FILE] [--rows]
+    python bench/accuracy.py [--folds K] [--fit-defaults OUT.yaml] [--calibration FILE] [--rows] [--sources] [--stages]
 """
 
 from __future__ import annotations
@@ -93,17 +93,18 @@ def _descend(eff: Efficiency, names, make, runs: list[Run]) -> Efficiency:
     return descend(eff, {n: FITTED[n] for n in names}, lambda e: loss(errors(runs, make(e))), STEPS, ROUNDS)
 
 
-def fit(runs: list[Run], start: Calibration = PRIOR) -> Calibration:
-    """The global factors on the runs of the GPUs that share them, then for each type in PER_GPU_TYPES with enough
-    runs its bandwidth and compute efficiencies on its own runs (ROCm on MI300X reaches a different share of peak
-    than CUDA on NVIDIA parts, and must not bend the global factors)."""
+def fit(runs: list[Run], start: Calibration = PRIOR, names=tuple(FITTED)) -> Calibration:
+    """The global factors `names` on the runs of the GPUs that share them, then for each type in PER_GPU_TYPES with
+    enough runs its bandwidth and compute efficiencies among them on its own runs (ROCm on MI300X reaches a different
+    share of peak than CUDA on NVIDIA parts, and must not bend the global factors)."""
     shared = [r for r in runs if r.gpu not in PER_GPU_TYPES]
-    base = _descend(start.base, FITTED, lambda e: Calibration(e, (), "fit"), shared)
+    base = _descend(start.base, names, lambda e: Calibration(e, (), "fit"), shared)
     per_gpu = []
     for gpu in PER_GPU_TYPES:
         mine = [r for r in runs if r.gpu == gpu]
-        if len(mine) >= MIN_GPU_RUNS:
-            eff = _descend(base, PER_GPU, lambda e, g=gpu: Calibration(base, ((g, e),), "fit"), mine)
+        own = [n for n in PER_GPU if n in names]
+        if len(mine) >= MIN_GPU_RUNS and own:
+            eff = _descend(base, own, lambda e, g=gpu: Calibration(base, ((g, e),), "fit"), mine)
             if eff != base:
                 per_gpu.append((gpu, eff))
     return Calibration(base, tuple(per_gpu), "fitted by bench/accuracy.py")
@@ -179,15 +180,41 @@ def print_sources(rows) -> None:
               f"{statistics.median(map(abs, errs)):13.1%}")
 
 
+def print_stages(runs: list[Run], cal: Calibration) -> None:
+    """For the runs measured over two or more load stages (the shared runs' two constant rates), each stage's means
+    measured against the stage replayed alone at its rate, and how much they grow from one stage to the next: the
+    growth of ITL with the rate is the cost of the prompts that the higher rate mixes into decode steps."""
+    print(f"\n  {'run':52s} {'stage':>5s} {'req/s':>6s} {'figure':12s} {'measured':>9s} {'predicted':>9s} "
+          f"{'error':>7s} {'growth measured':>15s} {'predicted':>9s}")
+    for run in runs:
+        if len(run.workload.stages) < 2:
+            continue
+        last: dict[str, tuple[float, float]] = {}
+        for i, stage in enumerate(run.workload.stages):
+            alone = run.stage_alone(i)
+            for key, m, p in ((k, m, p) for _, k, m, p in errors([alone], cal)):
+                growth = (f"{m / last[key][0] - 1:+15.1%} {p / last[key][1] - 1:+9.1%}"
+                          if key in last and p and last[key][1] else "")
+                err = f"{p / m - 1:+7.1%}" if p else "  infeasible"
+                print(f"  {run.label[:52]:52s} {i:5d} {stage.rate:6.2f} {key:12s} {m:9.4g} {(p or 0):9.4g} {err} {growth}")
+                last[key] = (m, p or 0.0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--folds", type=int, default=6, help="source folds for cross-validation (0: one per source)")
     ap.add_argument("--calibration", default=None, help="score the test split with this file instead of the defaults")
     ap.add_argument("--fit-defaults", metavar="OUT", help="fit on the training split and write the factors to OUT")
+    ap.add_argument("--only", metavar="FACTOR", nargs="+", choices=sorted(FITTED),
+                    help="with --fit-defaults: fit these factors alone, the others kept at their priors")
     ap.add_argument("--rows", action="store_true", help="print every figure, measured against predicted")
+    ap.add_argument("--stages", action="store_true", help="print, for the runs measured over several load stages, "
+                                                          "each stage's means and their growth with the rate")
     ap.add_argument("--sources", action="store_true", help="print the signed and absolute median error per source "
                                                            "and figure")
     args = ap.parse_args()
+    if args.only and not args.fit_defaults:
+        ap.error("--only names the factors --fit-defaults fits")
     train_sources = frozenset(TRAIN_LIST.read_text().split()) if TRAIN_LIST.is_file() else frozenset()
     every = load_rows(train_sources=train_sources) + load_simreal()
     # Runs of vLLM's V0 engine (before 0.8) and cold runs are outside what the simulator models: reported apart,
@@ -205,9 +232,10 @@ def main() -> None:
           f"V0 engine from {len({r.source for r in older})} sources and {len(cold)} cold runs (first on a fresh "
           f"server) reported apart")
     if args.fit_defaults:
-        fitted = fit(train)
+        names = tuple(args.only or FITTED)
+        fitted = fit(train, PRIOR, names)
         fitted.save(args.fit_defaults, {"fitted_on": "training split of bench/validation"})
-        print(f"wrote {args.fit_defaults}: " + ", ".join(f"{k} {getattr(fitted.base, k):.4g}" for k in FITTED))
+        print(f"wrote {args.fit_defaults}: " + ", ".join(f"{k} {getattr(fitted.base, k):.4g}" for k in names))
         base = fitted
     shipped = errors(test, base)
     summary(shipped, f"test split, shipped factors ({base.source}; never fitted on the test split)")
@@ -215,6 +243,8 @@ def main() -> None:
         print_rows(shipped)
     if args.sources:
         print_sources(shipped)
+    if args.stages:
+        print_stages([r for r in runs if r.stage_figures], base)
     cv = cross_validate(runs, args.folds)
     k = len(folds_of(runs, args.folds))
     summary(cv, f"all runs, cross-validated over {k} folds of sources (each fold predicted with factors fitted on "

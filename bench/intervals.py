@@ -1,7 +1,8 @@
 """The simulator's residuals on the validation set, by figure and regime, for the intervals every prediction carries
 (autotune/sim/uncertainty.py reads autotune/sim/residuals.json, which this writes).
 
-The residuals are those of the shipped factors (the priors, never fitted to these rows; see README "Accuracy").
+The residuals are those of the shipped factors (the priors, with one factor, the frontend latency, fitted on the
+training split's rows; see README "Accuracy").
 Each figure's margin is a split-conformal quantile over sources: every source's residuals against the median the
 other sources give its regime. The honesty check printed here is nested, so that no source is scored against a
 margin it helped choose: each source's figures against the other sources' medians and a margin chosen from the
@@ -150,7 +151,7 @@ def main() -> None:
                                   f":!{uncertainty.RESIDUALS}"], capture_output=True, text=True).stdout.strip()
         commit += " with uncommitted changes" if changed else ""
         doc = {"provenance": {"written_by": "python bench/intervals.py --write", "date": time.strftime("%Y-%m-%d"),
-                              "commit": commit, "calibration": "shipped defaults (priors)",
+                              "commit": commit, "calibration": "shipped defaults",
                               "fields": ["figure", "arch", "model", "parallel", "load", "gpu", "log_pred_over_meas",
                                          "source", "case"],
                               "nominal_level": uncertainty.LEVEL,

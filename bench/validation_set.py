@@ -8,7 +8,7 @@ import math
 
 import csv
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -54,6 +54,7 @@ class Run:
     engine: str = "V1"   # V1 (vLLM >= 0.8, what the simulator models), V0 (older engines) or unknown
     p2p: bool = True     # False where the source's logs show the GPUs cannot reach each other's memory
     cold: bool = False   # measured first on a freshly started server, warmed by one request at most
+    stage_figures: list[tuple[int, str, float]] = field(default_factory=list)  # (stage, key, measured) per load stage
 
     @property
     def modelled(self) -> bool:
@@ -71,6 +72,12 @@ class Run:
 
     def predict(self, cal: Calibration) -> Prediction:
         return predict(self.scenario(cal), self.layout, self.knobs)
+
+    def stage_alone(self, i: int) -> "Run":
+        """This run with only its i-th load stage, replayed alone at that stage's rate (its steady state)."""
+        stage = self.workload.stages[i]
+        w = replace(self.workload, stages=(stage,), num_requests=stage.num_requests)
+        return replace(self, workload=w, figures=[(k, v) for j, k, v in self.stage_figures if j == i])
 
     @property
     def key(self) -> tuple:
@@ -213,11 +220,15 @@ def load_simreal(path: Path = SHARED / "simreal_train.csv") -> list[Run]:
                             max_model_len=int(r["max_model_len"]), gpu_memory_utilization=float(r["gpu_mem_util"]))
         figures = [(f"{name}_mean_s", float(r[f"gt_{name}_mean_ms"]) / 1e3)
                    for name in ("e2e", "ttft")] + [("tpot_mean_s", float(r["gt_itl_mean_ms"]) / 1e3)]
+        # The same means measured over each stage alone (gt_s0_*, gt_s1_*), where the source has them.
+        stage_figures = [(i, key, float(r[f"gt_s{i}_{col}_mean_ms"]) / 1e3) for i in range(len(stages))
+                         for key, col in (("e2e_mean_s", "e2e"), ("ttft_mean_s", "ttft"), ("tpot_mean_s", "itl"))
+                         if (r.get(f"gt_s{i}_{col}_mean_ms") or "").strip()]
         label = (f"{r['model_hf'].split('/')[-1]} H100 TP{r['tp']} {r['workload']} {r['stage_rates']} req/s "
                  f"{r['input_len']}/{r['output_len']}")
         # One source per model: leaving a source out leaves out every run of that model.
         source = "simreal-" + r["model_hf"].split("/")[-1].lower()
         runs.append(Run(source, "shared/validation/simreal_train.csv", label,
                         _model_ref(r["model_ref"], SHARED), r["gpu_ours"], layout, knobs, w, figures,
-                        uncertain=r["confidence"], split="train"))
+                        uncertain=r["confidence"], split="train", stage_figures=stage_figures))
     return runs

@@ -124,6 +124,38 @@ def test_the_accuracy_report_by_source_shows_each_sources_bias(monkeypatch, caps
     assert lines[("fast-src", "throughput", "2")][0] == "+inf%"           # an infeasible run counts as unbounded
 
 
+def test_the_stages_of_a_staged_run_are_scored_alone_and_by_their_growth(tmp_path, monkeypatch, capsys):
+    """bench/accuracy.py --stages: a run measured over two constant-rate stages (the shared sim-to-real runs' format)
+    keeps each stage's means, replays each stage alone at its rate, and reports how the means grow with the rate."""
+    import csv
+    from pathlib import Path
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    from accuracy import PRIOR, print_stages
+    from validation_set import load_simreal
+
+    row = {"model_hf": "meta-llama/Llama-3.1-8B-Instruct", "model_ref": "Llama-3.1-8B", "gpu_ours": "H100-SXM",
+           "tp": "1", "dp": "1", "workload": "codegen", "stage_rates": "2.0;8.0", "stage_durations_s": "30;30",
+           "input_len": "566", "output_len": "247", "system_prompt_len": "100", "num_unique_system_prompts": "4",
+           "max_num_seqs": "128", "max_num_batched_tokens": "2048", "max_model_len": "4096", "gpu_mem_util": "0.9",
+           "confidence": "high", "gt_e2e_mean_ms": "2000", "gt_ttft_mean_ms": "25", "gt_itl_mean_ms": "8",
+           "gt_s0_e2e_mean_ms": "1800", "gt_s0_ttft_mean_ms": "24", "gt_s0_itl_mean_ms": "7.2",
+           "gt_s1_e2e_mean_ms": "2100", "gt_s1_ttft_mean_ms": "26", "gt_s1_itl_mean_ms": "9.0"}
+    path = tmp_path / "simreal.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        writer.writeheader()
+        writer.writerow(row)
+    (run,) = load_simreal(path)
+    second = run.stage_alone(1)
+    assert [(s.rate, s.num_requests) for s in second.workload.stages] == [(8.0, 240)]
+    assert second.workload.num_requests == 240
+    assert dict(second.figures) == {"e2e_mean_s": 2.1, "ttft_mean_s": 0.026, "tpot_mean_s": 0.009}
+    print_stages([run], PRIOR)
+    itl = [line.split() for line in capsys.readouterr().out.splitlines() if "tpot_mean_s" in line]
+    assert len(itl) == 2 and itl[1][-2] == "+25.0%"                  # 9.0 / 7.2 ms measured
+    assert float(itl[1][-1].rstrip("%")) > 0                         # four times the rate costs the decodes more
+
+
 def test_the_kernel_fit_recovers_the_factors_that_made_the_timings():
     """Timings made by the step model's own kernel laws from known factors come back as those factors, from the
     priors: the fit bench/gpu_probe.py runs on a GPU's measured kernels."""

@@ -332,7 +332,8 @@ def test_fp8_weights_speed_the_weight_gemms_only_and_block_scales_cost_what_the_
     work = Workload("b", LengthDist("fixed", value=1024), LengthDist("fixed", value=2048), num_requests=1000)
     tput = {m: predict(Scenario(m, Cluster.of(load_gpu("H100"), 1), work), Layout()).get("output_tok_s")
             for m in costs}
-    assert 0.9 < tput[block] / tput[bf16] < 1.2 < tput[per_tensor] / tput[bf16]
+    # Block scales cost what their kernels cost: about BF16's speed, where per-tensor FP8 is clearly faster.
+    assert 0.9 < tput[block] / tput[bf16] < 1.2 and tput[per_tensor] > 1.1 * tput[block]
 
 
 @pytest.mark.parametrize("name, as_bf16, read_share", [

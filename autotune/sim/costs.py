@@ -247,7 +247,7 @@ class StepCost:
         touched = touched_fraction(tokens * self.dp, m.num_experts, m.experts_per_token)
         # Each touched expert's GEMM pays the ramp on its own few rows: ramp x touched experts, in this GPU's
         # tokens (tokens x top_k spread over E experts).
-        expert_ramp = e.gemm_ramp_tokens * touched * m.num_experts / m.experts_per_token / self.dp
+        expert_ramp = e.moe_gemm_ramp_tokens * touched * m.num_experts / m.experts_per_token / self.dp
         c0 = gemm_flops(self.expert_params, tokens * self.expert_row_cost, expert_ramp) / self.gemm_rate
         comm = s.moe_layers * e.moe_routing_s + 0.0 * tokens
         if self.dp > 1:
