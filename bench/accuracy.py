@@ -192,7 +192,7 @@ def print_stages(runs: list[Run], cal: Calibration) -> None:
         last: dict[str, tuple[float, float]] = {}
         for i, stage in enumerate(run.workload.stages):
             alone = run.stage_alone(i)
-            for key, m, p in ((k, m, p) for _, k, m, p in errors([alone], cal)):
+            for _, key, m, p in errors([alone], cal):
                 growth = (f"{m / last[key][0] - 1:+15.1%} {p / last[key][1] - 1:+9.1%}"
                           if key in last and p and last[key][1] else "")
                 err = f"{p / m - 1:+7.1%}" if p else "  infeasible"
