@@ -336,6 +336,23 @@ def test_fp8_weights_speed_the_weight_gemms_only_and_block_scales_cost_what_the_
     assert 0.9 < tput[block] / tput[bf16] < 1.2 and tput[per_tensor] > 1.1 * tput[block]
 
 
+def test_attention_left_in_bf16_by_an_fp8_checkpoint_multiplies_at_the_bf16_rate():
+    """An FP8 checkpoint whose attention projections stay BF16 (its ignore list) prefills slower than one quantized
+    throughout, by those weights' FLOPs at the BF16 rate instead of the FP8 one, and reads their second byte."""
+    from dataclasses import replace
+
+    fp8 = load_model("Llama-3.1-70B-FP8")
+    mixed = replace(fp8, unquantized_attention_layers=fp8.num_layers)
+    cost = {m: StepCost(m, Cluster.of(load_gpu("H100"), 4), Layout(tp=4), stage_shape(m, Layout(tp=4), "bf16"),
+                        DEFAULT, EngineKnobs()) for m in (fp8, mixed)}
+    tokens = 2048
+    attention = fp8.num_layers * fp8.attention_params_per_layer / 4     # on each of the 4 GPUs
+    flops = 2 * attention * (tokens + DEFAULT.gemm_ramp_tokens)
+    extra = flops / cost[mixed].bf16_rate - flops / cost[mixed].gemm_rate
+    assert cost[mixed].lines(0, tokens).c0 - cost[fp8].lines(0, tokens).c0 == pytest.approx(extra)
+    assert cost[mixed].lines(64).m0 - cost[fp8].lines(64).m0 == pytest.approx(attention / cost[fp8].weight_bw)
+
+
 @pytest.mark.parametrize("name, as_bf16, read_share", [
     ("gpt-oss-120b", {"expert_dtype": None}, 0.5),                               # 4.25-bit experts read, not 16
     # 8-bit weights read, not 16, at `fp8_block_gemm` of the bandwidth (block-scaled kernels read slower)

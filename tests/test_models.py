@@ -46,6 +46,41 @@ def test_fp8_checkpoint_halves_the_linear_weights():
     assert fp8.weight_bytes == pytest.approx(fp8.total_params + fp8.embedding_params, rel=1e-9)
 
 
+LLAMA4_FP8 = {"num_hidden_layers": 4, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "intermediate_size": 128, "vocab_size": 1000, "num_local_experts": 4, "num_experts_per_tok": 1}
+
+
+@pytest.mark.parametrize("quant, unquantized", [
+    # compressed-tensors names every module it leaves alone (RedHatAI's Llama-4 FP8-dynamic: q/k/v/o of each
+    # language-model layer, the routers, the vision tower)
+    ({"quant_method": "compressed-tensors", "ignore": [
+        *(f"language_model.model.layers.{i}.self_attn.{p}_proj" for i in range(4) for p in "qkvo"),
+        "vision_model.model.layers.0.self_attn.q_proj", "language_model.lm_head"]}, 4),
+    ({"quant_method": "compressed-tensors", "ignore": ["re:.*self_attn.*", "lm_head"]}, 4),
+    ({"quant_method": "fp8", "ignored_layers": ["model.layers.0.self_attn", "model.layers.1.self_attn"]}, 2),
+    ({"quant_method": "modelopt", "quant_algo": "FP8", "exclude_modules": ["*.layers.3.self_attn*"]}, 1),
+    # the vision tower's attention and the LM head stay out of the language model's count
+    ({"quant_method": "compressed-tensors", "ignore": ["vision_model.model.layers.0.self_attn.q_proj",
+                                                       "lm_head"]}, 0),
+])
+def test_attention_a_quantized_checkpoint_leaves_in_bf16_is_read_in_bf16(quant, unquantized):
+    m = model_from_hf_config({**LLAMA4_FP8, "quantization_config": quant}, "m")
+    all_fp8 = model_from_hf_config({**LLAMA4_FP8, "quantization_config": {"quant_method": "fp8"}}, "m")
+    assert m.weight_dtype == "fp8" and m.unquantized_attention_layers == unquantized
+    # each unquantized attention weight costs its second byte; the rest stays one byte a weight
+    assert m.non_expert_layer_bytes - all_fp8.non_expert_layer_bytes == unquantized * m.attention_params_per_layer
+
+
+def test_an_ignore_list_in_a_bf16_checkpoint_changes_nothing_and_a_bad_one_is_one_clear_error():
+    quant = {"quant_method": "bitsandbytes-like", "modules_to_not_convert": ["self_attn"]}
+    plain = model_from_hf_config({**LLAMA4_FP8, "quantization_config": quant}, "m")
+    assert plain.weight_dtype == "bf16" and plain.unquantized_attention_params == 0
+    for quant, message in ((dict(quant_method="compressed-tensors", ignore="lm_head"), "lists of module names"),
+                           (dict(quant_method="compressed-tensors", ignore=["re:(self_attn"]), "bad regex")):
+        with pytest.raises(UserError, match=message):
+            model_from_hf_config({**LLAMA4_FP8, "quantization_config": quant}, "m")
+
+
 def test_gpt_oss_sliding_layers_do_not_grow_the_cache():
     m = load_model("gpt-oss-120b")
     assert m.num_sliding_layers == 18 and m.sliding_window == 128

@@ -138,6 +138,10 @@ class StepCost:
         # The weights one token multiplies on this GPU's share of the stage, outside the routed experts and in them.
         self.dense_params = (model.compute_params_per_token - lm_head - model.num_moe_layers
                              * model.experts_per_token * model.expert_params) * frac / self.tp
+        # Attention projections a quantized checkpoint leaves in BF16 multiply at the BF16 rate: counted among
+        # weights of the quantized rate, each weighs gemm_rate / bf16_rate of one.
+        self.dense_params += (model.unquantized_attention_params * frac / self.tp
+                              * (self.gemm_rate / self.bf16_rate - 1))
         expert_params = model.experts_per_token * model.expert_params * shape.moe_layers / self.tp
         self.expert_params = expert_params * (eff.expert_imbalance if self.ep > 1 else 1.0)
         # The LM head runs on the hidden state of each sequence's last scheduled token only, not on every prompt

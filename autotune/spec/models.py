@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import json
 import re
 from dataclasses import dataclass, asdict, replace
@@ -45,6 +46,9 @@ class ModelSpec:
     # FP8 weights with one scale per block of weights (quantization_config.weight_block_size, 128x128 in
     # DeepSeek-V3/R1 and Qwen3-*-FP8) rather than per tensor or channel: vLLM runs them through block-scaled GEMMs.
     block_quantized: bool = False
+    # Layers whose attention projections a quantized checkpoint leaves unquantized (its ignore list; RedHatAI's
+    # Llama-4 FP8-dynamic keeps q/k/v/o in BF16): vLLM runs them through its unquantized linear method.
+    unquantized_attention_layers: int = 0
     # Multi-head latent attention (DeepSeek): the compressed KV is cached instead of K and V.
     kv_lora_rank: int = 0
     q_lora_rank: int = 0
@@ -66,7 +70,7 @@ class ModelSpec:
         bad += [f for f in ("intermediate_size", "num_experts", "experts_per_token", "num_shared_experts",
                             "first_dense_layers", "moe_intermediate_size", "kv_lora_rank", "q_lora_rank",
                             "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "sliding_window",
-                            "num_sliding_layers") if getattr(self, f) < 0]
+                            "num_sliding_layers", "unquantized_attention_layers") if getattr(self, f) < 0]
         if bad:
             raise UserError(f"model {self.name}: {', '.join(bad)} must be positive")
         if self.num_heads % self.num_kv_heads:
@@ -78,8 +82,8 @@ class ModelSpec:
             raise UserError(f"model {self.name}: a mixture of experts needs moe_intermediate_size")
         if not self.num_experts and not self.intermediate_size:
             raise UserError(f"model {self.name}: intermediate_size must be positive")
-        if self.first_dense_layers > self.num_layers or self.num_sliding_layers > self.num_layers:
-            raise UserError(f"model {self.name}: more dense or sliding layers than layers")
+        if max(self.first_dense_layers, self.num_sliding_layers, self.unquantized_attention_layers) > self.num_layers:
+            raise UserError(f"model {self.name}: more dense, sliding or unquantized-attention layers than layers")
         for dtype in (self.weight_dtype, self.kv_dtype, self.expert_dtype or self.weight_dtype):
             if dtype not in DTYPE_BYTES:
                 raise UserError(f"model {self.name}: unknown dtype {dtype}")
@@ -145,6 +149,12 @@ class ModelSpec:
                 + self.num_moe_layers * moe_layer)
 
     @property
+    def unquantized_attention_params(self) -> int:
+        """Attention projection weights held in BF16 in a quantized checkpoint (none when nothing is quantized)."""
+        quantized = DTYPE_BYTES[self.weight_dtype] < DTYPE_BYTES["bf16"]
+        return self.unquantized_attention_layers * self.attention_params_per_layer if quantized else 0
+
+    @property
     def total_params(self) -> int:
         return self.non_expert_layer_params + self.routed_expert_params + self.embedding_params
 
@@ -175,7 +185,8 @@ class ModelSpec:
 
     @property
     def non_expert_layer_bytes(self) -> float:
-        return self.non_expert_layer_params * self.weight_bytes_per_param
+        bf16_extra = DTYPE_BYTES["bf16"] - self.weight_bytes_per_param
+        return self.non_expert_layer_params * self.weight_bytes_per_param + self.unquantized_attention_params * bf16_extra
 
     @property
     def weight_bytes(self) -> float:
@@ -229,6 +240,35 @@ def _weight_dtype(cfg: dict) -> tuple[str, str | None]:
     return ("fp32" if "32" in dtype else "fp16" if "float16" == dtype else "bf16"), None
 
 
+# The keys under which quantization configs list the modules they leave unquantized: compressed-tensors `ignore`
+# (exact names or `re:` regexes), vLLM fp8 `ignored_layers` (prefixes), ModelOpt `exclude_modules` (wildcards),
+# transformers' `modules_to_not_convert` (substrings).
+_IGNORE_KEYS = ("ignore", "ignored_layers", "exclude_modules", "modules_to_not_convert")
+
+
+def _ignored(entry: str, name: str) -> bool:
+    if entry.startswith("re:"):
+        return re.match(entry[3:], name) is not None     # compressed-tensors: re.match on the module name
+    if any(c in entry for c in "*?["):
+        return fnmatch.fnmatchcase(name, entry)
+    return entry in name
+
+
+def _unquantized_attention_layers(quant: dict, num_layers: int, source: str) -> int:
+    """How many decoder layers' attention projections the quantization config leaves unquantized, probed on each
+    layer's q_proj under the module names of text models and of multimodal wrappers (language_model.*)."""
+    lists = [quant.get(key) or [] for key in _IGNORE_KEYS]
+    entries = [e for names in lists if isinstance(names, list) for e in names]
+    if not all(isinstance(names, list) for names in lists) or not all(isinstance(e, str) for e in entries):
+        raise UserError(f"{source}: quantization_config's ignore lists must be lists of module names")
+    try:
+        return sum(1 for i in range(num_layers)
+                   if any(_ignored(e, f"{prefix}model.layers.{i}.self_attn.q_proj")
+                          for e in entries for prefix in ("", "language_model.")))
+    except re.error as exc:
+        raise UserError(f"{source}: quantization_config: a bad regex in its ignore list ({exc})") from None
+
+
 def model_from_hf_config(cfg: dict, name: str, source: str = "config.json") -> ModelSpec:
     """Build a ModelSpec from the keys of a Hugging Face config.json (Llama, Qwen, Mixtral, DeepSeek, gpt-oss)."""
     if "text_config" in cfg:
@@ -275,6 +315,8 @@ def model_from_hf_config(cfg: dict, name: str, source: str = "config.json") -> M
         weight_dtype=weight_dtype,
         expert_dtype=expert_dtype,
         block_quantized=weight_dtype == "fp8" and bool((cfg.get("quantization_config") or {}).get("weight_block_size")),
+        unquantized_attention_layers=_unquantized_attention_layers(cfg.get("quantization_config") or {},
+                                                                   get("num_hidden_layers"), source),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         max_position_embeddings=get("max_position_embeddings", default=131072),
         num_experts=num_experts,
