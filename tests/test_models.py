@@ -134,6 +134,9 @@ def test_a_catalog_entry_is_found_by_its_hub_id():
     ("Mistral-Small-24B", 23.6, "mistralai/Mistral-Small-24B-Instruct-2501"),
     ("Gemma-3-27B", 27.0, "google/gemma-3-27b-it"), ("gpt-oss-20b", 20.9, "openai/gpt-oss-20b"),
     ("Qwen3-Coder-30B-A3B", 30.5, "Qwen/Qwen3-Coder-30B-A3B-Instruct"), ("Kimi-K2", 1030, "moonshotai/Kimi-K2-Instruct"),
+    # 109 B published with the vision tower (about 1 B) that a text workload never runs
+    ("Llama-4-Scout-17B-16E", 108, "meta-llama/Llama-4-Scout-17B-16E-Instruct"),
+    ("Llama-4-Scout-17B-16E-FP8", 108, "RedHatAI/Llama-4-Scout-17B-16E-Instruct-FP8-dynamic"),
 ])
 def test_added_catalog_models_have_their_published_sizes_and_hub_ids(name, total_b, hub):
     m = load_model(name)
@@ -141,6 +144,9 @@ def test_added_catalog_models_have_their_published_sizes_and_hub_ids(name, total
     assert m.derived()["total_params"] == pytest.approx(total_b * 1e9, rel=0.03)
     if name == "Kimi-K2":
         assert m.is_mla and m.num_experts == 384 and m.num_heads == 64
+    if name.startswith("Llama-4-Scout"):
+        assert m.active_params == pytest.approx(17e9, rel=0.03) and m.num_shared_experts == 1
+        assert m.unquantized_attention_layers == (48 if name.endswith("FP8") else 0)
     if name == "Gemma-3-27B":
         assert m.num_sliding_layers == 52 and m.sliding_window == 1024
 
