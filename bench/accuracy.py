@@ -24,6 +24,7 @@ import math
 import os
 import statistics
 import sys
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -117,10 +118,14 @@ def _fold_job(args):
 
 
 def folds_of(runs: list[Run], k: int) -> list[list[str]]:
+    """The sources in k folds (k <= 0 or at least the sources: one fold each). A source's fold follows from its name
+    alone (CRC-32 mod k): a source added to the set joins a fold and leaves the others where they were, so the
+    figures of one round compare with the next (dealing the sorted names round-robin reshuffled every fold)."""
     sources = sorted({r.source for r in runs})
     if k <= 0 or k >= len(sources):
         return [[s] for s in sources]
-    return [sources[i::k] for i in range(k)]
+    folds = [[s for s in sources if zlib.crc32(s.encode()) % k == i] for i in range(k)]
+    return [fold for fold in folds if fold]
 
 
 def cross_validate(runs: list[Run], k: int) -> list:
