@@ -3,8 +3,9 @@
 Every run of the validation set (bench/validation/rows_*.csv, public sources with links, and the shared sim-to-real
 training runs) replays through the same code path as `autotune predict`. Errors are always out of sample:
 
-* cross-validated by source: the sources are dealt into folds (one fold per source with --folds 0); for each fold the
-  efficiency factors are fitted on every other fold and the fold's runs are predicted with them;
+* cross-validated by source: each source falls into a fold by its name (folds_of; one fold per source with --folds
+  0); for each fold the efficiency factors are fitted on every other fold and the fold's runs are predicted with
+  them;
 * the test split is scored with the shipped defaults (autotune/sim/calibration.py: the first-principles priors,
   with the frontend latency fitted on the training split, bench/validation/train_sources.txt and the shared runs;
   --fit-defaults fits on that split, every factor or those --only names, and scores that fit instead).
@@ -200,7 +201,8 @@ def print_stages(runs: list[Run], cal: Calibration) -> None:
                 growth = (f"{m / last[key][0] - 1:+15.1%} {p / last[key][1] - 1:+9.1%}"
                           if key in last and p and last[key][1] else "")
                 err = f"{p / m - 1:+7.1%}" if p else "  infeasible"
-                print(f"  {run.label[:52]:52s} {i:5d} {stage.rate:6.2f} {key:12s} {m:9.4g} {(p or 0):9.4g} {err} {growth}")
+                print(f"  {run.label[:52]:52s} {i:5d} {stage.rate:6.2f} {key:12s} {m:9.4g} {(p or 0):9.4g} {err} "
+                      f"{growth}")
                 last[key] = (m, p or 0.0)
 
 

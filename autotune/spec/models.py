@@ -185,8 +185,9 @@ class ModelSpec:
 
     @property
     def non_expert_layer_bytes(self) -> float:
-        bf16_extra = DTYPE_BYTES["bf16"] - self.weight_bytes_per_param
-        return self.non_expert_layer_params * self.weight_bytes_per_param + self.unquantized_attention_params * bf16_extra
+        bf16_extra = DTYPE_BYTES["bf16"] - self.weight_bytes_per_param     # an unquantized weight's second byte
+        return (self.non_expert_layer_params * self.weight_bytes_per_param
+                + self.unquantized_attention_params * bf16_extra)
 
     @property
     def weight_bytes(self) -> float:
