@@ -408,3 +408,36 @@ def test_the_compiled_cache_is_dropped_when_any_simulator_source_changes(tmp_pat
     with open(src / "autotune" / "sim" / "costs.py", "a") as f:
         f.write("\n# an edit\n")
     assert cache_dir() == marker.parent and not marker.exists()      # costs.py edited: emptied
+
+
+def test_under_async_scheduling_a_request_arriving_mid_step_waits_for_the_step_after_next():
+    """vLLM's engine core with async scheduling decides step k+1 while step k runs (step_with_batch_queue,
+    vllm/v1/engine/core.py): a request that reaches a busy engine mid-step joins one step later than a synchronous
+    engine would take it, so its TTFT is one decode step longer; an idle engine takes it at once either way. The
+    CPU overheads are zeroed so that both engines' steps take the same time."""
+    from dataclasses import replace
+
+    from autotune.sim.engine import EngineLimits, simulate
+
+    m, layout = load_model("Llama-3.1-8B"), Layout()
+    eff = replace(DEFAULT, step_overhead_s=0.0, seq_overhead_s=0.0)
+    costs = {on: StepCost(m, Cluster.of(load_gpu("H200"), 1), layout, stage_shape(m, layout, "bf16"), eff,
+                          EngineKnobs(async_scheduling=on)) for on in (True, False)}
+    limits = EngineLimits(max_num_seqs=64, max_num_batched_tokens=2048, kv_capacity_tokens=1_000_000, block_size=16,
+                          kv_tokens_per_seq=0.0)
+
+    def ttft(cost, arrival, background):
+        n = background + 1
+        prompt, output = np.full(n, 128), np.full(n, 4000)
+        output[-1] = 8
+        times = np.zeros(n)
+        times[-1] = arrival
+        r = simulate(cost, limits, 1, prompt, output, times, None, 0, "poisson", 0, "least-loaded", 0)
+        return r.first_token[-1] - r.arrival[-1]
+
+    for at in (0.3, 0.5117, 0.77):      # mid-decode of 4 running requests
+        # The step it waits: 4 decoding requests, each ~at / 6 ms tokens in by then (a step takes ~6 ms).
+        step = costs[True].step_time(4, 4 * (128 + at / 0.006))[0]
+        extra = ttft(costs[True], at, 4) - ttft(costs[False], at, 4)
+        assert extra == pytest.approx(step, rel=0.05)
+    assert ttft(costs[True], 0.5, 0) == pytest.approx(ttft(costs[False], 0.5, 0), abs=1e-12)   # idle engine

@@ -151,12 +151,14 @@ def descend(eff: Efficiency, bounds: dict[str, tuple[float, float]], loss: Calla
 # alone (`python bench/accuracy.py --fit-defaults OUT --only frontend_latency_s`; the test split never informs it):
 # the client's round trip outside the engine, which the priors held at the server's part (HTTP and the ZMQ hop: +4
 # ms online against offline, tenstorrent/tt-inference-server issue #190) while a client also waits for the first
-# token's way back (detokenisation, SSE, its own event loop). A fit of every factor on that split is not shipped: it
-# drives the TP costs to their bounds (link 1.0, custom all-reduce 3 us, tp_bw_loss 0.02), then ranks TP8 above
-# DP2xTP4 for a 32B model and above PP with low TP for DeepSeek-R1 on 8 H200, against the study's measured
-# findings, and does worse out of sample (README, "Accuracy").
+# token's way back (detokenisation, SSE, its own event loop). Since the engine admits a request arriving mid-step
+# under async scheduling one step later (engine._advance), the fit lands at its lower bound, 1 ms: the step a prompt
+# rides in is priced high at a few hundred rows, and the frontend absorbs it (README, "Accuracy"). A fit of every
+# factor on that split is not shipped: it drives the TP costs to their bounds (link 1.0, custom all-reduce 3 us,
+# tp_bw_loss 0.02), then ranks TP8 above DP2xTP4 for a 32B model and above PP with low TP for DeepSeek-R1 on 8 H200,
+# against the study's measured findings, and does worse out of sample (README, "Accuracy").
 PRIOR_EFFICIENCY = Efficiency()
-DEFAULT = replace(PRIOR_EFFICIENCY, frontend_latency_s=6.25e-3)
+DEFAULT = replace(PRIOR_EFFICIENCY, frontend_latency_s=1e-3)
 
 # Per-GPU factors (from a calibration file or a future fit on the training split).
 BUILTIN_PER_GPU: tuple[tuple[str, Efficiency], ...] = ()

@@ -302,7 +302,7 @@ class StepCost:
     def params(self) -> np.ndarray:
         """The scalars the compiled formulas need beside a step's lines (indexed by the P_* constants)."""
         return np.array([self.pp, self.serial, float(self.overlapped), self.flop_scale, self.bw_scale, self.kv_scale,
-                         self.attn_flops_per_ctx / self.bf16_rate])
+                         self.attn_flops_per_ctx / self.bf16_rate, float(self.async_scheduling)])
 
     def ingress_s(self, prompt_tokens: float) -> float:
         """From a request's send to its arrival in the engine core, when it finds its API server's tokeniser idle."""
@@ -346,7 +346,7 @@ class StepTable(NamedTuple):
 
 # Columns of StepTable.decode and entries of StepCost.params.
 D_C0, D_C1, D_M0, D_M1, D_COMM, D_KERNELS, D_OVERHEAD, D_FLOOR, D_MB, D_COMM_SEQS, D_LOGITS = range(11)
-P_PP, P_SERIAL, P_OVERLAPPED, P_FLOP_SCALE, P_BW_SCALE, P_KV_SCALE, P_PREFILL_ATTN = range(7)
+P_PP, P_SERIAL, P_OVERLAPPED, P_FLOP_SCALE, P_BW_SCALE, P_KV_SCALE, P_PREFILL_ATTN, P_ASYNC = range(8)
 
 # Where the time of a run of steps went: indexes into the tuples decode_run returns.
 TOTAL, COMPUTE, WEIGHTS, KV, COMM, KERNELS, OVERHEAD, BUBBLE, IDEAL = range(9)

@@ -5,7 +5,8 @@ set is fixed, so the decode steps in between are summed in closed form (costs.de
 vllm/v1/core/sched/scheduler.py: running requests first, one token each; then waiting requests in FCFS order
 while there are sequence slots, token budget and free KV blocks; when a running request cannot get a block, the
 most recently admitted one is preempted, frees its blocks and goes back to the head of the queue, to be
-recomputed (prompt plus the tokens it had generated) when it is admitted again.
+recomputed (prompt plus the tokens it had generated) when it is admitted again. With async scheduling the next
+step is decided while this one runs, so a request arriving mid-step joins the step after next (_advance).
 
 The engine is compiled (numba): a capacity-trap run takes thousands of events, each a few array updates. Its state
 lives in arrays: per request (`rq`, `rqf`: the columns below), per replica (`ri`, `rf`), the replicas' queues as
@@ -21,8 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from autotune.sim.costs import (BUBBLE, COMPUTE, D_MB, IDEAL, OVERHEAD, PHASE_FIELDS, TOTAL, StepCost, decode_run,
-                                mixed_step, steps_within)
+from autotune.sim.costs import (BUBBLE, COMPUTE, D_MB, IDEAL, OVERHEAD, P_ASYNC, PHASE_FIELDS, TOTAL, StepCost,
+                                decode_run, mixed_step, steps_within)
 
 INF = np.inf
 MODES = {"batch": 0, "concurrency": 1, "poisson": 2, "constant": 2}
@@ -41,8 +42,9 @@ ARRIVAL, AT_ENGINE, FIRST, FINISH = range(4)
 # Per-replica integer state.
 G, NRUN, NDEC, ASUM, PF_ALLOC, PF_LEFT, PREFIX_HELD, SHARED, DRAIN_OK, PREEMPTIONS, JUST_PREEMPTED, RHEAD, RTAIL, \
     WHEAD, WTAIL, NWAIT, FHEAD, FTAIL, NFUT, PHEAD, PTAIL, KV_BLOCKED, NEXT_VERSION = range(23)
-# Per-replica float state; the time split (PHASE_FIELDS) follows from SPLIT on.
-CLOCK, KV_AREA, KV_PEAK, KV_LIMITED, SPLIT = range(5)
+# Per-replica float state; the time split (PHASE_FIELDS) follows from SPLIT on. SCHEDULED: when the scheduler
+# decided the step that starts at CLOCK (_advance).
+CLOCK, SCHEDULED, KV_AREA, KV_PEAK, KV_LIMITED, SPLIT = range(6)
 # Engine limits.
 L_SEQS, L_TOKENS, L_CAP, L_PREFIX_HIT, L_OWN_CACHED = range(5)
 NONE = -1
@@ -265,6 +267,24 @@ def _record(ri, rf, r, lim, per_seq, series):
 
 
 @njit(cache=True)
+def _advance(rf, r, total, last, params):
+    """Engine r's clock passes steps that took `total` seconds, the last of them `last`. A synchronous engine decides
+    its next step when the last ends; with async scheduling it decided it when the last began (EngineCore's
+    step_with_batch_queue schedules step k+1 and only then blocks on step k's output, vllm/v1/engine/core.py), so a
+    request that arrives during a step waits for the next one too."""
+    rf[r, CLOCK] += total
+    rf[r, SCHEDULED] = rf[r, CLOCK] - last if params[P_ASYNC] > 0 else rf[r, CLOCK]
+
+
+@njit(cache=True)
+def _idle_until(rf, r, t):
+    """Engine r, with no step in flight, waits until t: it schedules as soon as work arrives."""
+    if t > rf[r, CLOCK]:
+        rf[r, CLOCK] = t
+    rf[r, SCHEDULED] = rf[r, CLOCK]
+
+
+@njit(cache=True)
 def _home(rid, dp):
     """The engine that holds request rid's own cached prefix: where its earlier turn or run was routed, unrelated to
     where the load balancer sends it now (Knuth's multiplicative hash spreads the ids evenly)."""
@@ -394,7 +414,7 @@ def _mixed_step(rq, rqf, ri, rf, r, lim, per_seq, decode, mixed, params, heap, s
     rf[r, SPLIT + TOTAL] += stall
     rf[r, SPLIT + BUBBLE] += stall
     dt += stall
-    rf[r, CLOCK] += dt
+    _advance(rf, r, dt, dt, params)
     rf[r, KV_AREA] += _used(ri, rf, r, per_seq) * dt
     if waiting_blocked:
         rf[r, KV_LIMITED] += dt
@@ -428,13 +448,14 @@ def _mixed_step(rq, rqf, ri, rf, r, lim, per_seq, decode, mixed, params, heap, s
 
 
 @njit(cache=True)
-def _decode_steps(rq, rqf, ri, rf, r, lim, per_seq, heap, done_times, out, phase, k, stall, n_out):
+def _decode_steps(rq, rqf, ri, rf, r, lim, per_seq, heap, done_times, out, phase, k, stall, last, params, n_out):
     """k decode steps of engine r's running requests whose time split is `phase` (decode_run's), plus `stall`
-    waiting for the other engines of a lockstep group; completions go to out[n_out:], returns the new count."""
+    waiting for the other engines of a lockstep group, the last step taking `last`; completions go to out[n_out:],
+    returns the new count."""
     n = ri[r, NDEC]
     used = _used(ri, rf, r, per_seq)
     total = phase[TOTAL] + stall
-    rf[r, CLOCK] += total
+    _advance(rf, r, total, last, params)
     for i in range(len(phase)):
         rf[r, SPLIT + i] += phase[i]
     rf[r, SPLIT + TOTAL] += stall
@@ -492,7 +513,7 @@ def _drain(rq, rqf, ri, rf, r, lim, per_seq, decode, params, heap, done_times, i
         rq[rid, VERSION] = 0
         rq[rid, CACHED] = 0
         _run_remove(rq, ri, r, rid)
-    rf[r, CLOCK] = clock + elapsed
+    _idle_until(rf, r, clock + elapsed)      # nothing is left to schedule on it
     ri[r, G] = live[n0 - 1][0]
     heap.clear()
     ri[r, NDEC], ri[r, ASUM], ri[r, SHARED] = 0, 0, 0
@@ -513,7 +534,7 @@ def _step(rq, rqf, ri, rf, r, lim, per_seq, decode, mixed, params, heap, seen, d
     k = _decode_room(rq, ri, rf, r, lim, per_seq, heap)
     if not k:
         if not ri[r, NDEC] and not ri[r, NWAIT] and ri[r, NFUT]:
-            rf[r, CLOCK] = max(rf[r, CLOCK], rqf[ri[r, FHEAD], AT_ENGINE])     # idle until its next arrival
+            _idle_until(rf, r, rqf[ri[r, FHEAD], AT_ENGINE])     # idle until its next arrival
         return 0
     # The one-pass drain needs the KV cache to last at least until the first completion (cheap to check, and in
     # the capacity trap it never does).
@@ -526,9 +547,16 @@ def _step(rq, rqf, ri, rf, r, lim, per_seq, decode, mixed, params, heap, seen, d
     k = _decode_horizon(rqf, ri, rf, r, decode, params, k, t_limit)
     phase = decode_run(decode[n], params, n, ri[r, ASUM] + n * ri[r, G], k)
     itl.append((phase[TOTAL] / k, float(n * k)))
-    n_out = _decode_steps(rq, rqf, ri, rf, r, lim, per_seq, heap, done_times, out, phase, k, 0.0, 0)
+    n_out = _decode_steps(rq, rqf, ri, rf, r, lim, per_seq, heap, done_times, out, phase, k, 0.0,
+                          _last_step(decode, params, n, ri[r, ASUM] + n * ri[r, G], k, phase[TOTAL]), params, 0)
     _record(ri, rf, r, lim, per_seq, series)
     return n_out
+
+
+@njit(cache=True)
+def _last_step(decode, params, n, context0, k, total):
+    """The time of the last of a run of k decode steps that took `total`."""
+    return total if k == 1 else total - decode_run(decode[n], params, n, context0, k - 1)[TOTAL]
 
 
 @njit(cache=True)
@@ -549,11 +577,11 @@ def _decode_room(rq, ri, rf, r, lim, per_seq, heap):
 
 @njit(cache=True)
 def _schedule(rq, rqf, ri, rf, r, lim, per_seq, seen):
-    """The scheduler's start of a step on engine r: the requests that reached it join its queue, and the queue is
-    admitted while slots, tokens and KV blocks last."""
+    """The scheduler's start of a step on engine r: the requests that reached it by the time this step was decided
+    join its queue, and the queue is admitted while slots, tokens and KV blocks last."""
     if not (ri[r, NFUT] or ri[r, NWAIT] or ri[r, JUST_PREEMPTED]):
         return      # nobody to admit (and KV_BLOCKED already 0: only a queue waiting for room sets it)
-    while ri[r, NFUT] and rqf[ri[r, FHEAD], AT_ENGINE] <= rf[r, CLOCK]:
+    while ri[r, NFUT] and rqf[ri[r, FHEAD], AT_ENGINE] <= rf[r, SCHEDULED]:
         _enqueue(rq, ri, r, _dequeue(rq, ri, r, FNEXT, FHEAD, FTAIL, NFUT), WNEXT, WHEAD, WTAIL, NWAIT)
     if not ri[r, JUST_PREEMPTED]:   # vLLM admits nobody in a step that had to preempt
         _admit(rq, ri, rf, r, lim, per_seq, seen)
@@ -599,7 +627,8 @@ def _round(rq, rqf, ri, rf, lim, per_seq, decode, mixed, params, heaps, seen, do
     for r in range(dp):
         if not _busy(ri, r):
             continue
-        rf[r, CLOCK] = max(rf[r, CLOCK], t)
+        if t > rf[r, CLOCK]:
+            _idle_until(rf, r, t)
         _schedule(rq, rqf, ri, rf, r, lim, per_seq, seen)
         if ri[r, PHEAD] != NONE:
             if _prefill_fits(rq, ri, rf, r, lim, per_seq):
@@ -628,14 +657,18 @@ def _round(rq, rqf, ri, rf, lim, per_seq, decode, mixed, params, heaps, seen, do
     own = np.zeros(dp)
     phases = np.zeros((dp, len(PHASE_FIELDS)))
     decoded = 0
+    last = 0.0      # the group's last step: its slowest engine's
     for r in range(dp):
         n = ri[r, NDEC]
         if kind[r] == 1:
-            phases[r] = decode_run(decode[n], params, n, ri[r, ASUM] + n * ri[r, G], k)
+            context0 = ri[r, ASUM] + n * ri[r, G]
+            phases[r] = decode_run(decode[n], params, n, context0, k)
             own[r] = phases[r, TOTAL]
+            last = max(last, _last_step(decode, params, n, context0, k, own[r]))
             decoded += n * k
         elif kind[r] == 2:
             own[r] = _mixed_cost(ri, r, decode, mixed, params, chunk[r], attn[r], group_tokens)[0]
+            last = max(last, own[r])
     slowest = own.max()
     if decoded:     # every decoding engine's tokens waited the group's steps
         itl.append((slowest / k, float(decoded)))
@@ -646,12 +679,12 @@ def _round(rq, rqf, ri, rf, lim, per_seq, decode, mixed, params, heaps, seen, do
                                 itl, series, out, group_tokens, slowest - own[r], n_out)
         elif kind[r] == 1:
             done = _decode_steps(rq, rqf, ri, rf, r, lim, per_seq, heaps[r], done_times, out, phases[r], k,
-                                 slowest - own[r], n_out)
+                                 slowest - own[r], last, params, n_out)
             if done > n_out:    # the series shows each engine at its own events, not at every step of the group
                 _record(ri, rf, r, lim, per_seq, series)
             n_out = done
         elif _busy(ri, r):
-            rf[r, CLOCK] = max(rf[r, CLOCK], t + slowest)
+            _idle_until(rf, r, t + slowest)
     return n_out
 
 
