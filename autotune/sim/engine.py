@@ -555,8 +555,11 @@ def _step(rq, rqf, ri, rf, r, lim, per_seq, decode, mixed, params, heap, seen, d
 
 @njit(cache=True)
 def _last_step(decode, params, n, context0, k, total):
-    """The time of the last of a run of k decode steps that took `total`."""
-    return total if k == 1 else total - decode_run(decode[n], params, n, context0, k - 1)[TOTAL]
+    """The time of the last of a run of k decode steps that took `total` (what _advance needs under async
+    scheduling; a synchronous engine never asks, so it is not computed)."""
+    if k == 1 or params[P_ASYNC] == 0:
+        return total
+    return total - decode_run(decode[n], params, n, context0, k - 1)[TOTAL]
 
 
 @njit(cache=True)
@@ -657,19 +660,20 @@ def _round(rq, rqf, ri, rf, lim, per_seq, decode, mixed, params, heaps, seen, do
     own = np.zeros(dp)
     phases = np.zeros((dp, len(PHASE_FIELDS)))
     decoded = 0
-    last = 0.0      # the group's last step: its slowest engine's
     for r in range(dp):
         n = ri[r, NDEC]
         if kind[r] == 1:
-            context0 = ri[r, ASUM] + n * ri[r, G]
-            phases[r] = decode_run(decode[n], params, n, context0, k)
+            phases[r] = decode_run(decode[n], params, n, ri[r, ASUM] + n * ri[r, G], k)
             own[r] = phases[r, TOTAL]
-            last = max(last, _last_step(decode, params, n, context0, k, own[r]))
             decoded += n * k
         elif kind[r] == 2:
             own[r] = _mixed_cost(ri, r, decode, mixed, params, chunk[r], attn[r], group_tokens)[0]
-            last = max(last, own[r])
     slowest = own.max()
+    # The group's last step: a step with prefill chunks is its only one; a run of decode steps ends with about the
+    # slowest engine's last.
+    s = int(own.argmax())
+    last = slowest if kind[s] != 1 else _last_step(decode, params, ri[s, NDEC], ri[s, ASUM] + ri[s, NDEC] * ri[s, G],
+                                                   k, slowest)
     if decoded:     # every decoding engine's tokens waited the group's steps
         itl.append((slowest / k, float(decoded)))
     n_out = 0
