@@ -125,7 +125,9 @@ def folds_of(runs: list[Run], k: int) -> list[list[str]]:
     sources = sorted({r.source for r in runs})
     if k <= 0 or k >= len(sources):
         return [[s] for s in sources]
-    folds = [[s for s in sources if zlib.crc32(s.encode()) % k == i] for i in range(k)]
+    folds: list[list[str]] = [[] for _ in range(k)]
+    for source in sources:
+        folds[zlib.crc32(source.encode()) % k].append(source)
     return [fold for fold in folds if fold]
 
 

@@ -435,9 +435,10 @@ def test_under_async_scheduling_a_request_arriving_mid_step_waits_for_the_step_a
         r = simulate(cost, limits, 1, prompt, output, times, None, 0, "poisson", 0, "least-loaded", 0)
         return r.first_token[-1] - r.arrival[-1]
 
+    first = costs[True].step_time(4, 4 * 128)[0]
     for at in (0.3, 0.5117, 0.77):      # mid-decode of 4 running requests
-        # The step it waits: 4 decoding requests, each ~at / 6 ms tokens in by then (a step takes ~6 ms).
-        step = costs[True].step_time(4, 4 * (128 + at / 0.006))[0]
+        # The step it waits: that of 4 decoding requests, each about at / first tokens in by then.
+        step = costs[True].step_time(4, 4 * (128 + at / first))[0]
         extra = ttft(costs[True], at, 4) - ttft(costs[False], at, 4)
         assert extra == pytest.approx(step, rel=0.05)
     assert ttft(costs[True], 0.5, 0) == pytest.approx(ttft(costs[False], 0.5, 0), abs=1e-12)   # idle engine
