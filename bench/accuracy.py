@@ -15,7 +15,7 @@ share of pairs (two runs of the same source, model and GPU that differ in layout
 order matches the measured order.
 
     python bench/accuracy.py [--folds K] [--fit-defaults OUT.yaml [--only FACTOR ...]] [--calibration FILE]
-                             [--rows] [--sources] [--stages]
+                             [--rows] [--sources] [--stages] [--factors]
 """
 
 from __future__ import annotations
@@ -115,7 +115,8 @@ def fit(runs: list[Run], start: Calibration = PRIOR, names=tuple(FITTED)) -> Cal
 
 def _fold_job(args):
     train, test = args
-    return errors(test, fit(train))
+    cal = fit(train)
+    return cal, errors(test, cal)
 
 
 def folds_of(runs: list[Run], k: int) -> list[list[str]]:
@@ -131,13 +132,27 @@ def folds_of(runs: list[Run], k: int) -> list[list[str]]:
     return [fold for fold in folds if fold]
 
 
-def cross_validate(runs: list[Run], k: int) -> list:
+def cross_validate(runs: list[Run], k: int) -> tuple[list, list[tuple[list[str], Calibration]]]:
     """Each fold predicted with factors fitted from the priors on the other folds (never from the shipped factors,
-    which saw every training source)."""
+    which saw every training source). Returns the rows and, per fold, its sources and the factors fitted without it."""
     folds = folds_of(runs, k)
     jobs = [([r for r in runs if r.source not in fold], [r for r in runs if r.source in fold]) for fold in folds]
     with ProcessPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
-        return [row for rows in pool.map(_fold_job, jobs) for row in rows]
+        fitted = list(pool.map(_fold_job, jobs))
+    return [row for _, rows in fitted for row in rows], [(fold, cal) for fold, (cal, _) in zip(folds, fitted)]
+
+
+def print_factors(fits: list[tuple[list[str], Calibration]]) -> None:
+    """Per fold, the factors fitted without it where they left the priors: what the fits trade against each
+    other (a factor at a bound is making up for a cost the model gets wrong)."""
+    def moved(eff: Efficiency, start: Efficiency) -> str:
+        return ", ".join(f"{k} {v:.4g}{' (bound)' if v in FITTED[k] else ''}" for k, v in eff.to_dict().items()
+                         if k in FITTED and v != getattr(start, k))
+
+    for fold, cal in fits:
+        print(f"  without {', '.join(fold)}:\n    {moved(cal.base, PRIOR_EFFICIENCY) or 'the priors'}")
+        for gpu, eff in cal.per_gpu:
+            print(f"    {gpu}: {moved(eff, cal.base)}")
 
 
 def summary(rows, title: str) -> None:
@@ -220,6 +235,8 @@ def main() -> None:
                                                           "each stage's means and their growth with the rate")
     ap.add_argument("--sources", action="store_true", help="print the signed and absolute median error per source "
                                                            "and figure")
+    ap.add_argument("--factors", action="store_true", help="print the factors each cross-validation fold fitted "
+                                                           "where they left the priors")
     args = ap.parse_args()
     if args.only and not args.fit_defaults:
         ap.error("--only names the factors --fit-defaults fits")
@@ -255,10 +272,11 @@ def main() -> None:
         print("\nload stages, each replayed alone with the shipped factors (the runs measured in stages are in the "
               "training split: a diagnostic, not an out-of-sample figure)")
         print_stages(runs, base)
-    cv = cross_validate(runs, args.folds)
-    k = len(folds_of(runs, args.folds))
-    summary(cv, f"all runs, cross-validated over {k} folds of sources (each fold predicted with factors fitted on "
-                f"the others)")
+    cv, fits = cross_validate(runs, args.folds)
+    summary(cv, f"all runs, cross-validated over {len(fits)} folds of sources (each fold predicted with factors "
+                f"fitted on the others)")
+    if args.factors:
+        print_factors(fits)
     if args.rows:
         print_rows(cv)
     if args.sources:

@@ -124,6 +124,23 @@ def test_the_accuracy_report_by_source_shows_each_sources_bias(monkeypatch, caps
     assert lines[("fast-src", "throughput", "2")][0] == "+inf%"           # an infeasible run counts as unbounded
 
 
+def test_the_factors_each_fold_fitted_are_shown_where_they_left_the_priors(monkeypatch, capsys):
+    """bench/accuracy.py --factors: per cross-validation fold, the factors fitted without it that moved from the
+    priors, a bound marked as such, and a GPU's own factors; a fold whose fit kept the priors says so."""
+    from pathlib import Path
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    from accuracy import FITTED, PRIOR, print_factors
+
+    moved = PRIOR.base.with_overrides({"hbm": FITTED["hbm"][1], "step_overhead_s": 3e-3}, "test")
+    mi300x = moved.with_overrides({"flops": 0.45}, "test")
+    print_factors([(["src-a"], Calibration(moved, (("MI300X", mi300x),), "fit")), (["src-b", "src-c"], PRIOR)])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].strip() == "without src-a:"
+    assert out[1].strip() == "hbm 0.95 (bound), step_overhead_s 0.003"
+    assert out[2].strip() == "MI300X: flops 0.45"
+    assert out[3:] == ["  without src-b, src-c:", "    the priors"]
+
+
 def test_the_stages_of_a_staged_run_are_scored_alone_and_by_their_growth(tmp_path, monkeypatch, capsys):
     """bench/accuracy.py --stages: a run measured over two constant-rate stages (the shared sim-to-real runs' format)
     keeps each stage's means, replays each stage alone at its rate, and reports how the means grow with the rate."""
