@@ -72,19 +72,6 @@ def one_cpu_context(tiny_model: Path, tmp_path: Path, output: int = 16, requests
                         str(tmp_path), model_ref=str(tiny_model))
 
 
-def group_pids(pgid: int) -> list[int]:
-    """The live processes of a process group (a server and the engine core and workers it started)."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            pids.append(int(stat.parent.name))
-    return pids
-
-
 def vllm_processes() -> list[str]:
     """Live vLLM processes (a zombie holds nothing and is its parent's to reap)."""
     out = subprocess.run(["ps", "-eo", "pid,stat,args"], capture_output=True, text=True).stdout.splitlines()
@@ -259,7 +246,7 @@ def test_a_hung_server_fails_its_trial_with_the_failed_request_count(tiny_model,
             if busy >= 4:    # a few seconds into the load, so that some requests have usually completed
                 os.killpg(backend.proc.pid, signal.SIGSTOP)    # the API server and its engine core: hung, not dead
                 stopped = True
-                group = group_pids(backend.proc.pid)
+                group = vllm_backend.group_pids(backend.proc.pid)
                 assert len(group) >= 2 and all(os.sched_getaffinity(p) <= set(split.server) for p in group)
                 # With one core allowed there is none to spare.
                 assert len(os.sched_getaffinity(0)) == 1 or not set(split.client) & set(split.server)

@@ -122,16 +122,18 @@ def _this_thread_on(cores: tuple[int, ...] | None):
         os.sched_setaffinity(0, before)
 
 
-def _group_alive(pgid: int) -> bool:
-    """Whether a process of this group still runs (zombies do not count: their parent may never reap them)."""
+def group_pids(pgid: int) -> list[int]:
+    """The live processes of a process group: the server and the engine core and workers it started (zombies do
+    not count: their parent may never reap them)."""
+    pids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
         if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
+            pids.append(int(stat.parent.name))
+    return pids
 
 
 def on_cpu() -> bool:
@@ -201,7 +203,7 @@ class VllmBackend:
         except ProcessLookupError:
             return
         deadline = time.time() + 30      # a killed process lingers a moment on a busy machine
-        while _group_alive(proc.pid) and time.time() < deadline:
+        while group_pids(proc.pid) and time.time() < deadline:
             time.sleep(0.1)
 
     # ---- one trial ------------------------------------------------------------------------
