@@ -52,8 +52,11 @@ class NvmlSampler:
         rows = []
         now = time.time()
         for i in self.indices:
-            h = nv.nvmlDeviceGetHandleByIndex(i)
-            mem = nv.nvmlDeviceGetMemoryInfo(h)
+            try:
+                h = nv.nvmlDeviceGetHandleByIndex(i)
+                mem = nv.nvmlDeviceGetMemoryInfo(h)
+            except nv.NVMLError:
+                continue    # a GPU NVML cannot read now is a missed sample, not a failed trial
             try:
                 util = nv.nvmlDeviceGetUtilizationRates(h).gpu / 100
             except nv.NVMLError:

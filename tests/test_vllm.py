@@ -247,7 +247,8 @@ def test_a_hung_server_fails_its_trial_with_the_failed_request_count(tiny_model,
                 os.killpg(backend.proc.pid, signal.SIGSTOP)    # the API server and its engine core: hung, not dead
                 stopped = True
                 group = vllm_backend.group_pids(backend.proc.pid)
-                assert len(group) >= 2 and all(os.sched_getaffinity(p) <= set(split.server) for p in group)
+                threads = [int(t) for p in group for t in os.listdir(f"/proc/{p}/task")]   # OpenMP's as well
+                assert len(group) >= 2 and all(os.sched_getaffinity(t) <= set(split.server) for t in threads)
                 # With one core allowed there is none to spare.
                 assert len(os.sched_getaffinity(0)) == 1 or not set(split.client) & set(split.server)
         if event.kind == "result":
@@ -255,4 +256,34 @@ def test_a_hung_server_fails_its_trial_with_the_failed_request_count(tiny_model,
     assert stopped, "the load never started"
     # With some requests done it is the failed share; with none, the client's timeout: never a COMPLETE trial.
     assert not result.ok and ("requests failed" in result.reason or "client timeout" in result.reason), result.reason
+    assert not vllm_processes()
+
+
+def test_a_server_killed_mid_load_ends_its_timed_load_at_once_with_the_crash(tiny_model, tmp_path):
+    """A constant-rate load has minutes of arrivals left when the server dies: the trial does not wait them out
+    (each would fail on its own at its send time) but reports the crash at the next scrape, and leaves no process."""
+    from dataclasses import replace
+
+    from autotune.spec.layout import EngineKnobs, Layout
+    from autotune.spec.trial import TrialSpec
+    from autotune.trials import vllm_backend
+
+    ctx = one_cpu_context(tiny_model, tmp_path, output=32, requests=300)
+    ctx = replace(ctx, workload=replace(ctx.workload, mode="constant", rate=1.0))     # 300 s of arrivals
+    backend = vllm_backend.VllmBackend()
+    killed_at = result = None
+    samples = 0
+    for event in backend.run(TrialSpec(0, Layout(), EngineKnobs(**CAPPED_KV)), ctx):
+        if event.kind == "series":
+            samples += 1
+            if samples == 3:    # the samples come from the load's own loop: two seconds into it
+                os.killpg(backend.proc.pid, signal.SIGKILL)
+                killed_at = time.monotonic()
+        if event.kind == "result":
+            result = event.payload
+            ended_at = time.monotonic()
+    assert killed_at is not None
+    assert not result.ok and result.reason.startswith("server crash during runtime"), result.reason
+    # What was left of the schedule is over 250 s; the scrape that finds the server gone comes within seconds.
+    assert ended_at - killed_at < 120, ended_at - killed_at
     assert not vllm_processes()

@@ -20,7 +20,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import aiohttp
 
@@ -299,7 +299,8 @@ class VllmBackend:
         t0 = time.time()
         handed: queue.Queue = queue.Queue()
         worker = threading.Thread(target=_load_and_watch, daemon=True,
-                                  args=(base, ctx, self.api_key, sampler, spec.number, client_cores, handed))
+                                  args=(base, ctx, self.api_key, sampler, spec.number, client_cores,
+                                        lambda: self.proc.poll() is None, handed))
         worker.start()
         kv_peak, preemptions, capacity, prefix = 0.0, 0, None, (0, 0)
         # Blocking reads: the thread's put wakes this one (a timed wait can oversleep on a loaded host).
@@ -372,33 +373,40 @@ class _LoadOutcome:
     error: str | None                   # why the load itself failed, if it did
 
 
-def _load_and_watch(base: str, ctx: StudyContext, api_key: str, nvml, number: int,
-                    cores: tuple[int, ...] | None, handed: queue.Queue) -> None:
+def _load_and_watch(base: str, ctx: StudyContext, api_key: str, nvml, number: int, cores: tuple[int, ...] | None,
+                    server_alive: Callable[[], bool], handed: queue.Queue) -> None:
     """Thread body: the workload and the /metrics scrapes on one event loop, so that a scrape is due whenever the
     loop wakes for the load's tokens (no second thread competing for the interpreter, no timer of its own to
-    oversleep). Hands over a sample at the start, one every SCRAPE_S, one after the last request, then the
+    oversleep). Hands over a sample at the start, one every SCRAPE_S, one begun after the last request, then the
     load's outcome. On the CPU platform the thread runs on the cores left to the client."""
-    _pin_this_thread(cores)
     async def main() -> list[RequestRecord]:
+        load = asyncio.create_task(drive(base, SERVED_NAME, ctx.workload, REQUEST_TIMEOUT_S, api_key=api_key))
         finished = asyncio.Event()
+        load.add_done_callback(lambda _: finished.set())
 
         async def watch() -> None:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT_S)) as session:
                 while True:
+                    last = finished.is_set()     # checked before the scrape: the last one begins after the load
                     at = time.time()
-                    handed.put(_Sample(at, await _scrape(session, base), nvml.sample(number) if nvml else None))
-                    if finished.is_set():
+                    metrics = await _scrape(session, base)
+                    handed.put(_Sample(at, metrics, nvml.sample(number) if nvml else None))
+                    if last:
                         return
+                    if metrics is None and not server_alive():
+                        load.cancel()   # the rest of a timed load would only fail, one arrival at a time
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(finished.wait(), max(0.0, SCRAPE_S - (time.time() - at)))
         watcher = asyncio.create_task(watch())
         try:
-            return await drive(base, SERVED_NAME, ctx.workload, REQUEST_TIMEOUT_S, api_key=api_key)
+            return await load
+        except asyncio.CancelledError:
+            return []           # the server died: the trial reports the crash from its log
         finally:
-            finished.set()
             await watcher
     outcome = _LoadOutcome([], None)
     try:
+        _pin_this_thread(cores)
         outcome.records = asyncio.run(main())
     except Exception as exc:    # reported as the trial's failure
         outcome.error = f"{type(exc).__name__}: {exc}"
