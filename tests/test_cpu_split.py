@@ -39,3 +39,9 @@ def test_without_thread_affinity_the_client_shares_every_core(monkeypatch):
     assert split.server == split.client == (0, 1, 2, 3)
     with vllm_backend._this_thread_on(split.server):
         pass
+
+
+def test_the_ranks_get_the_server_cores_one_by_one_whatever_their_numbers(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {8, 2, 4, 6, 10})    # every other core, as a cpuset gives
+    split = vllm_backend.cpu_split(2)
+    assert split.client == (10,) and split.omp_binding(2) == "2,4|6,8"

@@ -97,8 +97,8 @@ class CpuSplit:
         if world <= 1:
             return None
         per = len(self.server) // world
-        return "|".join(f"{self.server[i * per]}-{self.server[i * per + per - 1]}" if per > 1
-                        else str(self.server[i * per]) for i in range(world))
+        # Listed one by one: the allowed cores need not be numbered without gaps.
+        return "|".join(",".join(map(str, self.server[i * per:(i + 1) * per])) for i in range(world))
 
 
 def cpu_split(world: int) -> CpuSplit:
