@@ -193,6 +193,13 @@ def test_nvml_energy_and_samples_count_the_trials_gpus_only(monkeypatch):
     fake.nvmlDeviceGetTotalEnergyConsumption = unsupported
     assert NvmlSampler().energy_j() is None
 
+    def lost(h):        # a GPU fallen off the bus mid-trial: that GPU's sample is missed, the others still come
+        if h == 1:
+            raise NVMLError("GPU is lost")
+        return types.SimpleNamespace(used=h * 2**30, total=80 * 2**30)
+    fake.nvmlDeviceGetMemoryInfo = lost
+    assert [r["gpu"] for r in NvmlSampler().sample()] == [0, 2]
+
 
 @pytest.mark.parametrize("args,message", [
     (["recommend", "--model", "Llama-3.1-8B", "--gpu", "H200", "--gpus", "1", "--goal", "goodput"], "needs an SLO"),

@@ -90,15 +90,16 @@ class CpuSplit:
     """On the CPU platform, the cores the server's processes run on and the cores left to the load generator."""
     server: tuple[int, ...]
     client: tuple[int, ...]
+    ranks: int
 
-    def omp_binding(self, world: int) -> str | None:
+    def omp_binding(self) -> str | None:
         """VLLM_CPU_OMP_THREADS_BIND: the server's cores split evenly between the ranks ('0|1'); one rank is left to
         vLLM's own binding, which keeps a core of them for its engine core and API server where it can."""
-        if world <= 1:
+        if self.ranks <= 1:
             return None
-        per = len(self.server) // world
+        per = len(self.server) // self.ranks
         # Listed one by one: the allowed cores need not be numbered without gaps.
-        return "|".join(",".join(map(str, self.server[i * per:(i + 1) * per])) for i in range(world))
+        return "|".join(",".join(map(str, self.server[i * per:(i + 1) * per])) for i in range(self.ranks))
 
 
 def cpu_split(world: int) -> CpuSplit:
@@ -108,7 +109,8 @@ def cpu_split(world: int) -> CpuSplit:
     cores = tuple(sorted(os.sched_getaffinity(0))) if CAN_PIN else tuple(range(os.cpu_count() or 1))
     if len(cores) < world:
         raise ValueError(f"{world} ranks need {world} CPU cores, {len(cores)} available")
-    return CpuSplit(cores[:-1], cores[-1:]) if CAN_PIN and len(cores) > world else CpuSplit(cores, cores)
+    spare = CAN_PIN and len(cores) > world
+    return CpuSplit(cores[:-1], cores[-1:], world) if spare else CpuSplit(cores, cores, world)
 
 
 def _pin_this_thread(cores: tuple[int, ...] | None) -> set[int] | None:
@@ -234,7 +236,7 @@ class VllmBackend:
         try:
             if on_cpu():
                 split = cpu_split(spec.layout.world_size)
-                bind = split.omp_binding(spec.layout.world_size)
+                bind = split.omp_binding()
                 if bind:
                     env["VLLM_CPU_OMP_THREADS_BIND"] = bind
         except ValueError as exc:
